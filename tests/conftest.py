@@ -1,0 +1,52 @@
+"""Shared test helpers: hypothesis profile, golden loading, self-explaining comparisons."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("ITM_GOLDEN_DIR", REPO.parent / "shared" / "reference" / "golden"))
+
+
+def golden_path(name: str) -> Path:
+    path = GOLDEN_DIR / name
+    if not path.exists():
+        pytest.skip(f"golden file {path} not present (set ITM_GOLDEN_DIR)")
+    return path
+
+
+def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = ""):
+    """assert |actual - expected| <= atol + rtol |expected|, reporting count, first indices, values, max/mean diff."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    bad = ~(diff <= atol + rtol * expected.abs())
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        vals = [(tuple(i), actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, rtol={rtol}); first (index, actual, "
+            f"expected): {vals}; max diff {diff.max().item():.3e}, mean diff {diff.mean().item():.3e}")
+
+
+def cpu_backends() -> list[str]:
+    import itm_kernels
+
+    return [b for b in itm_kernels.available_backends("cpu") if b not in ("triton",)]
+
+
+@pytest.fixture(scope="session")
+def scan_golden():
+    return np.load(golden_path("scan_xattn.npz"))
