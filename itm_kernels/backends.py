@@ -35,14 +35,27 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def has_cpu_kernels() -> bool:
+@functools.lru_cache(maxsize=None)
+def _probe() -> dict:
     ext = load_extension()
-    return ext is not None and hasattr(torch.ops.itm_kernels, "xattn_sim_fwd")
+    return {
+        "cpu": ext is not None and hasattr(torch.ops.itm_kernels, "xattn_sim_fwd"),
+        "cuda": ext is not None and bool(ext.build_info().get("cuda", False)) and torch.cuda.is_available(),
+        "triton": triton_importable(),
+        "gpu": torch.cuda.is_available(),
+    }
+
+
+# Probed once at import, so that torch.compile traces plain constants here rather than an import.
+_HAVE = _probe()
+
+
+def has_cpu_kernels() -> bool:
+    return _HAVE["cpu"]
 
 
 def has_cuda_kernels() -> bool:
-    ext = load_extension()
-    return ext is not None and bool(ext.build_info().get("cuda", False)) and torch.cuda.is_available()
+    return _HAVE["cuda"]
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -56,12 +69,12 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     if kind in (None, "cuda"):
         if has_cuda_kernels():
             names.append("cuda")
-        if triton_importable() and (torch.cuda.is_available() or triton_interpreted()):
+        if _HAVE["triton"] and (_HAVE["gpu"] or triton_interpreted()):
             names.append("triton")
     if kind in (None, "cpu"):
         if has_cpu_kernels():
             names.append("cpu")
-        if kind == "cpu" and triton_importable() and triton_interpreted():
+        if kind == "cpu" and _HAVE["triton"] and triton_interpreted():
             names.append("triton")
     names += ["torch", "reference"]
     return list(dict.fromkeys(names))

@@ -41,7 +41,9 @@ def normalize_scores(s: torch.Tensor, valid: torch.Tensor, norm: str, dim: int) 
         s = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=dim)
         return torch.where(valid, s, zero)
     if norm in ("l2norm", "clipped_l2norm"):
-        return s / (s.pow(2).sum(dim=dim, keepdim=True).sqrt() + EPS)
+        sq = s.pow(2).sum(dim=dim, keepdim=True)
+        # sqrt via where: the same value, but a row of zeros (a padded context item) gets gradient 0, not NaN.
+        return s / (torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() * (sq > 0) + EPS)
     if norm in ("l1norm", "clipped_l1norm"):
         return s / (s.abs().sum(dim=dim, keepdim=True) + EPS)
     if norm in ("clipped", "no_norm"):

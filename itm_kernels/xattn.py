@@ -3,27 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference, torch_backend
+from .ops import xattn_sim_op
 from ._validation import check_xattn_args
 from .backends import choose_backend
-
-
-def _run_backend(name, images, captions, cap_lens, img_lens, opts, max_tile_bytes):
-    if name == "reference":
-        return reference.xattn_sim(images, captions, cap_lens, img_lens=img_lens,
-                                   compute_dtype=torch_backend.compute_dtype_for(images.dtype), **opts)
-    if name == "torch":
-        return torch_backend.xattn_sim(images, captions, cap_lens, img_lens, max_tile_bytes=max_tile_bytes, **opts)
-    if name == "cpu":
-        from . import cpu_backend
-        return cpu_backend.xattn_sim(images, captions, cap_lens, img_lens, max_tile_bytes=max_tile_bytes, **opts)
-    if name == "triton":
-        from . import triton_xattn
-        return triton_xattn.xattn_sim(images, captions, cap_lens, img_lens, **opts)
-    if name == "cuda":
-        from . import cuda_backend
-        return cuda_backend.xattn_sim(images, captions, cap_lens, img_lens, **opts)
-    raise AssertionError(name)
 
 
 def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens, *, img_lens=None, direction: str = "t2i",
@@ -52,6 +34,9 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens, *, img_len
         multiplied exactly and accumulated in float32). Row i, column c is SCAN's score of image i and caption c,
         exactly as the official ``xattn_score_t2i``/``xattn_score_i2t`` compute it, every eps included.
 
+    Autograd: differentiable w.r.t. ``images`` and ``captions`` on every backend. The backward recomputes the
+    forward tile by tile (``torch_backend.xattn_sim_backward``): it saves only the inputs, never the attention.
+
     Memory: the output plus a per-tile scratch bounded by ``max_tile_bytes`` (per thread on the CPU backend);
     nothing of size N_img x N_cap x K x L or N_img x N_cap x L x d is ever allocated ("reference" excepted: it is
     the readable spec and materialises everything).
@@ -62,5 +47,5 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens, *, img_len
     if max_tile_bytes is not None and (not isinstance(max_tile_bytes, int) or max_tile_bytes <= 0):
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     name = choose_backend(backend, images.device)
-    opts = dict(direction=direction, norm=norm, lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse)
-    return _run_backend(name, images, captions, cap_lens, img_lens, opts, max_tile_bytes)
+    return xattn_sim_op(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
+                        name, max_tile_bytes or 0)
