@@ -94,3 +94,16 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def matched_features(n_img, n_cap, K=36, d=1024, min_len=8, max_len=20, dtype=torch.float32, seed=0, device="cpu"):
+    """Embeddings with a ground truth: caption c describes image c // 5 (each real word is a noisy copy of one of
+    its image's regions, as in the official goldens' generator), so recall is meaningful. Unit-norm rows."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n_img, K, d, generator=g), dim=-1)
+    lens = torch.randint(min_len, max_len + 1, (n_cap,), generator=g)
+    owner = torch.arange(n_cap) * n_img // n_cap
+    regions = torch.randint(0, K, (n_cap, max_len), generator=g)
+    noise = torch.nn.functional.normalize(torch.randn(n_cap, max_len, d, generator=g), dim=-1)
+    captions = torch.nn.functional.normalize(0.3 * images[owner[:, None], regions] + 0.95 * noise, dim=-1)
+    return images.to(device, dtype), captions.to(device, dtype), lens.to(device)

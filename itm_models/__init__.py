@@ -1,0 +1,1 @@
+"""Models, data, metrics and evaluation for image-text matching, built on itm_kernels."""
