@@ -1,0 +1,429 @@
+"""Checkpoints: the official SCAN layout (read), and our own safe format (write and read).
+
+Official layout (``model_best.pth.tar`` of kuanghuei/SCAN, also SGRAF and GSMN): a ``torch.save`` dict with
+``model`` (a LIST of state_dicts: SCAN ``[img_enc, txt_enc]``, SGRAF ``[img_enc, txt_enc, sim_enc]``, GSMN
+``[img_enc, txt_enc, visual graph, textual graph]``), ``opt`` (a pickled ``argparse.Namespace`` with every
+hyper-parameter), ``epoch``, ``best_rsum`` (often a NumPy scalar) and ``Eiters``. The model type is read from
+``opt``; :func:`register_official_loader` adds a builder for another type (SGRAF, GSMN) without touching the rest.
+
+Our format (:func:`save_checkpoint`): a dict of tensors and plain data only (the config as
+``dataclasses.asdict``, the optimizer state, epoch, best_rsum, extras), which ``torch.load(weights_only=True)``
+reads: loading it never runs pickled code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .scan import SCAN, SCANConfig
+
+__all__ = [
+    "CheckpointError", "load_official_checkpoint", "read_official_checkpoint", "detect_official_model_type",
+    "load_state_dict_checked",
+    "register_official_loader", "save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "register_model_type",
+    "FORMAT_NAME", "FORMAT_VERSION",
+]
+
+FORMAT_NAME = "itm_models.checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, of another layout or model type, or does not fit the model that
+    its options describe; the message names the file and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading helpers
+# --------------------------------------------------------------------------------------------------------------
+def _numpy_scalar_globals() -> list:
+    """NumPy objects that official checkpoints pickle (``best_rsum`` is a NumPy float64), for weights_only."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import scalar
+    out: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                 np.dtype]
+    for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_):
+        out.append(type(np.dtype(t)))
+    return out
+
+
+def _official_safe_globals() -> list:
+    return [argparse.Namespace, *_numpy_scalar_globals()]
+
+
+def _torch_load(path: str, *, safe_globals: list, trusted: bool, map_location, what: str):
+    """torch.load with weights_only=True (plus ``safe_globals``), or weights_only=False when ``trusted``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        if trusted:
+            # Deliberate: the caller vouched for the file; unpickling it may run arbitrary code.
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(safe_globals):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: the list is unknown
+            unsafe = None
+        if unsafe is None:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200]})") from None
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals if not isinstance(g, tuple)}
+        allowed |= {g[1] for g in safe_globals if isinstance(g, tuple)}
+        extra = [g for g in unsafe if g not in allowed]
+        raise CheckpointError(
+            f"{path} holds pickled objects that a safe load refuses: {extra or unsafe}. If you trust the file's "
+            "source, pass trusted=True (torch.load(weights_only=False): unpickling can run arbitrary code)"
+        ) from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: dict, *, where: str, path: str, hint: str = "") -> None:
+    """Strict ``load_state_dict`` that reports missing / unexpected keys and shape mismatches by name.
+
+    Args:
+        module: the module to fill.
+        state_dict: name -> tensor.
+        where: what ``state_dict`` is, for messages (e.g. ``"model[1] (txt_enc)"``).
+        path: the file, for messages.
+        hint: appended to shape-mismatch messages (e.g. which options built the module).
+
+    Raises:
+        CheckpointError: a non-tensor value, a missing or unexpected key, or a shape mismatch.
+    """
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: {where} is a {type(state_dict).__name__}, expected a state_dict (dict)")
+    own = module.state_dict()
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: {where}[{k!r}] is a {type(v).__name__}, expected a tensor")
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: {where} does not match the model built from its options: missing keys "
+                              f"{missing}, unexpected keys {unexpected}")
+    for k, v in own.items():
+        got = state_dict[k]
+        if got.shape != v.shape and not (k.endswith("weight_g") and got.numel() == v.numel() == 1):
+            raise CheckpointError(f"{path}: {where}[{k!r}] has shape {_shape(got)} in the checkpoint but the model "
+                                  f"expects {_shape(v)}{hint}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Official checkpoints
+# --------------------------------------------------------------------------------------------------------------
+# Fields that identify each official model type's ``opt`` (checked in this order: SGRAF and GSMN options may also
+# carry SCAN's names).
+_OFFICIAL_TYPE_MARKERS = (
+    ("sgraf", ("module_name", "sim_dim", "sgr_step")),
+    ("gsmn", ("num_block", "hid_dim", "feat_dim", "is_sparse")),
+    ("scan", ("cross_attn",)),
+)
+_OFFICIAL_LIST_LENGTHS = {"scan": 2, "sgraf": 3, "gsmn": 4}
+_OFFICIAL_LIST_NAMES = {
+    "scan": "[img_enc, txt_enc]",
+    "sgraf": "[img_enc, txt_enc, sim_enc]",
+    "gsmn": "[img_enc, txt_enc, visual graph head, textual graph head]",
+}
+
+OfficialBuilder = Callable[[dict, list, str], nn.Module]
+_OFFICIAL_LOADERS: dict[str, OfficialBuilder] = {}
+
+
+def register_official_loader(model_type: str, builder: OfficialBuilder) -> None:
+    """Add (or replace) the builder of an official model type.
+
+    ``builder(opt: dict, state_dicts: list[dict], path: str) -> nn.Module`` rebuilds the model from the options
+    and loads the weights (use :func:`load_state_dict_checked` for clear errors); :func:`load_official_checkpoint`
+    has already checked the layout and the list length, and puts the result in eval mode.
+    """
+    if model_type not in _OFFICIAL_LIST_LENGTHS:
+        raise ValueError(f"unknown official model type {model_type!r}; known: {tuple(_OFFICIAL_LIST_LENGTHS)}")
+    _OFFICIAL_LOADERS[model_type] = builder
+
+
+def detect_official_model_type(opt) -> str:
+    """The model type ("scan", "sgraf" or "gsmn") of an official ``opt`` (Namespace or dict).
+
+    SGRAF options have ``module_name`` / ``sim_dim`` / ``sgr_step``; GSMN ``num_block`` / ``hid_dim`` /
+    ``feat_dim`` / ``is_sparse``; SCAN ``cross_attn``.
+
+    Raises:
+        CheckpointError: ``opt`` has none of these fields.
+    """
+    d = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
+    for kind, markers in _OFFICIAL_TYPE_MARKERS:
+        if any(m in d for m in markers):
+            return kind
+    raise CheckpointError(f"cannot tell the model type from opt: it has none of the fields "
+                          f"{[m for _, ms in _OFFICIAL_TYPE_MARKERS for m in ms]}; its fields are {sorted(d)}")
+
+
+def read_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location="cpu") -> dict:
+    """Read and check an official-layout checkpoint; returns its dict with ``opt`` as a plain dict and
+    ``model_type`` added.
+
+    Loading: ``torch.load(weights_only=True)`` with exactly the pickled types official files contain allowed
+    (``argparse.Namespace``, NumPy scalars for ``best_rsum``), so no pickled code runs. With ``trusted=True`` the
+    file is loaded with ``weights_only=False`` instead, as PyTorch < 2.6 did: only for files from a trusted source,
+    since unpickling can execute arbitrary code.
+
+    Raises:
+        CheckpointError: missing / unreadable file, not a dict, no ``model`` / ``opt``, a ``model`` that is not a
+            list of state_dicts or has the wrong length for the model type, an ``opt`` that is neither a Namespace
+            nor a dict, or an unknown model type.
+    """
+    path = os.fspath(path)
+    ckpt = _torch_load(path, safe_globals=_official_safe_globals(), trusted=trusted, map_location=map_location,
+                       what="official checkpoint")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, expected the official checkpoint dict with "
+                              "'model' (list of state_dicts) and 'opt' (argparse.Namespace)")
+    if ckpt.get("format") == FORMAT_NAME:
+        raise CheckpointError(f"{path} is an itm_models checkpoint, not the official layout: use "
+                              "itm_models.checkpoints.load_checkpoint")
+    missing = [k for k in ("model", "opt") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not an official checkpoint: the dict lacks {missing} (it has keys "
+                              f"{sorted(map(str, ckpt))}); expected 'model' (list of state_dicts) and 'opt'")
+    opt = ckpt["opt"]
+    if isinstance(opt, argparse.Namespace):
+        opt = dict(vars(opt))
+    elif not isinstance(opt, dict):
+        raise CheckpointError(f"{path}: 'opt' is a {type(opt).__name__}, expected an argparse.Namespace")
+    model = ckpt["model"]
+    if not isinstance(model, (list, tuple)) or not all(isinstance(sd, dict) for sd in model):
+        raise CheckpointError(f"{path}: 'model' must be a list of state_dicts, got "
+                              f"{type(model).__name__}" + (f" of {[type(x).__name__ for x in model]}"
+                                                           if isinstance(model, (list, tuple)) else ""))
+    try:
+        kind = detect_official_model_type(opt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    want = _OFFICIAL_LIST_LENGTHS[kind]
+    if len(model) != want:
+        raise CheckpointError(f"{path}: 'model' holds {len(model)} state_dicts, but a {kind.upper()} checkpoint "
+                              f"has {want}: {_OFFICIAL_LIST_NAMES[kind]}")
+    out = dict(ckpt)
+    out["opt"] = opt
+    out["model"] = list(model)
+    out["model_type"] = kind
+    return out
+
+
+def _build_official_scan(opt: dict, state_dicts: list, path: str) -> SCAN:
+    try:
+        config = SCANConfig.from_opt(opt)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its opt does not describe a valid SCAN model: {exc}") from None
+    model = SCAN(config)
+    hint = (f" (model built from opt: vocab_size={config.vocab_size}, word_dim={config.word_dim}, "
+            f"embed_size={config.embed_size}, img_dim={config.img_dim}, bi_gru={config.bi_gru}, "
+            f"num_layers={config.num_layers}, precomp_enc_type={config.precomp_enc_type!r})")
+    load_state_dict_checked(model.img_enc, state_dicts[0], where="model[0] (img_enc)", path=path, hint=hint)
+    load_state_dict_checked(model.txt_enc, state_dicts[1], where="model[1] (txt_enc)", path=path, hint=hint)
+    return model
+
+
+register_official_loader("scan", _build_official_scan)
+
+
+def load_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location="cpu",
+                             backend: str = "auto") -> nn.Module:
+    """Rebuild a model from an official checkpoint (``model_best.pth.tar``) and load its weights.
+
+    Args:
+        path: the file.
+        trusted: load with ``torch.load(weights_only=False)``. Off by default: official files load with
+            ``weights_only=True`` and an allow-list of exactly what they pickle (``argparse.Namespace`` for
+            ``opt``, NumPy scalars for ``best_rsum``), which PyTorch >= 2.6 otherwise refuses. Turn it on only for
+            files from a trusted source that pickle something else: unpickling can execute arbitrary code.
+        map_location: ``torch.load`` map_location (the model is built on the CPU and loaded from these tensors).
+        backend: default ``xattn_sim`` backend of the returned model.
+
+    Returns:
+        The model in eval mode (a :class:`itm_models.scan.SCAN` for SCAN files; other types once a builder is
+        registered), with the checkpoint's ``epoch``, ``best_rsum`` and ``Eiters`` on ``model.checkpoint_info``.
+
+    Raises:
+        CheckpointError: see :func:`read_official_checkpoint`; also a model type without a builder (SGRAF, GSMN
+            for now), options that do not describe a valid model, or weights that do not fit it (the message names
+            the key and both shapes).
+    """
+    path = os.fspath(path)
+    ckpt = read_official_checkpoint(path, trusted=trusted, map_location=map_location)
+    kind = ckpt["model_type"]
+    builder = _OFFICIAL_LOADERS.get(kind)
+    if builder is None:
+        opt = ckpt["opt"]
+        detail = ", ".join(f"opt.{m}={opt[m]!r}" for _, ms in _OFFICIAL_TYPE_MARKERS for m in ms if m in opt)
+        raise CheckpointError(f"{path} is a {kind.upper()} checkpoint ({detail}); load_official_checkpoint can "
+                              f"rebuild {sorted(_OFFICIAL_LOADERS)} models only")
+    model = builder(ckpt["opt"], ckpt["model"], path)
+    if hasattr(model, "backend"):
+        model.backend = backend
+    model.checkpoint_info = {k: ckpt.get(k) for k in ("epoch", "best_rsum", "Eiters")}
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Our format
+# --------------------------------------------------------------------------------------------------------------
+_MODEL_TYPES: dict[str, tuple[type, type]] = {"scan": (SCANConfig, SCAN)}
+
+
+def register_model_type(model_type: str, config_cls: type, model_cls: type) -> None:
+    """Let :func:`load_checkpoint` rebuild ``model_cls(config_cls(**config))`` for ``model_type``."""
+    _MODEL_TYPES[model_type] = (config_cls, model_cls)
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _check_plain(value, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would not read back (custom classes, NumPy objects)."""
+    if type(value) in _PLAIN or isinstance(value, (torch.Tensor, torch.dtype, torch.device)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, np.generic):
+        raise TypeError(f"{where} is a NumPy {type(value).__name__}; convert it with float() / int()")
+    raise TypeError(f"{where} is a {type(value).__name__}; a safe checkpoint holds only tensors and plain data "
+                    "(None, bool, int, float, str, lists, tuples, dicts)")
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, optimizer: torch.optim.Optimizer | None = None,
+                    epoch: int | None = None, best_rsum: float | None = None, **extra) -> None:
+    """Save ``model`` (and training state) in our safe format, atomically (temporary file + rename).
+
+    Args:
+        model: a model with a dataclass ``config`` and a ``model_type`` registered with
+            :func:`register_model_type` (:class:`itm_models.scan.SCAN`).
+        path: output file (``.pt``).
+        optimizer: its ``state_dict()`` is stored for resuming.
+        epoch: number of completed epochs.
+        best_rsum: best validation rsum so far.
+        **extra: more plain data or tensors (RNG states, history, ...), stored under ``"extra"``.
+
+    Layout: ``{"format", "format_version", "model_type", "config" (dataclasses.asdict), "state_dict",
+    "optimizer", "epoch", "best_rsum", "extra", "torch_version"}``; readable with
+    ``torch.load(path, weights_only=True)``.
+
+    Raises:
+        TypeError: a model without a dataclass config / registered type, or a non-plain ``extra`` value.
+    """
+    kind = getattr(model, "model_type", None)
+    config = getattr(model, "config", None)
+    if kind not in _MODEL_TYPES or not dataclasses.is_dataclass(config):
+        raise TypeError(f"cannot save a {type(model).__name__}: it needs a dataclass .config and a registered "
+                        f".model_type (known: {sorted(_MODEL_TYPES)})")
+    ckpt = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_type": kind,
+        "config": dataclasses.asdict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "epoch": None if epoch is None else int(epoch),
+        "best_rsum": None if best_rsum is None else float(best_rsum),
+        "extra": extra,
+        "torch_version": str(torch.__version__),
+    }
+    _check_plain(ckpt, "checkpoint")
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns.
+
+    Attributes:
+        model: the rebuilt model in eval mode, on the CPU (move it with ``.to(device)``).
+        optimizer_state: the optimizer's ``state_dict`` (pass to ``optimizer.load_state_dict``), or None.
+        epoch: completed epochs, or None. best_rsum: best validation rsum, or None.
+        extra: the ``**extra`` given to :func:`save_checkpoint`. path: the file.
+    """
+
+    model: nn.Module
+    optimizer_state: dict | None = None
+    epoch: int | None = None
+    best_rsum: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", backend: str = "auto") -> LoadedCheckpoint:
+    """Load a checkpoint written by :func:`save_checkpoint` (``torch.load(weights_only=True)``: no pickled code).
+
+    Args:
+        path: the file.
+        map_location: ``torch.load`` map_location for the stored tensors (the optimizer state and extras keep it;
+            the model itself is built on the CPU).
+        backend: default ``xattn_sim`` backend of the rebuilt model.
+
+    Returns:
+        :class:`LoadedCheckpoint` with the model in eval mode.
+
+    Raises:
+        CheckpointError: missing / unreadable file, an official-layout file (use :func:`load_official_checkpoint`),
+            another format, an unknown model type, an invalid config, or weights that do not fit it.
+    """
+    path = os.fspath(path)
+    try:
+        ckpt = _torch_load(path, safe_globals=[], trusted=False, map_location=map_location, what="checkpoint")
+    except CheckpointError as exc:
+        if "argparse.Namespace" in str(exc):
+            raise CheckpointError(f"{path} is an official-layout checkpoint (pickled argparse.Namespace opt): use "
+                                  "itm_models.checkpoints.load_official_checkpoint") from None
+        raise
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
+        if isinstance(ckpt, dict) and "model" in ckpt and "opt" in ckpt:
+            raise CheckpointError(f"{path} is an official-layout checkpoint: use load_official_checkpoint")
+        got = f"a dict with keys {sorted(map(str, ckpt))}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not an itm_models checkpoint (format {FORMAT_NAME!r}): it holds {got}")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {version!r}; this code reads version {FORMAT_VERSION}")
+    kind = ckpt.get("model_type")
+    if kind not in _MODEL_TYPES:
+        raise CheckpointError(f"{path} holds a model of type {kind!r}; known types: {sorted(_MODEL_TYPES)}")
+    config_cls, model_cls = _MODEL_TYPES[kind]
+    try:
+        config = config_cls(**ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its config does not describe a valid {kind} model: {exc}") from None
+    model = model_cls(config, backend=backend)
+    load_state_dict_checked(model, ckpt["state_dict"], where="state_dict", path=path)
+    return LoadedCheckpoint(model=model.eval(), optimizer_state=ckpt.get("optimizer"), epoch=ckpt.get("epoch"),
+                            best_rsum=ckpt.get("best_rsum"), extra=ckpt.get("extra") or {}, path=path)

@@ -1,0 +1,469 @@
+"""SGRAF similarity head (Paranioar/SGRAF ``EncoderSimilarity``: SGR and SAF) with a fused all-pairs evaluation.
+
+Semantics (``shared/reference/SEMANTICS.md``, SGRAF), for an image (regions v_1..v_K, K = 36) and a caption
+(words e_1..e_L):
+
+- Global vectors. Image: ``VisualSA``: l = tanh(BN36(W_l V)), g = tanh(BN_d(W_g mean_k v_k)) (Dropout 0.4 after
+  each tanh in training), w = softmax_k(W_c (l_k * g)), img_glo = l2norm(sum_k w_k v_k); BN36 is BatchNorm1d(36)
+  with the 36 region slots as channels. Caption: ``TextSA``, the same without BatchNorm over the caption's words.
+- sim_glo = l2norm(W_glo (img_glo - cap_glo)^2 + b_glo); sim_loc_t = :func:`itm_kernels.local_sim.local_sim`
+  (SCAN t2i attention, clipped_l2norm, lambda 9, l2-normalised attended vector, l2norm(W_loc (a^ - e)^2 + b_loc)).
+  Nodes X = [sim_glo; sim_loc_1..L].
+- SGR: ``sgr_step`` untied steps Q = X W_q^T + b_q, K = X W_k^T + b_k, A = softmax_rows(Q K^T),
+  X = ReLU(W_g (A X) + b_g); sim_vec = X[0]. SAF: sigma = sigmoid(BatchNorm1d(1)(W_a X + b_a)), w = l1norm of
+  sigma over the L + 1 nodes, sim_vec = l2norm(sum_n w_n X_n). Score = sigmoid(W_e sim_vec + b_e).
+- l2norm(x) = x / (|x| + 1e-8), l1norm(x) = x / (sum |x| + 1e-8).
+
+The module's parameter and buffer names are the official ``sim_enc`` ones, so an official state_dict loads as is.
+
+Exact rewrites used by the fast paths (every one is an identity in exact arithmetic, so scores agree with the
+official code to float32 rounding):
+
+- Row-softmax shift invariance: Q_i . K_j = (Q_i W_k) . X_j + Q_i . b_k, and the last term does not depend on j, so
+  the attention logits are Y X^T with Y = X (W_q^T W_k) + b_q W_k: one (s x s) product per step instead of two.
+- The last SGR step is needed for the global node only (one row per pair instead of L + 1).
+- W (x - y)^2 = W x^2 - 2 (W diag(x)) y + W y^2 for the global branch: per image a (s, d) matrix times the
+  caption globals, so the all-pairs global term is one GEMM without any per-pair d-sized temporary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from itm_kernels.local_sim import local_sim
+
+EPS = 1e-8
+DROPOUT = 0.4
+NUM_REGIONS = 36
+LAMBDA_SOFTMAX = 9.0
+MODULES = ("SGR", "SAF")
+# Rows of graph nodes (pairs x (L + 1)) scored at a time by ``sims``; see its docstring for the memory.
+DEFAULT_BLOCK_ROWS = 16384
+
+__all__ = ["SGRAFSimilarity", "VisualSA", "TextSA", "official_style_forward", "official_style_sims",
+           "SGRAFTextEncoder", "build_sgraf_from_official"]
+
+
+def l2norm(x: Tensor, dim: int = -1) -> Tensor:
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + EPS)
+
+
+def _xavier_(linear: nn.Linear) -> None:
+    """The official initialisation of every SGRAF Linear: U(-r, r), r = sqrt(6 / (in + out)), zero bias."""
+    r = math.sqrt(6.0) / math.sqrt(linear.in_features + linear.out_features)
+    linear.weight.data.uniform_(-r, r)
+    linear.bias.data.fill_(0)
+
+
+def _init_children(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            _xavier_(m)
+        elif isinstance(m, nn.BatchNorm1d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+
+
+def _lengths_mask(lengths: Tensor, size: int) -> Tensor:
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class VisualSA(nn.Module):
+    """Global image vector by self-attention over the regions: (n, K, d) -> (n, d). K must equal ``num_region``."""
+
+    def __init__(self, embed_dim: int, dropout_rate: float = DROPOUT, num_region: int = NUM_REGIONS):
+        super().__init__()
+        self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(num_region),
+                                             nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim),
+                                              nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
+        _init_children(self)
+
+    def forward(self, local: Tensor) -> Tensor:
+        l_emb = self.embedding_local(local)                                   # (n, K, d)
+        g_emb = self.embedding_global(local.mean(1))                          # (n, d)
+        weights = torch.softmax(self.embedding_common(l_emb * g_emb[:, None]).squeeze(2), dim=1)
+        return l2norm((weights[:, :, None] * local).sum(1))
+
+
+class TextSA(nn.Module):
+    """Global caption vector by self-attention over the caption's words: (n, L, d), lengths (n,) -> (n, d)."""
+
+    def __init__(self, embed_dim: int, dropout_rate: float = DROPOUT):
+        super().__init__()
+        self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout_rate))
+        self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
+        _init_children(self)
+
+    def forward(self, local: Tensor, lengths: Tensor) -> Tensor:
+        valid = _lengths_mask(lengths, local.shape[1])                        # (n, L)
+        local = torch.where(valid[..., None], local, torch.zeros((), dtype=local.dtype, device=local.device))
+        mean = local.sum(1) / lengths[:, None].to(local.dtype)
+        l_emb = self.embedding_local(local)
+        g_emb = self.embedding_global(mean)
+        logits = self.embedding_common(l_emb * g_emb[:, None]).squeeze(2)
+        weights = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
+        return l2norm((weights[:, :, None] * local).sum(1))
+
+
+class GraphReasoning(nn.Module):
+    """Parameters of one SGR step (official names); the computation lives in :class:`SGRAFSimilarity`."""
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.graph_query_w = nn.Linear(sim_dim, sim_dim)
+        self.graph_key_w = nn.Linear(sim_dim, sim_dim)
+        self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
+        _init_children(self)
+
+
+class AttentionFiltration(nn.Module):
+    """Parameters of SAF (official names): the gate Linear(s -> 1) and its BatchNorm1d(1)."""
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.attn_sim_w = nn.Linear(sim_dim, 1)
+        self.bn = nn.BatchNorm1d(1)
+        _init_children(self)
+
+
+class SGRAFSimilarity(nn.Module):
+    """The SGRAF similarity head ``sim_enc`` (SGR or SAF), loading the official state_dict as is.
+
+    Args:
+        embed_size: d (1024 in the paper). sim_dim: s (256). module: "SGR" or "SAF". sgr_step: SGR steps (3).
+
+    Use :meth:`sims` for evaluation (all pairs, bounded memory, float32/float64/bfloat16) and :meth:`forward`
+    for training on a batch (all B_img x B_cap pairs with autograd, dropout and BatchNorm batch statistics as the
+    official ``forward_sim``).
+    """
+
+    def __init__(self, embed_size: int = 1024, sim_dim: int = 256, module: str = "SGR", sgr_step: int = 3):
+        super().__init__()
+        if module not in MODULES:
+            raise ValueError(f"module must be one of {MODULES}, got {module!r}")
+        if module == "SGR" and (not isinstance(sgr_step, int) or sgr_step < 1):
+            raise ValueError(f"sgr_step must be a positive int, got {sgr_step!r}")
+        self.module_name = module
+        self.embed_size, self.sim_dim, self.sgr_step = embed_size, sim_dim, sgr_step
+        # Same construction order as the official EncoderSimilarity, so a seeded build draws the same weights.
+        self.v_global_w = VisualSA(embed_size, DROPOUT, NUM_REGIONS)
+        self.t_global_w = TextSA(embed_size, DROPOUT)
+        self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
+        self.sim_tranglo_w = nn.Linear(embed_size, sim_dim)
+        self.sim_eval_w = nn.Linear(sim_dim, 1)
+        if module == "SGR":
+            self.SGR_module = nn.ModuleList([GraphReasoning(sim_dim) for _ in range(sgr_step)])
+        else:
+            self.SAF_module = AttentionFiltration(sim_dim)
+        for m in (self.sim_tranloc_w, self.sim_tranglo_w, self.sim_eval_w):
+            _xavier_(m)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # pieces shared by sims() and forward()
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _check(self, img_emb: Tensor, cap_emb: Tensor, cap_lens) -> Tensor:
+        if not isinstance(img_emb, Tensor) or img_emb.dim() != 3 or img_emb.shape[1] != NUM_REGIONS \
+                or img_emb.shape[2] != self.embed_size:
+            raise ValueError(f"img_emb must be (N_img, {NUM_REGIONS}, {self.embed_size}), got "
+                             f"{tuple(img_emb.shape) if isinstance(img_emb, Tensor) else type(img_emb).__name__}")
+        if not isinstance(cap_emb, Tensor) or cap_emb.dim() != 3 or cap_emb.shape[2] != self.embed_size:
+            raise ValueError(f"cap_emb must be (N_cap, L_max, {self.embed_size}), got "
+                             f"{tuple(cap_emb.shape) if isinstance(cap_emb, Tensor) else type(cap_emb).__name__}")
+        lens = torch.as_tensor(cap_lens).to(device=cap_emb.device, dtype=torch.long)
+        if lens.shape != (cap_emb.shape[0],):
+            raise ValueError(f"cap_lens must have shape ({cap_emb.shape[0]},), got {tuple(lens.shape)}")
+        if int(lens.min()) < 1 or int(lens.max()) > cap_emb.shape[1]:
+            raise ValueError(f"cap_lens must lie in 1..{cap_emb.shape[1]}, got {int(lens.min())}..{int(lens.max())}")
+        return lens
+
+    def _weights(self, dtype: torch.dtype, mm_dtype: torch.dtype) -> dict:
+        """The head's weights in the compute dtype, plus the SGR logit matrices P = W_q^T W_k and c = b_q W_k.
+
+        Differentiable (used by forward() too); for float32 the products are formed in float64 first when no
+        gradient is needed, so that P carries no more rounding than the official Q K^T.
+        """
+        grad = torch.is_grad_enabled()
+        cast = lambda t, dt=dtype: t.to(dt)  # noqa: E731
+        w = dict(glo_w=cast(self.sim_tranglo_w.weight), glo_b=cast(self.sim_tranglo_w.bias),
+                 eval_w=cast(self.sim_eval_w.weight), eval_b=cast(self.sim_eval_w.bias))
+        if self.module_name == "SGR":
+            steps = []
+            for m in self.SGR_module:
+                pdt = dtype if grad else torch.float64
+                wq, wk = m.graph_query_w.weight.to(pdt), m.graph_key_w.weight.to(pdt)
+                steps.append(dict(p=(wq.t() @ wk).to(mm_dtype), c=(m.graph_query_w.bias.to(pdt) @ wk).to(dtype),
+                                  g_w=m.sim_graph_w.weight.to(mm_dtype), g_b=cast(m.sim_graph_w.bias)))
+            w["steps"] = steps
+        else:
+            saf = self.SAF_module
+            w.update(attn_w=cast(saf.attn_sim_w.weight), attn_b=cast(saf.attn_sim_w.bias))
+        return w
+
+    @staticmethod
+    def _global_sims(img_glo: Tensor, cap_glo: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        """l2norm(W (x_i - y_c)^2 + b) for every pair: (Ni, d), (Nc, d) -> (Ni, Nc, s), through
+        W x^2 - 2 (W diag(x)) y + W y^2 (one GEMM, no (Ni, Nc, d) temporary)."""
+        sq_img = img_glo.pow(2) @ w.t()                                      # (Ni, s)
+        sq_cap = cap_glo.pow(2) @ w.t()                                      # (Nc, s)
+        cross = torch.matmul(w[None] * img_glo[:, None, :], cap_glo.t())     # (Ni, s, Nc)
+        y = sq_img[:, None, :] + sq_cap[None] - 2 * cross.transpose(1, 2) + b
+        return l2norm(y)
+
+    def _sgr(self, x: Tensor, node_valid: Tensor, w: dict, mm_dtype: torch.dtype) -> Tensor:
+        """SGR on nodes x (P, n, s) (node 0 global, invalid nodes never read as keys) -> sim_vec (P, s)."""
+        dtype = x.dtype
+        key_mask = ~node_valid[:, None, :]                                   # (P, 1, n)
+        steps = w["steps"]
+        for st in steps[:-1]:
+            xm = x.to(mm_dtype)
+            y = torch.matmul(xm, st["p"]).to(dtype) + st["c"]                # (P, n, s)
+            logits = torch.matmul(y.to(mm_dtype), xm.transpose(1, 2)).to(dtype)
+            attn = torch.softmax(logits.masked_fill(key_mask, float("-inf")), dim=-1)
+            z = torch.matmul(attn.to(mm_dtype), xm)                          # (P, n, s)
+            x = torch.relu(torch.matmul(z, st["g_w"].t()).to(dtype) + st["g_b"])
+        st = steps[-1]
+        xm = x.to(mm_dtype)
+        y0 = (torch.matmul(xm[:, 0], st["p"]).to(dtype) + st["c"]).to(mm_dtype)   # (P, s)
+        logits = torch.matmul(xm, y0[:, :, None]).squeeze(2).to(dtype)            # (P, n)
+        attn = torch.softmax(logits.masked_fill(~node_valid, float("-inf")), dim=-1)
+        z0 = torch.matmul(attn.to(mm_dtype)[:, None, :], xm).squeeze(1)           # (P, s)
+        return torch.relu(torch.matmul(z0, st["g_w"].t()).to(dtype) + st["g_b"])
+
+    def _saf(self, x: Tensor, node_valid: Tensor, w: dict, train_stats: list | None) -> Tensor:
+        """SAF on nodes x (P, n, s) -> sim_vec (P, s), pairs laid out (Ni, Nc) image-major.
+
+        With ``train_stats`` (a list; training mode), BatchNorm1d(1) normalises with the statistics of each caption
+        over its Ni x (L + 1) nodes, as the official loop (one BatchNorm call per caption) does, and appends the
+        per-caption (mean, unbiased variance) to ``train_stats`` for the running-statistics update.
+        """
+        bn = self.SAF_module.bn
+        z = (x @ w["attn_w"].t()).squeeze(2) + w["attn_b"]                   # (P, n)
+        if train_stats is not None:
+            z = self._saf_batch_norm_train(z, node_valid, train_stats)
+        else:
+            scale = bn.weight.to(z.dtype) / torch.sqrt(bn.running_var.to(z.dtype) + bn.eps)
+            z = (z - bn.running_mean.to(z.dtype)) * scale + bn.bias.to(z.dtype)
+        sigma = torch.sigmoid(z) * node_valid.to(z.dtype)
+        weights = sigma / (sigma.sum(1, keepdim=True) + EPS)
+        return l2norm(torch.matmul(weights[:, None, :], x).squeeze(1))
+
+    def _saf_batch_norm_train(self, z: Tensor, node_valid: Tensor, train_stats: list) -> Tensor:
+        bn = self.SAF_module.bn
+        n_img, n_cap = train_stats[-1]                                      # the block's layout, set by the caller
+        z3 = z.view(n_img, n_cap, -1)
+        v = node_valid.view(n_img, n_cap, -1).to(z.dtype)
+        count = v.sum((0, 2))                                                # (Nc,)
+        mean = (z3 * v).sum((0, 2)) / count
+        centred = (z3 - mean[None, :, None]) * v
+        var = centred.pow(2).sum((0, 2)) / count
+        z3 = (z3 - mean[None, :, None]) / torch.sqrt(var[None, :, None] + bn.eps) * bn.weight + bn.bias
+        train_stats[-1] = (mean.detach(), (var * count / (count - 1)).detach())
+        return z3.reshape(z.shape)
+
+    @staticmethod
+    @torch.no_grad()
+    def _update_running_stats(bn: nn.BatchNorm1d, means: Tensor, unbiased_vars: Tensor) -> None:
+        """The running-statistics updates of len(means) consecutive BatchNorm calls, in closed form."""
+        n = means.shape[0]
+        tracked = int(bn.num_batches_tracked)
+        if bn.momentum is None:                                              # cumulative average
+            bn.running_mean.mul_(tracked).add_(means.sum().to(bn.running_mean.dtype)).div_(tracked + n)
+            bn.running_var.mul_(tracked).add_(unbiased_vars.sum().to(bn.running_var.dtype)).div_(tracked + n)
+        else:
+            m = bn.momentum
+            decay = (1 - m) ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=means.device)
+            bn.running_mean.mul_((1 - m) ** n).add_((m * decay * means.double()).sum().to(bn.running_mean.dtype))
+            bn.running_var.mul_((1 - m) ** n).add_((m * decay * unbiased_vars.double()).sum()
+                                                   .to(bn.running_var.dtype))
+        bn.num_batches_tracked.add_(n)
+
+    def _score_block(self, sim_glo: Tensor, sim_loc: Tensor, lens: Tensor, w: dict, mm_dtype: torch.dtype,
+                     train_stats: list | None = None) -> Tensor:
+        """Scores of a block: sim_glo (Ni, Nc, s), sim_loc (Ni, Nc, Lc, s), lens (Nc,) -> (Ni, Nc)."""
+        ni, nc, lc, s = sim_loc.shape
+        x = torch.cat([sim_glo[:, :, None], sim_loc.to(sim_glo.dtype)], dim=2).view(ni * nc, lc + 1, s)
+        node_valid = (torch.arange(lc + 1, device=lens.device)[None, :] <= lens[:, None])     # (Nc, n)
+        node_valid = node_valid[None].expand(ni, nc, lc + 1).reshape(ni * nc, lc + 1)
+        if self.module_name == "SGR":
+            vec = self._sgr(x, node_valid, w, mm_dtype)
+        else:
+            if train_stats is not None:
+                train_stats.append((ni, nc))
+            vec = self._saf(x, node_valid, w, train_stats)
+        return torch.sigmoid(vec @ w["eval_w"].t() + w["eval_b"]).view(ni, nc)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # public API
+    # ---------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, *, dtype: torch.dtype | None = None,
+             block_rows: int = DEFAULT_BLOCK_ROWS, max_tile_bytes: int | None = None) -> Tensor:
+        """All-pairs SGRAF scores with inference semantics (running BatchNorm statistics, no dropout), whatever
+        ``self.training`` is.
+
+        Args:
+            img_emb: (N_img, 36, d) region embeddings. cap_emb: (N_cap, L_max, d) word embeddings, right-padded
+                (padding never read). cap_lens: (N_cap,) lengths in 1..L_max.
+            dtype: dtype of the matrix products (default: img_emb's): float32 (the official evaluation's),
+                float64, or bfloat16/float16 (autocast-style: the per-pair matrix products in that dtype; the
+                global vectors, the global branch, softmaxes, normalisations, the SAF gate and the score in
+                float32).
+            block_rows: graph nodes (pairs x (L + 1)) per block. max_tile_bytes: local_sim's scratch cap.
+        Returns:
+            (N_img, N_cap) scores, float64 for float64, float32 otherwise.
+
+        Work: the global vectors once per image and once per caption; captions sorted by length and cut into
+        chunks padded only to their own longest caption; per block of (images x caption chunk) pairs, the global
+        term as one GEMM, :func:`itm_kernels.local_sim.local_sim` for the local vectors (W_loc on every word of
+        every pair as large GEMMs) and SGR/SAF with every per-pair dense layer as one GEMM over the block.
+
+        Peak memory beyond inputs and output: the global vectors (N_img + N_cap) x d, and per block about
+        6 x block_rows x s values (node tensors of the SGR steps) + block images x s x d (the global term) +
+        ``max_tile_bytes`` (local_sim scratch): about 110 MB in float32 at the defaults (d = 1024, s = 256),
+        independent of N_img and N_cap.
+        """
+        lens = self._check(img_emb, cap_emb, cap_lens)
+        mm_dtype = dtype or img_emb.dtype
+        cdtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
+        n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
+        was_training = self.training
+        self.eval()
+        try:
+            img_f, cap_f = img_emb.to(cdtype), cap_emb.to(cdtype)
+            img_glo = self._module_in(self.v_global_w, cdtype)(img_f)
+            cap_glo = self._module_in(self.t_global_w, cdtype)(cap_f, lens)
+            w = self._weights(cdtype, mm_dtype)
+            loc_w, loc_b = self.sim_tranloc_w.weight.to(cdtype), self.sim_tranloc_w.bias.to(cdtype)
+            img_mm, cap_mm = img_emb.to(mm_dtype), cap_emb.to(mm_dtype)
+            out = torch.empty(n_img, n_cap, dtype=cdtype, device=img_emb.device)
+            for idx in _caption_chunks(lens, max(1, block_rows // min(n_img, 16))):
+                lens_c = lens[idx]
+                longest = int(lens_c.max())
+                cap_c = cap_mm[idx, :longest]
+                img_chunk = max(1, block_rows // (len(idx) * (longest + 1)))
+                for i0 in range(0, n_img, img_chunk):
+                    i1 = min(n_img, i0 + img_chunk)
+                    glo = self._global_sims(img_glo[i0:i1], cap_glo[idx], w["glo_w"], w["glo_b"])
+                    loc = local_sim(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
+                                    max_tile_bytes=max_tile_bytes)
+                    out[i0:i1, idx] = self._score_block(glo, loc, lens_c, w, mm_dtype)
+        finally:
+            self.train(was_training)
+        return out
+
+    def forward(self, img_emb: Tensor, cap_emb: Tensor, cap_lens) -> Tensor:
+        """Scores of every (image, caption) pair of a batch, (B_img, B_cap), with autograd: the official
+        ``forward_sim``. In training mode: dropout 0.4 in VisualSA/TextSA, BatchNorm batch statistics (VisualSA
+        over the image batch; SAF per caption over its B_img x (L + 1) nodes, running statistics updated once per
+        caption as the official loop does).
+
+        Memory: captions are processed in length-sorted chunks, each padded to its own longest caption, so the
+        activations kept for backward are about 8 x B_img x sum_c (L_c + 1) x s values (float32), plus what
+        local_sim saves: its inputs only.
+        """
+        lens = self._check(img_emb, cap_emb, cap_lens)
+        dtype = img_emb.dtype
+        img_glo = self.v_global_w(img_emb)
+        cap_glo = self.t_global_w(cap_emb, lens)
+        w = self._weights(dtype, dtype)
+        chunks = list(_caption_chunks(lens, max(int(lens.max()), 4096 // max(1, min(img_emb.shape[0], 16)))))
+        glo_all = self._global_sims(img_glo, cap_glo, w["glo_w"], w["glo_b"])     # (B_img, B_cap, s)
+        saf_train = self.module_name == "SAF" and self.training
+        cols, stats = [], []
+        for idx in chunks:
+            lens_c = lens[idx]
+            cap_c = cap_emb[idx, : int(lens_c.max())]
+            loc = local_sim(img_emb, cap_c, lens_c, self.sim_tranloc_w.weight, self.sim_tranloc_w.bias,
+                            lambda_softmax=LAMBDA_SOFTMAX)
+            cols.append(self._score_block(glo_all[:, idx], loc, lens_c, w, dtype, stats if saf_train else None))
+        order = torch.cat(chunks)
+        inverse = torch.argsort(order)
+        if saf_train and self.SAF_module.bn.track_running_stats:
+            means = torch.cat([m for m, _ in stats])[inverse]                  # back to caption order
+            variances = torch.cat([v for _, v in stats])[inverse]
+            self._update_running_stats(self.SAF_module.bn, means, variances)
+        return torch.cat(cols, dim=1)[:, inverse]
+
+    @staticmethod
+    def _module_in(module: nn.Module, dtype: torch.dtype):
+        """Call ``module`` with its parameters cast to ``dtype`` (float64 evaluation) without touching them."""
+        if next(module.parameters()).dtype == dtype:
+            return module
+        return lambda *args: torch.func.functional_call(
+            module, {k: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in list(module.named_parameters()) + list(module.named_buffers())}, args)
+
+
+def _caption_chunks(lens: Tensor, words_per_chunk: int):
+    """Index tensors of captions sorted by decreasing length, each chunk with about ``words_per_chunk`` words."""
+    from itm_kernels.torch_backend import caption_chunks
+
+    for idx in caption_chunks(lens, words_per_chunk):
+        yield idx.to(lens.device)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The official evaluation loop, restated (benchmark baseline and test oracle)
+# ------------------------------------------------------------------------------------------------------------------
+
+def official_style_forward(head: SGRAFSimilarity, img_emb: Tensor, cap_emb: Tensor, cap_lens) -> Tensor:
+    """The official ``EncoderSimilarity.forward`` restated step by step on ``head``'s modules: the image globals of
+    the shard, then a Python loop over captions; each caption is repeated once per image, its attended vectors
+    (n_img, L, d) are materialised, then W_loc, the global branch, the SGR steps with separate query/key layers on
+    all nodes, or SAF with its BatchNorm called once per caption. Honours ``head.training`` as the official code
+    does (dropout, batch statistics, running-statistics updates). Returns (n_img, n_cap).
+    """
+    n_img = img_emb.shape[0]
+    lens = [int(x) for x in cap_lens]
+    img_glo = head.v_global_w(img_emb)
+    columns = []
+    for c, n_word in enumerate(lens):
+        cap_i = cap_emb[c:c + 1, :n_word]
+        cap_rep = cap_i.repeat(n_img, 1, 1)
+        cap_glo = head.t_global_w(cap_i, torch.tensor([n_word], device=cap_emb.device))
+        attn = torch.bmm(img_emb, cap_rep.transpose(1, 2))                          # (n_img, K, L)
+        attn = l2norm(torch.nn.functional.leaky_relu(attn, 0.1), dim=2)
+        attn = torch.softmax(attn.transpose(1, 2) * LAMBDA_SOFTMAX, dim=2)         # (n_img, L, K)
+        context = l2norm(torch.bmm(attn, img_emb), dim=-1)
+        sim_loc = l2norm(head.sim_tranloc_w((context - cap_rep).pow(2)), dim=-1)
+        sim_glo = l2norm(head.sim_tranglo_w((img_glo - cap_glo).pow(2)), dim=-1)
+        x = torch.cat([sim_glo[:, None], sim_loc], 1)                              # (n_img, L + 1, s)
+        if head.module_name == "SGR":
+            for step in head.SGR_module:
+                q, k = step.graph_query_w(x), step.graph_key_w(x)
+                edge = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+                x = torch.relu(step.sim_graph_w(torch.bmm(edge, x)))
+            vec = x[:, 0]
+        else:
+            saf = head.SAF_module
+            gate = torch.sigmoid(saf.bn(saf.attn_sim_w(x).permute(0, 2, 1)))      # (n_img, 1, L + 1)
+            gate = gate / (gate.abs().sum(dim=-1, keepdim=True) + EPS)
+            vec = l2norm(torch.matmul(gate, x).squeeze(1), dim=-1)
+        columns.append(torch.sigmoid(head.sim_eval_w(vec)))
+    return torch.cat(columns, 1)
+
+
+@torch.no_grad()
+def official_style_sims(head: SGRAFSimilarity, img_emb: Tensor, cap_emb: Tensor, cap_lens, *, shard_size: int = 100,
+                        max_captions: int | None = None) -> Tensor:
+    """The official ``shard_attn_scores``: shards of ``shard_size`` images x ``shard_size`` captions, each scored by
+    :func:`official_style_forward` (so the image globals are recomputed per caption shard and the caption globals
+    per image shard). ``max_captions`` scores only the first captions (benchmarks extrapolate from a subset).
+    Returns (N_img, n_scored_captions) in the inputs' dtype. Eval mode is the caller's business, as officially."""
+    n_img = img_emb.shape[0]
+    n_cap = cap_emb.shape[0] if max_captions is None else min(cap_emb.shape[0], max_captions)
+    lens = [int(x) for x in cap_lens]
+    out = torch.zeros(n_img, n_cap, dtype=img_emb.dtype)
+    for i0 in range(0, n_img, shard_size):
+        for c0 in range(0, n_cap, shard_size):
+            c1 = min(n_cap, c0 + shard_size)
+            out[i0:i0 + shard_size, c0:c1] = official_style_forward(head, img_emb[i0:i0 + shard_size],
+                                                                    cap_emb[c0:c1], lens[c0:c1])
+    return out

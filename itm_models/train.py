@@ -1,0 +1,332 @@
+"""Train SCAN on precomputed region features (the official ``train.py`` recipe).
+
+Recipe (``shared/reference/SEMANTICS.md``, "Training"): Adam (default betas) at ``lr0 * 0.1 ** (epoch //
+lr_update)``, the summed hinge loss with hardest negatives (:class:`itm_models.losses.ContrastiveLoss`) on each
+batch's B x B SCAN score matrix, global gradient-norm clipping, and after each epoch the dev rsum (R@1+R@5+R@10 in
+both directions) picks the best checkpoint. The similarity is :func:`itm_kernels.xattn_sim`, whose backward
+recomputes tiles instead of storing the attention.
+
+Outputs in ``out_dir``: ``checkpoint_last.pt`` (after every epoch, for resuming) and ``checkpoint_best.pt`` (best dev
+rsum), both in the safe format of :func:`itm_models.checkpoints.save_checkpoint`.
+
+Determinism: the weights come from ``torch.manual_seed(seed)``; epoch ``e`` shuffles with its own generator seeded
+from ``(seed, e)``. A run resumed from ``checkpoint_last.pt`` therefore takes exactly the steps the uninterrupted run
+would have taken (on the same device and backend).
+
+CLI: ``python -m itm_models.train --data DIR --out DIR [options]`` (``--help`` lists them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .data import OFFICIAL_DEV_CAPTIONS, PrecompDataset, collate, load_vocab, split_paths
+from .losses import ContrastiveLoss
+from .metrics import format_metrics_table, recall
+from .scan import AGG_FUNCS, CROSS_ATTN, RAW_FEATURE_NORMS, SCAN, SCANConfig, encode_and_score
+
+__all__ = ["train", "train_step", "validate", "adjust_learning_rate", "epoch_generator", "main",
+           "CHECKPOINT_LAST", "CHECKPOINT_BEST"]
+
+CHECKPOINT_LAST = "checkpoint_last.pt"
+CHECKPOINT_BEST = "checkpoint_best.pt"
+CAPTIONS_PER_IMAGE = 5
+# Config fields that may change between a run and its resumption (they do not change the model's shape or meaning).
+_RESUMABLE_CHANGES = {"margin", "max_violation", "grad_clip", "learning_rate", "lr_update", "num_epochs", "batch_size"}
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, lr0: float, epoch: int, lr_update: int) -> float:
+    """Set every param group's lr to ``lr0 * 0.1 ** (epoch // lr_update)`` (official step decay); return it."""
+    lr = lr0 * (0.1 ** (epoch // lr_update))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator that shuffles epoch ``epoch`` of a run with ``seed`` (independent of earlier epochs)."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def train_step(model: SCAN, optimizer: torch.optim.Optimizer, criterion: ContrastiveLoss, batch, *,
+               grad_clip: float = 2.0, device: str | torch.device = "cpu") -> float:
+    """One optimisation step on a collated batch; returns the loss before the step.
+
+    Args:
+        model: the model (put in train mode by the caller).
+        optimizer: its optimizer.
+        criterion: :class:`ContrastiveLoss`.
+        batch: ``(images (B, K, img_dim), ids (B, L_max), lengths (B,), indices (B,))`` from
+            :func:`itm_models.data.collate`; caption j belongs to image j.
+        grad_clip: clip the global gradient norm to this value (0 or less: no clipping).
+        device: where images and ids are moved.
+
+    Returns:
+        The summed hinge loss of the batch's (B, B) score matrix, as a Python float.
+    """
+    images, ids, lengths = batch[0], batch[1], batch[2]
+    device = torch.device(device)
+    images = images.to(device, non_blocking=True)
+    ids = ids.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    scores = model(images, ids, lengths)
+    loss = criterion(scores)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+class _ImageRows:
+    """Rows ``rows`` of a (memory-mapped) feature array, read one slice at a time."""
+
+    def __init__(self, images, rows: np.ndarray):
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.images[self.rows[sl]], dtype=np.float32))
+
+
+def _pad_ids(captions: list) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(c) for c in captions], dtype=torch.long)
+    ids = torch.zeros(len(captions), int(lengths.max()), dtype=torch.long)
+    for i, c in enumerate(captions):
+        ids[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+    return ids, lengths
+
+
+def validate(model: SCAN, dataset: PrecompDataset, *, batch_size: int = 128, device=None, backend: str | None = None,
+             sims_dtype: torch.dtype | None = None) -> dict:
+    """Dev retrieval metrics, as the official ``validate``: every image encoded once, every caption once, all pairs
+    scored (no grad, in caption chunks), then :func:`itm_models.metrics.recall`.
+
+    Args:
+        model: the model (its train/eval mode is restored afterwards).
+        dataset: a :class:`PrecompDataset`; its captions are cut to a multiple of 5, and caption ``5k .. 5k+4``
+            are matched against the feature row of caption ``5k`` (as the official ``img_embs[::5]``).
+        batch_size: encoder batch size. device / backend / sims_dtype: see
+            :func:`itm_models.scan.encode_and_score` (float32 by default; ``torch.float64`` is the official
+            precision, slower and rarely different in rank).
+
+    Returns:
+        dict with the keys of :func:`recall` (``i2t_r1`` ... ``rsum``) plus ``n_images`` and ``n_captions``.
+    """
+    n_cap = len(dataset.captions) - len(dataset.captions) % CAPTIONS_PER_IMAGE
+    if n_cap == 0:
+        raise ValueError(f"the {dataset.split} split has {len(dataset.captions)} captions; validation needs at least "
+                         f"{CAPTIONS_PER_IMAGE}")
+    rows = np.arange(0, n_cap, CAPTIONS_PER_IMAGE) // dataset.im_div
+    ids, lengths = _pad_ids(dataset.captions[:n_cap])
+    sims = encode_and_score(model, _ImageRows(dataset.images, rows), ids, lengths, batch_size=batch_size,
+                            device=device, backend=backend, sims_dtype=sims_dtype)
+    metrics = recall(sims, captions_per_image=CAPTIONS_PER_IMAGE)
+    metrics["n_images"], metrics["n_captions"] = len(rows), n_cap
+    return metrics
+
+
+def _check_resume_config(saved: SCANConfig, config: SCANConfig, path: str) -> None:
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(config)
+    diff = {k: (a[k], b[k]) for k in a if k not in _RESUMABLE_CHANGES and a[k] != b[k]}
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: the model options differ (checkpoint, requested): {diff}")
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def train(config: SCANConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab=None, seed: int = 0,
+          device: str | torch.device | None = "auto", backend: str = "auto",
+          resume: bool | str | os.PathLike = False, workers: int = 0, val_every_epoch: int = 1,
+          progress: bool = True, on_step: Callable[[int, int, float], None] | None = None,
+          log: Callable[[str], None] | None = print) -> dict:
+    """Train a SCAN model on ``{data_dir}/train_*`` and validate on ``{data_dir}/dev_*``.
+
+    Args:
+        config: :class:`SCANConfig` (model and training options: ``num_epochs``, ``batch_size``,
+            ``learning_rate``, ``lr_update``, ``margin``, ``max_violation``, ``grad_clip``); ``vocab_size`` must be
+            at least the vocabulary's size.
+        data_dir: folder in the precomputed layout (``train_ims.npy``, ``train_caps.txt``, ``dev_*``, ``vocab.json``).
+        out_dir: where the checkpoints go (created).
+        vocab: :class:`itm_models.tokenize.Vocabulary`, a JSON path, or None for ``{data_dir}/vocab.json``.
+        seed: seeds the initial weights and every epoch's shuffle.
+        device: "cpu", "cuda", ... or "auto" (CUDA when available).
+        backend: ``xattn_sim`` backend for training and validation.
+        resume: False; True to continue from ``{out_dir}/checkpoint_last.pt``; or a checkpoint path. Model
+            options must match; training options (epochs, lr, ...) may change.
+        workers: DataLoader worker processes.
+        val_every_epoch: validate every N epochs and after the last one (0: never; then the best checkpoint is
+            the last one).
+        progress: show tqdm bars (loss and positive pairs per second).
+        on_step: called as ``on_step(epoch, step, loss)`` after every step.
+        log: called with one line (or a metrics table) per epoch; None for silence.
+
+    Returns:
+        dict: ``best_rsum`` (None without validation), ``best_epoch``, ``epochs`` (completed), ``history`` (one
+        dict per epoch: ``epoch``, ``lr``, ``loss`` (mean per batch), ``steps``, ``time_s``, and the dev metrics
+        when validated), ``checkpoint_last``, ``checkpoint_best``, ``config`` (dict).
+    """
+    say = log or (lambda _msg: None)
+    data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
+    device = _resolve_device(device)
+    if not isinstance(config, SCANConfig):
+        raise TypeError(f"config must be a SCANConfig, got {type(config).__name__}")
+    if val_every_epoch < 0:
+        raise ValueError(f"val_every_epoch must be >= 0, got {val_every_epoch}")
+    voc = load_vocab(vocab, data_dir)
+    if config.vocab_size < len(voc):
+        raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the vocabulary ({len(voc)} tokens)")
+    train_set = PrecompDataset(data_dir, "train", voc, img_dim=config.img_dim, vocab_size=config.vocab_size)
+    dev_set = None
+    if val_every_epoch:
+        if not os.path.isfile(split_paths(data_dir, "dev")["ims"]):
+            raise FileNotFoundError(f"no dev split in {data_dir} (dev_ims.npy); pass val_every_epoch=0 to train "
+                                    "without validation")
+        dev_set = PrecompDataset(data_dir, "dev", voc, img_dim=config.img_dim, vocab_size=config.vocab_size,
+                                 max_captions=OFFICIAL_DEV_CAPTIONS)
+    os.makedirs(out_dir, exist_ok=True)
+    last_path, best_path = os.path.join(out_dir, CHECKPOINT_LAST), os.path.join(out_dir, CHECKPOINT_BEST)
+
+    torch.manual_seed(seed)
+    model = SCAN(config, backend=backend)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    criterion = ContrastiveLoss(config.margin, config.max_violation)
+    start_epoch, best_rsum, best_epoch, history = 0, None, None, []
+
+    if resume:
+        path = last_path if resume is True else os.fspath(resume)
+        ckpt = load_checkpoint(path, map_location=device)
+        _check_resume_config(ckpt.model.config, config, path)
+        model.load_state_dict(ckpt.model.state_dict())
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        start_epoch = int(ckpt.epoch or 0)
+        best_rsum = ckpt.best_rsum
+        best_epoch = ckpt.extra.get("best_epoch")
+        history = list(ckpt.extra.get("history", []))
+        if "torch_rng" in ckpt.extra:
+            torch.set_rng_state(ckpt.extra["torch_rng"].cpu())
+        say(f"resumed from {path}: {start_epoch} epoch(s) done, best rsum {best_rsum}")
+
+    pin = device.type == "cuda"
+    for epoch in range(start_epoch, config.num_epochs):
+        lr = adjust_learning_rate(optimizer, config.learning_rate, epoch, config.lr_update)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=config.batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
+            num_workers=workers, collate_fn=collate, pin_memory=pin, persistent_workers=False)
+        model.train()
+        t0 = time.perf_counter()
+        total, steps, pairs = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.num_epochs}", disable=not progress, leave=False,
+                   dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            loss = train_step(model, optimizer, criterion, batch, grad_clip=config.grad_clip, device=device)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1}, step {step}")
+            total, steps, pairs = total + loss, steps + 1, pairs + len(batch[2])
+            if on_step is not None:
+                on_step(epoch, step, loss)
+            if progress:
+                rate = pairs / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix({"loss": f"{loss:.4f}", "pairs/s": f"{rate:.0f}"}, refresh=False)
+        bar.close()
+        record = {"epoch": epoch + 1, "lr": lr, "loss": total / max(steps, 1), "steps": steps,
+                  "time_s": time.perf_counter() - t0}
+        last_epoch = epoch + 1 == config.num_epochs
+        is_best = False
+        if dev_set is not None and ((epoch + 1) % val_every_epoch == 0 or last_epoch):
+            metrics = validate(model, dev_set, batch_size=config.batch_size, device=device)
+            record.update(metrics)
+            if best_rsum is None or metrics["rsum"] > best_rsum:
+                best_rsum, best_epoch, is_best = metrics["rsum"], epoch + 1, True
+            say(format_metrics_table(metrics, title=f"epoch {epoch + 1} dev ({metrics['n_images']} images)"))
+        elif dev_set is None:
+            best_epoch, is_best = epoch + 1, True
+        history.append(record)
+        say(f"epoch {epoch + 1}: lr {lr:.3g}, mean loss {record['loss']:.4f}, {steps} steps, "
+            f"{record['time_s']:.1f} s" + (" (best)" if is_best and dev_set is not None else ""))
+        extra = {"history": history, "best_epoch": best_epoch, "seed": int(seed), "torch_rng": torch.get_rng_state()}
+        save_checkpoint(model, last_path, optimizer=optimizer, epoch=epoch + 1, best_rsum=best_rsum, **extra)
+        if is_best:
+            save_checkpoint(model, best_path, optimizer=optimizer, epoch=epoch + 1, best_rsum=best_rsum, **extra)
+    return {"best_rsum": best_rsum, "best_epoch": best_epoch, "epochs": max(start_epoch, config.num_epochs),
+            "history": history, "checkpoint_last": last_path, "checkpoint_best": best_path,
+            "config": dataclasses.asdict(config)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m itm_models.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder with {train,dev}_ims.npy, {train,dev}_caps.txt")
+    p.add_argument("--vocab", default=None, help="vocabulary JSON (default: DATA/vocab.json)")
+    p.add_argument("--out", required=True, help="output folder for checkpoint_last.pt / checkpoint_best.pt")
+    p.add_argument("--epochs", type=int, default=30, help="number of epochs (official: 30 Flickr30K, 20 COCO)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4, help="initial learning rate (COCO README: 5e-4)")
+    p.add_argument("--lr-update", type=int, default=15, help="epochs per 10x learning-rate decay")
+    p.add_argument("--embed-size", type=int, default=1024)
+    p.add_argument("--word-dim", type=int, default=300)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--img-dim", type=int, default=2048)
+    p.add_argument("--direction", choices=CROSS_ATTN, default="t2i", help="cross attention direction")
+    p.add_argument("--agg", choices=(*AGG_FUNCS, *AGG_FUNCS.values()), default="LogSumExp")
+    p.add_argument("--lambda-softmax", type=float, default=9.0, help="lambda1 (README: 9 for t2i, 4 for i2t)")
+    p.add_argument("--lambda-lse", type=float, default=6.0, help="lambda2 (README: 6 t2i; i2t 5 Flickr30K, 20 COCO)")
+    p.add_argument("--norm", choices=RAW_FEATURE_NORMS, default="clipped_l2norm", help="raw_feature_norm")
+    p.add_argument("--bi-gru", action=argparse.BooleanOptionalAction, default=True,
+                   help="bidirectional GRU, halves averaged (README setting; default on)")
+    p.add_argument("--max-violation", action=argparse.BooleanOptionalAction, default=True,
+                   help="hardest negatives only (README setting; default on)")
+    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--grad-clip", type=float, default=2.0)
+    p.add_argument("--precomp-enc-type", choices=("basic", "weight_norm"), default="basic")
+    p.add_argument("--no-imgnorm", action="store_true")
+    p.add_argument("--no-txtnorm", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from OUT/checkpoint_last.pt, or from PATH")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help="itm_kernels.xattn_sim backend (auto, cpu, torch, cuda, triton)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--val-every-epoch", type=int, default=1, metavar="N",
+                   help="validate on dev every N epochs and after the last (0: never)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def main(argv=None) -> dict:
+    """CLI entry point (``python -m itm_models.train``); returns :func:`train`'s result."""
+    a = _parser().parse_args(argv)
+    voc = load_vocab(a.vocab, a.data)
+    config = SCANConfig(
+        vocab_size=len(voc), word_dim=a.word_dim, embed_size=a.embed_size, num_layers=a.num_layers, bi_gru=a.bi_gru,
+        img_dim=a.img_dim, no_imgnorm=a.no_imgnorm, no_txtnorm=a.no_txtnorm, precomp_enc_type=a.precomp_enc_type,
+        raw_feature_norm=a.norm, agg_func=a.agg, cross_attn=a.direction, lambda_softmax=a.lambda_softmax,
+        lambda_lse=a.lambda_lse, margin=a.margin, max_violation=a.max_violation, grad_clip=a.grad_clip,
+        learning_rate=a.lr, lr_update=a.lr_update, num_epochs=a.epochs, batch_size=a.batch_size)
+    result = train(config, a.data, a.out, vocab=voc, seed=a.seed, device=a.device, backend=a.backend,
+                   resume=a.resume, workers=a.workers, val_every_epoch=a.val_every_epoch,
+                   progress=not a.no_progress)
+    print(f"done: {result['epochs']} epochs, best dev rsum {result['best_rsum']} (epoch {result['best_epoch']}); "
+          f"checkpoints in {a.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
