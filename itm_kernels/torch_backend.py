@@ -43,6 +43,21 @@ def _tile_inputs(img, img_lens, cap, cap_lens, direction):
             torch.bmm(cap, cap.transpose(1, 2))[None], img.norm(dim=2)[:, None])
 
 
+def _gram_times(gram, alpha):
+    """gram @ alpha for gram (Ni, 1, C, C) (one per image) or (1, Nc, C, C) (one per caption), alpha
+    (Ni, Nc, C, Q): one product per image or caption rather than Ni x Nc tiny ones."""
+    if gram.shape[1] == 1 and alpha.shape[1] != 1:
+        return torch.einsum("ikj,icjq->ickq", gram[:, 0], alpha)
+    return torch.einsum("ckj,icjq->ickq", gram[0], alpha)
+
+
+def _gram_grad(gram, left, alpha):
+    """sum over Q of left alpha^T, reduced to gram's layout: (Ni, 1, C, C) or (1, Nc, C, C)."""
+    if gram.shape[1] == 1 and alpha.shape[1] != 1:
+        return torch.einsum("icjq,ickq->ijk", left, alpha)[:, None]
+    return torch.einsum("icjq,ickq->cjk", left, alpha)[None]
+
+
 def attend_forward(s, q_valid, c_valid, gram, q_norm, *, norm, lambda_softmax):
     """Cosines R (Ni, Nc, Q) of each query item with its attended context, from the score tile s (Ni, Nc, C, Q).
 
@@ -51,7 +66,7 @@ def attend_forward(s, q_valid, c_valid, gram, q_norm, *, norm, lambda_softmax):
     x = reference.normalize_scores(s, q_valid, norm, dim=3)
     alpha = _masked_softmax(lambda_softmax * x, c_valid, dim=2)
     num = (alpha * s).sum(2)
-    g_alpha = torch.matmul(gram, alpha)
+    g_alpha = _gram_times(gram, alpha)
     a_sq = (alpha * g_alpha).sum(2)
     # Clamping |a|^2 at the smallest normal number changes nothing (the denominator is then clamped to eps
     # anyway) and keeps the gradient finite where rounding makes |a|^2 <= 0.
@@ -86,8 +101,7 @@ def attend_backward(g_r, s, q_valid, c_valid, gram, q_norm, saved, *, norm, lamb
     g_q_norm = g_denom * a_norm
     g_a_sq = torch.where(a_sq >= torch.finfo(a_sq.dtype).tiny, g_denom * q_norm / (2 * a_norm), zero)
     g_alpha_total = g_num[:, :, None] * s + 2 * g_a_sq[:, :, None] * g_alpha
-    g_gram = \
-        torch.matmul(alpha * g_a_sq[:, :, None], alpha.transpose(2, 3))
+    g_gram = _gram_grad(gram, alpha * g_a_sq[:, :, None], alpha)
     g_s = g_num[:, :, None] * alpha
     g_z = alpha * (g_alpha_total - (alpha * g_alpha_total).sum(2, keepdim=True))
     g_n = lambda_softmax * g_z
@@ -135,12 +149,12 @@ def tile_backward(grad, img, img_lens, cap, cap_lens, *, direction, norm, lambda
     g_img = torch.einsum("ickt,ctd->ikd", g_s, cap)
     g_cap = torch.einsum("ickt,ikd->ctd", g_s, img)
     if direction == "t2i":
-        g_gram = g_gram.sum(1)
+        g_gram = g_gram[:, 0]
         g_img = g_img + torch.bmm(g_gram + g_gram.transpose(1, 2), img)
         cap_norm = cap.norm(dim=2, keepdim=True)
         g_cap = g_cap + g_q_norm.sum(0)[..., None] * cap / torch.where(cap_norm > 0, cap_norm, 1.0)
     else:
-        g_gram = g_gram.sum(0)
+        g_gram = g_gram[0]
         g_cap = g_cap + torch.bmm(g_gram + g_gram.transpose(1, 2), cap)
         img_norm = img.norm(dim=2, keepdim=True)
         g_img = g_img + g_q_norm.sum(1)[..., None] * img / torch.where(img_norm > 0, img_norm, 1.0)
