@@ -43,17 +43,23 @@ def _tile_inputs(img, img_lens, cap, cap_lens, direction):
             torch.bmm(cap, cap.transpose(1, 2))[None], img.norm(dim=2)[:, None])
 
 
+def _per_image(gram, alpha) -> bool:
+    # gram is (Ni, 1, C, C) for t2i (one per image) and (1, Nc, C, C) for i2t (one per caption); when a tile has
+    # one image and one caption both read alike, and the two einsums below then agree.
+    return gram.shape[0] == alpha.shape[0] and gram.shape[1] == 1
+
+
 def _gram_times(gram, alpha):
     """gram @ alpha for gram (Ni, 1, C, C) (one per image) or (1, Nc, C, C) (one per caption), alpha
     (Ni, Nc, C, Q): one product per image or caption rather than Ni x Nc tiny ones."""
-    if gram.shape[1] == 1 and alpha.shape[1] != 1:
+    if _per_image(gram, alpha):
         return torch.einsum("ikj,icjq->ickq", gram[:, 0], alpha)
     return torch.einsum("ckj,icjq->ickq", gram[0], alpha)
 
 
 def _gram_grad(gram, left, alpha):
     """sum over Q of left alpha^T, reduced to gram's layout: (Ni, 1, C, C) or (1, Nc, C, C)."""
-    if gram.shape[1] == 1 and alpha.shape[1] != 1:
+    if _per_image(gram, alpha):
         return torch.einsum("icjq,ickq->ijk", left, alpha)[:, None]
     return torch.einsum("icjq,ickq->cjk", left, alpha)[None]
 

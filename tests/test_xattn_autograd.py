@@ -25,11 +25,12 @@ def small_problem(seed, n_img=3, n_cap=4, K=5, L=4, d=6, ragged_images=True, dty
     return images, captions, cap_lens, img_lens
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Every backend's forward is checked against the shared tiled backward ("reference" has the same backward).
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("norm", reference.NORMS)
 def test_gradcheck_float64(backend, direction, norm):
-    images, captions, cap_lens, img_lens = small_problem(hash((direction, norm)) % 1000)
+    images, captions, cap_lens, img_lens = small_problem(reference.NORMS.index(norm), n_img=2, n_cap=3, K=4, L=3, d=4)
     for agg in reference.AGGS:
         fn = lambda im, cap: itm_kernels.xattn_sim(  # noqa: E731
             im, cap, cap_lens, img_lens=img_lens, direction=direction, norm=norm, agg=agg, lambda_softmax=4.0,

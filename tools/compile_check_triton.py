@@ -1,0 +1,198 @@
+"""Compile the Triton kernels of ``itm_kernels.triton_xattn`` for NVIDIA targets without a GPU.
+
+For each target (default sm_80 and sm_90), input dtype (default float32 and bfloat16) and direction, this compiles
+the Gram kernel of the context side (t2i: images, 64-row tiles; i2t: captions, 32-row tiles) and the attention
+kernel, with the constexprs, launch options and argument specialisation the launcher would give a SCAN-sized
+problem (K = 36 regions, captions in the 16-word bucket for t2i and the 32-word bucket for i2t, d = 1024), all the
+way to a cubin (ptxas included). It prints the PTX and cubin sizes, registers and stack (spill) bytes per thread
+(from ``cuobjdump -res-usage`` when it runs) and shared memory, and exits non-zero if any compilation fails.
+Runs in its own process: a process that imported triton with ``TRITON_INTERPRET=1`` cannot compile.
+
+    python tools/compile_check_triton.py                     # clipped_l2norm + lse (the README configuration)
+    python tools/compile_check_triton.py --all-options       # every norm x agg: 232 kernels, a few minutes
+    python tools/compile_check_triton.py --arch 90 --dtype float64
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+# A SCAN-sized launch (COCO 1K: 1,000 images x 5,000 captions, K = 36 regions, d = 1024, L_max = 64): t2i runs
+# the 3,000 captions of <= 16 words against the images; i2t the 3,000 captions of 17..32 words against them.
+K, L_MAX, D = 36, 64, 1024
+N_IMG, N_CAP, N_BUCKET = 1000, 5000, 3000
+SHAPES = {"t2i": dict(block_c=64, block_q=16), "i2t": dict(block_c=32, block_q=64)}
+
+
+def cuda_compiler_available() -> tuple[bool, str]:
+    """Whether triton can compile for NVIDIA targets here (its CUDA backend and bundled ptxas), and why not."""
+    try:
+        import triton
+        from triton.backends import backends
+
+        if "nvidia" not in backends:
+            return False, f"triton {triton.__version__} has no nvidia backend (has {sorted(backends)})"
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except Exception as exc:  # no triton, or no ptxas binary
+        return False, f"{type(exc).__name__}: {exc}"
+    if not ptxas or not os.path.exists(ptxas):
+        return False, f"ptxas not found ({ptxas!r})"
+    return True, ""
+
+
+def _specialize(fn, types: dict, values: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as the JIT would specialize a launch with these argument values: pointers
+    (torch allocations) 16-byte aligned, integers divisible by 16 marked so, integers equal to 1 made constants."""
+    constexprs = dict(constexprs)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif types.get(name, "").startswith("*"):
+            sig[name] = types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in types:
+            sig[name] = types[name]
+        elif values[name] == 1:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            sig[name] = "i32" if abs(values[name]) < 2 ** 31 else "i64"
+            if values[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and spill bytes per thread, read from the cubin with cuobjdump (empty if it cannot be run)."""
+    try:
+        from triton.tools.disasm import path_to_cuobjdump
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            text = subprocess.check_output([path_to_cuobjdump(), "-res-usage", f.name], text=True,
+                                           stderr=subprocess.STDOUT)
+    except Exception:
+        return {}
+    found = {}
+    for key, pattern in (("registers", r"REG:(\d+)"), ("stack", r"STACK:(\d+)"), ("local", r"LOCAL:(\d+)")):
+        m = re.search(pattern, text)
+        if m:
+            found[key] = int(m.group(1))
+    return found
+
+
+def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: str = "clipped_l2norm",
+                agg: str = "lse") -> dict:
+    """Compile one kernel variant to a cubin for sm_<arch>; returns what was compiled and its resource use."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from itm_kernels import triton_xattn as tx
+
+    dtype = getattr(torch, dtype_name)
+    elem = "*" + DTYPES[dtype_name]
+    acc = "*fp64" if dtype == torch.float64 else "*fp32"
+    fn = tx.jit_kernel("xattn_sim" if kernel == "xattn_sim" else "gram", False)
+    shape = SHAPES[direction]
+    ctx_rows, qry_rows = (K, L_MAX) if direction == "t2i" else (L_MAX, K)
+    n_ctx, n_qry = (N_IMG, N_BUCKET) if direction == "t2i" else (N_BUCKET, N_IMG)
+    if kernel == "xattn_sim":
+        constexprs, options = tx.kernel_config(dtype, n_qry=n_qry, d=D, norm=norm, agg=agg, **shape)
+        types = dict(ctx_ptr=elem, qry_ptr=elem, gram_ptr=acc, out_ptr=acc, ctx_idx_ptr="*i32", qry_idx_ptr="*i32",
+                     ctx_len_ptr="*i64", qry_len_ptr="*i64", lambda_softmax="fp64", lambda_lse="fp64")
+        out_strides = (N_CAP, 1) if direction == "t2i" else (1, N_CAP)
+        values = dict(n_ctx=n_ctx, n_qry=n_qry, D=D, stride_cn=ctx_rows * D, stride_cr=D, stride_qn=qry_rows * D,
+                      stride_qr=D, stride_oc=out_strides[0], stride_oq=out_strides[1])
+    else:
+        constexprs, options = tx.gram_config(dtype, block_r=shape["block_c"], d=D)
+        types = dict(x_ptr=elem, idx_ptr="*i32", len_ptr="*i64", gram_ptr=acc)
+        values = dict(D=D, stride_xn=ctx_rows * D, stride_xr=D)
+    signature, constexprs, attrs = _specialize(fn, types, values, constexprs)
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    info = dict(kernel=kernel, arch=f"sm_{arch}", dtype=dtype_name, direction=direction, norm=norm, agg=agg,
+                ptx_bytes=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
+                shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                num_stages=compiled.metadata.num_stages, seconds=round(time.perf_counter() - start, 2))
+    info.update(_resources(compiled.asm["cubin"]))
+    return info
+
+
+def compile_check(archs=(80, 90), dtypes=("float32", "bfloat16"), directions=("t2i", "i2t"), all_options=False,
+                  log=print) -> list[dict]:
+    """Compile every requested variant; returns one dict per kernel. Raises on the first failure.
+
+    Must run in a process that imported triton without ``TRITON_INTERPRET=1``: triton builds its standard library
+    (tl.sum, tl.max, tl.cdiv, ...) for the interpreter at import time, and that cannot be compiled afterwards.
+    """
+    from itm_kernels import reference
+    from itm_kernels import triton_xattn
+
+    if triton_xattn.triton_imported_interpreted():
+        raise RuntimeError("triton was imported with TRITON_INTERPRET=1 in this process; run the compile check in "
+                           "a fresh process without it (python tools/compile_check_triton.py)")
+
+    options = list(itertools.product(reference.NORMS, reference.AGGS)) if all_options else [("clipped_l2norm",
+                                                                                              "lse")]
+    results = []
+    for arch, dtype_name, direction in itertools.product(archs, dtypes, directions):
+        for kernel, (norm, agg) in [("gram", options[0])] + [("xattn_sim", o) for o in options]:
+            try:
+                info = compile_one(kernel, arch, dtype_name, direction, norm, agg)
+            except Exception as exc:
+                raise RuntimeError(f"compiling {kernel} for sm_{arch} {dtype_name} {direction} {norm}/{agg} "
+                                   f"failed: {exc}") from exc
+            log("  ".join(f"{k}={v}" for k, v in info.items()))
+            results.append(info)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="SM version, repeatable (default 80 and 90)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                        help="input dtype, repeatable (default float32 and bfloat16)")
+    parser.add_argument("--direction", action="append", choices=["t2i", "i2t"], help="default both")
+    parser.add_argument("--all-options", action="store_true", help="every norm x agg, not only clipped_l2norm/lse")
+    parser.add_argument("--json", action="store_true", help="end with one line: the results as a JSON list")
+    args = parser.parse_args(argv)
+    # Compile for real every time: a cache hit would prove only that an earlier run compiled.
+    os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        print("note: ignoring TRITON_INTERPRET for this compile-only run", file=sys.stderr)
+        os.environ["TRITON_INTERPRET"] = "0"
+    available, why = cuda_compiler_available()
+    if not available:
+        print(f"FAILED: cannot compile for CUDA targets: {why}", file=sys.stderr)
+        return 1
+    try:
+        results = compile_check(archs=tuple(args.arch or (80, 90)), dtypes=tuple(args.dtype or ("float32",
+                                                                                                  "bfloat16")),
+                                directions=tuple(args.direction or ("t2i", "i2t")), all_options=args.all_options)
+    except Exception as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK: {len(results)} kernels compiled")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
