@@ -104,7 +104,8 @@ def choose_backend(requested: str, device: torch.device) -> str:
     """Resolve "auto" to the fastest backend for ``device``; refuse a backend this install cannot run there."""
     usable = available_backends(device)
     if requested == "auto":
-        return usable[0]
+        # The Triton interpreter on CPU tensors is for tests, never a default.
+        return next(b for b in usable if not (b == "triton" and device.type == "cpu"))
     if requested not in usable:
         raise ValueError(f"backend {requested!r} is not available for {device.type} tensors in this install; "
                          f"available: {usable} (see itm_kernels.build_info())")
