@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for the data and the checkpoints")
     parser.add_argument("--n-train", type=int, default=2000, help="training images (5 captions each)")
     parser.add_argument("--n-test", type=int, default=1000, help="test images (5 captions each)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--embed-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
