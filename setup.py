@@ -1,0 +1,63 @@
+"""Build of the compiled extension ``itm_kernels._C`` (C++ CPU kernels, plus CUDA kernels when available).
+
+Install with the torch that is already in the environment (recommended; an isolated build would download torch):
+
+    pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
+    python setup.py build_ext --inplace       # development build next to the sources
+
+CUDA sources (csrc/cuda/*.cu) join the build when torch has CUDA and nvcc is found; ITM_KERNELS_WITH_CUDA=1/0
+forces either way. Compiler flags: -O3 -g0, OpenMP; no -march=native (the CPU epilogue picks AVX-512, AVX2 or
+baseline code at load time). MAX_JOBS bounds the parallel compile jobs (ninja).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda(torch, cuda_home) -> bool:
+    flag = os.environ.get("ITM_KERNELS_WITH_CUDA", "").strip().lower()
+    has_sources = bool(_rel("csrc/cuda/*.cu"))
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        if not has_sources:
+            raise RuntimeError("ITM_KERNELS_WITH_CUDA=1 but there are no csrc/cuda/*.cu sources")
+        if torch.version.cuda is None or cuda_home is None:
+            raise RuntimeError("ITM_KERNELS_WITH_CUDA=1 needs a CUDA build of torch and the CUDA toolkit (nvcc); "
+                               f"torch {torch.__version__} has CUDA {torch.version.cuda}, CUDA_HOME={cuda_home}")
+        return True
+    nvcc = shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
+    return has_sources and torch.version.cuda is not None and cuda_home is not None and bool(nvcc)
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    link = ["-fopenmp"]
+    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp")
+    if _want_cuda(torch, CUDA_HOME):
+        nvcc = ["-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
+                "-gencode=arch=compute_90,code=sm_90"]
+        ext = CUDAExtension("itm_kernels._C", sources + _rel("csrc/cuda/*.cu"),
+                            include_dirs=[os.path.join(ROOT, "csrc")], define_macros=[("ITM_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+    else:
+        ext = CppExtension("itm_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
