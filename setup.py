@@ -50,7 +50,9 @@ def _extensions():
     if _want_cuda(torch, CUDA_HOME):
         nvcc = ["-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
                 "-gencode=arch=compute_90,code=sm_90"]
-        ext = CUDAExtension("itm_kernels._C", sources + _rel("csrc/cuda/*.cu"),
+        # compile_check.cu only instantiates the kernels for nvcc checks (tools/compile_check_cuda.sh).
+        cuda_sources = [s for s in _rel("csrc/cuda/*.cu") if not s.endswith("compile_check.cu")]
+        ext = CUDAExtension("itm_kernels._C", sources + cuda_sources,
                             include_dirs=[os.path.join(ROOT, "csrc")], define_macros=[("ITM_WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:

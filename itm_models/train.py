@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -330,3 +331,15 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def cli() -> int:
+    """Console-script entry point (``itm-train``): exit status 0 on success, 2 with a one-line error on bad data."""
+    from .data import DataFormatError
+
+    try:
+        main()
+    except (DataFormatError, FileNotFoundError) as exc:
+        print(f"itm-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
