@@ -26,9 +26,13 @@ float32 t2i 0.55, i2t 0.52 (oneDNN's brgemm beats MKL's sgemm on this AMD CPU); 
 Memory (beyond the inputs and the (N_img, N_cap) output): per thread one scratch of at most ``max_tile_bytes``
 (default 4 MiB; the tile is 8 images x caption blocks of up to 384 words, shrunk to fit, but never below one image
 x the longest caption), plus per-call tables: the Gram matrices (N_img * K * K values for t2i, the sum of L_c^2
-for i2t), the query norms, transient float32 conversions of at most 32 MiB for bfloat16 Gram/norm tables, and
-the float32 copies of float16 inputs. Measured extra peak RSS at 1000 x 5000: 32 MiB (float32) and 59 MiB
-(bfloat16), the 19 MiB output included. Results do not depend on the tiling (bitwise for float32/bfloat16).
+for i2t) and the query norms, and the float32 copies of float16 inputs. Measured extra peak RSS at 1000 x 5000:
+32 MiB (float32) and 59 MiB (bfloat16), the 19 MiB output included. Results do not depend on the tiling (bitwise
+for float32/bfloat16).
+
+Small problems run on the calling thread (a thread is woken per few MFLOP of work). Tuning knobs for other
+machines (not needed here): ITM_CPU_TILE_IMAGES, ITM_CPU_TILE_WORDS (tile shape), ITM_CPU_GEMM_NB (columns per
+packed GEMM block, default 64).
 """
 from __future__ import annotations
 
