@@ -1,7 +1,19 @@
 """Models, data, metrics and evaluation for image-text matching, built on itm_kernels."""
-from .checkpoints import load_checkpoint, load_official_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, load_checkpoint, load_official_checkpoint, register_official_loader, \
+    save_checkpoint
 from .losses import ContrastiveLoss
 from .scan import SCAN, SCANConfig, SCANEnsemble
+from .sgraf import SGRAF, SGRAFSimilarity, build_sgraf_from_official
 
-__all__ = ["SCAN", "SCANConfig", "SCANEnsemble", "ContrastiveLoss", "load_official_checkpoint", "load_checkpoint",
-           "save_checkpoint"]
+
+def _build_official_sgraf(opt: dict, state_dicts: list, path: str):
+    try:
+        return build_sgraf_from_official({"opt": opt, "model": state_dicts})
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the SGRAF weights do not fit the model its opt describes: {exc}") from None
+
+
+register_official_loader("sgraf", _build_official_sgraf)
+
+__all__ = ["SCAN", "SCANConfig", "SCANEnsemble", "SGRAF", "SGRAFSimilarity", "ContrastiveLoss",
+           "load_official_checkpoint", "load_checkpoint", "save_checkpoint"]

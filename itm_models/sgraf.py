@@ -21,6 +21,8 @@ official code to float32 rounding):
 
 - Row-softmax shift invariance: Q_i . K_j = (Q_i W_k) . X_j + Q_i . b_k, and the last term does not depend on j, so
   the attention logits are Y X^T with Y = X (W_q^T W_k) + b_q W_k: one (s x s) product per step instead of two.
+- Rows of A sum to 1, so W_g (A X) + b_g = A (X W_g^T) + b_g: with the previous rule, one (s x 2s) GEMM
+  X [W_q^T W_k | W_g^T] per step gives both the logit queries and the values.
 - The last SGR step is needed for the global node only (one row per pair instead of L + 1).
 - W (x - y)^2 = W x^2 - 2 (W diag(x)) y + W y^2 for the global branch: per image a (s, d) matrix times the
   caption globals, so the all-pairs global term is one GEMM without any per-pair d-sized temporary.
@@ -40,7 +42,12 @@ NUM_REGIONS = 36
 LAMBDA_SOFTMAX = 9.0
 MODULES = ("SGR", "SAF")
 # Rows of graph nodes (pairs x (L + 1)) scored at a time by ``sims``; see its docstring for the memory.
-DEFAULT_BLOCK_ROWS = 16384
+DEFAULT_BLOCK_ROWS = 8192
+# bfloat16/float16: graph sizes L + 1 are rounded up to a multiple of this, so that the block shapes (and oneDNN's
+# per-shape state) come from a small fixed set.
+NODE_BUCKET_LOW_PRECISION = 4
+# Items whose global vectors are computed at a time (in eval mode each item's global vector is its own).
+GLOBAL_CHUNK = 64
 
 __all__ = ["SGRAFSimilarity", "VisualSA", "TextSA", "official_style_forward", "official_style_sims",
            "SGRAFTextEncoder", "build_sgraf_from_official"]
@@ -101,13 +108,17 @@ class TextSA(nn.Module):
 
     def forward(self, local: Tensor, lengths: Tensor) -> Tensor:
         valid = _lengths_mask(lengths, local.shape[1])                        # (n, L)
-        local = torch.where(valid[..., None], local, torch.zeros((), dtype=local.dtype, device=local.device))
-        mean = local.sum(1) / lengths[:, None].to(local.dtype)
-        l_emb = self.embedding_local(local)
-        g_emb = self.embedding_global(mean)
-        logits = self.embedding_common(l_emb * g_emb[:, None]).squeeze(2)
-        weights = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
-        return l2norm((weights[:, :, None] * local).sum(1))
+        words = local[valid]                                                  # (W, d): real words only
+        rows = torch.repeat_interleave(torch.arange(local.shape[0], device=local.device), lengths)
+        mean = torch.zeros(local.shape[0], local.shape[2], dtype=local.dtype, device=local.device)
+        mean = mean.index_add(0, rows, words) / lengths[:, None].to(local.dtype)
+        l_emb = self.embedding_local(words)                                   # (W, d)
+        g_emb = self.embedding_global(mean)                                   # (n, d)
+        logits = self.embedding_common(l_emb * g_emb[rows]).squeeze(1)       # (W,)
+        padded = torch.full(valid.shape, float("-inf"), dtype=logits.dtype, device=logits.device)
+        weights = torch.softmax(padded.masked_scatter(valid, logits), dim=1)[valid]
+        glo = torch.zeros_like(mean).index_add(0, rows, weights[:, None] * words)
+        return l2norm(glo)
 
 
 class GraphReasoning(nn.Module):
@@ -183,7 +194,7 @@ class SGRAFSimilarity(nn.Module):
         return lens
 
     def _weights(self, dtype: torch.dtype, mm_dtype: torch.dtype) -> dict:
-        """The head's weights in the compute dtype, plus the SGR logit matrices P = W_q^T W_k and c = b_q W_k.
+        """The head's weights in the compute dtype, plus per SGR step P = W_q^T W_k, c = b_q W_k and [P | W_g^T].
 
         Differentiable (used by forward() too); for float32 the products are formed in float64 first when no
         gradient is needed, so that P carries no more rounding than the official Q K^T.
@@ -197,8 +208,11 @@ class SGRAFSimilarity(nn.Module):
             for m in self.SGR_module:
                 pdt = dtype if grad else torch.float64
                 wq, wk = m.graph_query_w.weight.to(pdt), m.graph_key_w.weight.to(pdt)
-                steps.append(dict(p=(wq.t() @ wk).to(mm_dtype), c=(m.graph_query_w.bias.to(pdt) @ wk).to(dtype),
-                                  g_w=m.sim_graph_w.weight.to(mm_dtype), g_b=cast(m.sim_graph_w.bias)))
+                p, c = wq.t() @ wk, m.graph_query_w.bias.to(pdt) @ wk
+                g_w_t = m.sim_graph_w.weight.to(pdt).t()
+                steps.append(dict(p=p.to(mm_dtype), c=c.to(mm_dtype), g_w_t=g_w_t.to(mm_dtype),
+                                  g_b=m.sim_graph_w.bias.to(mm_dtype),
+                                  pu=torch.cat([p, g_w_t], 1).to(mm_dtype)))
             w["steps"] = steps
         else:
             saf = self.SAF_module
@@ -206,34 +220,41 @@ class SGRAFSimilarity(nn.Module):
         return w
 
     @staticmethod
-    def _global_sims(img_glo: Tensor, cap_glo: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    def _global_sims(img_glo: Tensor, cap_glo: Tensor, w: Tensor, b: Tensor, mm_dtype=None) -> Tensor:
         """l2norm(W (x_i - y_c)^2 + b) for every pair: (Ni, d), (Nc, d) -> (Ni, Nc, s), through
-        W x^2 - 2 (W diag(x)) y + W y^2 (one GEMM, no (Ni, Nc, d) temporary)."""
+        W x^2 - 2 (W diag(x)) y + W y^2 (one GEMM, no (Ni, Nc, d) temporary); the cross GEMM in ``mm_dtype``."""
+        mm_dtype = mm_dtype or img_glo.dtype
         sq_img = img_glo.pow(2) @ w.t()                                      # (Ni, s)
         sq_cap = cap_glo.pow(2) @ w.t()                                      # (Nc, s)
-        cross = torch.matmul(w[None] * img_glo[:, None, :], cap_glo.t())     # (Ni, s, Nc)
+        scaled = (w[None] * img_glo[:, None, :]).to(mm_dtype)                # (Ni, s, d)
+        cross = torch.matmul(scaled, cap_glo.t().to(mm_dtype)).to(img_glo.dtype)   # (Ni, s, Nc)
         y = sq_img[:, None, :] + sq_cap[None] - 2 * cross.transpose(1, 2) + b
         return l2norm(y)
 
-    def _sgr(self, x: Tensor, node_valid: Tensor, w: dict, mm_dtype: torch.dtype) -> Tensor:
-        """SGR on nodes x (P, n, s) (node 0 global, invalid nodes never read as keys) -> sim_vec (P, s)."""
-        dtype = x.dtype
+    @staticmethod
+    def _sgr(x: Tensor, node_valid: Tensor, w: dict) -> Tensor:
+        """SGR on nodes x (P, n, s) in the matmul dtype (node 0 global; invalid nodes are never read as keys or
+        values) -> sim_vec (P, s) in the compute dtype. Matrix products in x's dtype, softmaxes in float32/64."""
+        cdtype = w["eval_w"].dtype
+        P, n, s = x.shape
         key_mask = ~node_valid[:, None, :]                                   # (P, 1, n)
         steps = w["steps"]
         for st in steps[:-1]:
-            xm = x.to(mm_dtype)
-            y = torch.matmul(xm, st["p"]).to(dtype) + st["c"]                # (P, n, s)
-            logits = torch.matmul(y.to(mm_dtype), xm.transpose(1, 2)).to(dtype)
-            attn = torch.softmax(logits.masked_fill(key_mask, float("-inf")), dim=-1)
-            z = torch.matmul(attn.to(mm_dtype), xm)                          # (P, n, s)
-            x = torch.relu(torch.matmul(z, st["g_w"].t()).to(dtype) + st["g_b"])
-        st = steps[-1]
-        xm = x.to(mm_dtype)
-        y0 = (torch.matmul(xm[:, 0], st["p"]).to(dtype) + st["c"]).to(mm_dtype)   # (P, s)
-        logits = torch.matmul(xm, y0[:, :, None]).squeeze(2).to(dtype)            # (P, n)
-        attn = torch.softmax(logits.masked_fill(~node_valid, float("-inf")), dim=-1)
-        z0 = torch.matmul(attn.to(mm_dtype)[:, None, :], xm).squeeze(1)           # (P, s)
-        return torch.relu(torch.matmul(z0, st["g_w"].t()).to(dtype) + st["g_b"])
+            # [Y | U] = X [W_q^T W_k | W_g^T]; logits (Y + b_q W_k) X^T; X' = ReLU(A U + b_g) = ReLU(W_g (A X) + b_g)
+            # because every row of A sums to 1.
+            # The query bias c enters as the per-key term c . X_j (no broadcast copy of a bias into the GEMM).
+            flat = x.view(P * n, s)
+            yu = torch.mm(flat, st["pu"]).view(P, n, 2 * s)
+            key_term = torch.mv(flat, st["c"]).view(P, 1, n)
+            logits = torch.baddbmm(key_term, yu[:, :, :s], x.transpose(1, 2)).to(cdtype)
+            attn = torch.softmax(logits.masked_fill_(key_mask, float("-inf")), dim=-1).to(x.dtype)
+            x = torch.baddbmm(st["g_b"], attn, yu[:, :, s:]).relu_()        # (P, n, s)
+        st = steps[-1]                                                       # the global node only
+        y0 = torch.addmm(st["c"], x[:, 0], st["p"])                          # (P, s)
+        logits = torch.bmm(x, y0[:, :, None]).squeeze(2).to(cdtype)          # (P, n)
+        attn = torch.softmax(logits.masked_fill(~node_valid, float("-inf")), dim=-1).to(x.dtype)
+        z0 = torch.bmm(attn[:, None, :], x).squeeze(1)                       # (P, s)
+        return torch.addmm(st["g_b"], z0, st["g_w_t"]).relu_().to(cdtype)
 
     def _saf(self, x: Tensor, node_valid: Tensor, w: dict, train_stats: list | None) -> Tensor:
         """SAF on nodes x (P, n, s) -> sim_vec (P, s), pairs laid out (Ni, Nc) image-major.
@@ -284,14 +305,26 @@ class SGRAFSimilarity(nn.Module):
         bn.num_batches_tracked.add_(n)
 
     def _score_block(self, sim_glo: Tensor, sim_loc: Tensor, lens: Tensor, w: dict, mm_dtype: torch.dtype,
-                     train_stats: list | None = None) -> Tensor:
-        """Scores of a block: sim_glo (Ni, Nc, s), sim_loc (Ni, Nc, Lc, s), lens (Nc,) -> (Ni, Nc)."""
+                     train_stats: list | None = None, n_nodes: int | None = None) -> Tensor:
+        """Scores of a block: sim_glo (Ni, Nc, s), sim_loc (Ni, Nc, Lc, s), lens (Nc,) -> (Ni, Nc). The node
+        tensor has ``n_nodes`` >= Lc + 1 nodes per pair (extra ones are zero and never read as keys)."""
         ni, nc, lc, s = sim_loc.shape
-        x = torch.cat([sim_glo[:, :, None], sim_loc.to(sim_glo.dtype)], dim=2).view(ni * nc, lc + 1, s)
-        node_valid = (torch.arange(lc + 1, device=lens.device)[None, :] <= lens[:, None])     # (Nc, n)
-        node_valid = node_valid[None].expand(ni, nc, lc + 1).reshape(ni * nc, lc + 1)
+        n_nodes = n_nodes or lc + 1
+        x_dtype = mm_dtype if self.module_name == "SGR" else sim_glo.dtype
+        if torch.is_grad_enabled():
+            x = torch.cat([sim_glo[:, :, None], sim_loc.to(sim_glo.dtype)], dim=2).to(x_dtype)
+            if n_nodes > lc + 1:
+                x = torch.nn.functional.pad(x, (0, 0, 0, n_nodes - lc - 1))
+        else:                                                                # cast while concatenating
+            x = torch.empty(ni, nc, n_nodes, s, dtype=x_dtype, device=sim_loc.device)
+            torch.cat([sim_glo[:, :, None], sim_loc.to(sim_glo.dtype)], dim=2, out=x[:, :, : lc + 1])
+            x[:, :, lc + 1:] = 0
+        x = x.view(ni * nc, n_nodes, s)
+        del sim_loc                                                          # the caller holds no reference
+        node_valid = (torch.arange(n_nodes, device=lens.device)[None, :] <= lens[:, None])    # (Nc, n)
+        node_valid = node_valid[None].expand(ni, nc, n_nodes).reshape(ni * nc, n_nodes)
         if self.module_name == "SGR":
-            vec = self._sgr(x, node_valid, w, mm_dtype)
+            vec = self._sgr(x, node_valid, w)
         else:
             if train_stats is not None:
                 train_stats.append((ni, nc))
@@ -319,15 +352,21 @@ class SGRAFSimilarity(nn.Module):
         Returns:
             (N_img, N_cap) scores, float64 for float64, float32 otherwise.
 
-        Work: the global vectors once per image and once per caption; captions sorted by length and cut into
-        chunks padded only to their own longest caption; per block of (images x caption chunk) pairs, the global
-        term as one GEMM, :func:`itm_kernels.local_sim.local_sim` for the local vectors (W_loc on every word of
-        every pair as large GEMMs) and SGR/SAF with every per-pair dense layer as one GEMM over the block.
+        Work: the global vectors once per image and once per caption; captions grouped by length (by exact
+        length in float32/float64: no padding; by L + 1 rounded up to a multiple of 4 in bfloat16/float16, which
+        bounds the number of distinct GEMM shapes and so oneDNN's per-shape memory) and cut into chunks; per
+        block of (images x caption chunk) pairs, the global term as one GEMM, :func:`itm_kernels.local_sim.local_sim`
+        for the local vectors (W_loc on every word of every pair as large GEMMs) and SGR/SAF with every per-pair
+        dense layer as one GEMM over the block.
 
-        Peak memory beyond inputs and output: the global vectors (N_img + N_cap) x d, and per block about
-        6 x block_rows x s values (node tensors of the SGR steps) + block images x s x d (the global term) +
-        ``max_tile_bytes`` (local_sim scratch): about 110 MB in float32 at the defaults (d = 1024, s = 256),
-        independent of N_img and N_cap.
+        Peak memory beyond inputs and output: a matmul-dtype copy of the inputs when ``dtype`` differs from
+        theirs, the global vectors (N_img + N_cap) x d (computed 64 items at a time), and per block about 5 node
+        tensors of block_rows x s values (SGR's, one of them 2 s wide; SAF needs 2) + up to 16 x s x d (the
+        global term of up to 16 images) + ``max_tile_bytes`` (local_sim's scratch, 8 MiB): about 70 MB in float32
+        at the defaults (d = 1024, s = 256, block_rows = 8192), independent of N_img and N_cap (measured 60-100
+        MiB float32, 70-150 MiB bfloat16 at 200 x 1000: benchmarks/bench_sgraf.py). In bfloat16, oneDNN also
+        keeps about 0.3-0.5 MiB per distinct GEMM shape for the life of the process; the shape bucketing above
+        bounds that for one evaluation (a few hundred shapes).
         """
         lens = self._check(img_emb, cap_emb, cap_lens)
         mm_dtype = dtype or img_emb.dtype
@@ -336,24 +375,27 @@ class SGRAFSimilarity(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            img_f, cap_f = img_emb.to(cdtype), cap_emb.to(cdtype)
-            img_glo = self._module_in(self.v_global_w, cdtype)(img_f)
-            cap_glo = self._module_in(self.t_global_w, cdtype)(cap_f, lens)
+            visual, textual = self._module_in(self.v_global_w, cdtype), self._module_in(self.t_global_w, cdtype)
+            img_glo = torch.cat([visual(img_emb[i:i + GLOBAL_CHUNK].to(cdtype))
+                                 for i in range(0, n_img, GLOBAL_CHUNK)])
+            cap_glo = torch.cat([textual(cap_emb[i:i + GLOBAL_CHUNK].to(cdtype), lens[i:i + GLOBAL_CHUNK])
+                                 for i in range(0, n_cap, GLOBAL_CHUNK)])
             w = self._weights(cdtype, mm_dtype)
             loc_w, loc_b = self.sim_tranloc_w.weight.to(cdtype), self.sim_tranloc_w.bias.to(cdtype)
             img_mm, cap_mm = img_emb.to(mm_dtype), cap_emb.to(mm_dtype)
             out = torch.empty(n_img, n_cap, dtype=cdtype, device=img_emb.device)
-            for idx in _caption_chunks(lens, max(1, block_rows // min(n_img, 16))):
+            bucket = NODE_BUCKET_LOW_PRECISION if mm_dtype in (torch.bfloat16, torch.float16) else 1
+            nodes_per_image = max(1, block_rows // min(n_img, 16))
+            for idx, n_nodes, nominal in _pair_chunks(lens, nodes_per_image, bucket):
                 lens_c = lens[idx]
-                longest = int(lens_c.max())
-                cap_c = cap_mm[idx, :longest]
-                img_chunk = max(1, block_rows // (len(idx) * (longest + 1)))
+                cap_c = cap_mm[idx, : int(lens_c.max())]
+                img_chunk = max(1, block_rows // (nominal * n_nodes))
                 for i0 in range(0, n_img, img_chunk):
                     i1 = min(n_img, i0 + img_chunk)
-                    glo = self._global_sims(img_glo[i0:i1], cap_glo[idx], w["glo_w"], w["glo_b"])
-                    loc = local_sim(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
-                                    max_tile_bytes=max_tile_bytes)
-                    out[i0:i1, idx] = self._score_block(glo, loc, lens_c, w, mm_dtype)
+                    glo = self._global_sims(img_glo[i0:i1], cap_glo[idx], w["glo_w"], w["glo_b"], mm_dtype)
+                    out[i0:i1, idx] = self._score_block(
+                        glo, local_sim(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
+                                       max_tile_bytes=max_tile_bytes), lens_c, w, mm_dtype, n_nodes=n_nodes)
         finally:
             self.train(was_training)
         return out
@@ -399,6 +441,26 @@ class SGRAFSimilarity(nn.Module):
         return lambda *args: torch.func.functional_call(
             module, {k: v.to(dtype) if v.is_floating_point() else v
                      for k, v in list(module.named_parameters()) + list(module.named_buffers())}, args)
+
+
+def _pair_chunks(lens: Tensor, nodes_per_chunk: int, bucket: int):
+    """Chunks of captions for :meth:`SGRAFSimilarity.sims`: yields (index tensor, n_nodes, nominal count).
+
+    Captions are grouped by n_nodes = L + 1 rounded up to a multiple of ``bucket`` (longest group first) and each
+    group is cut into chunks of ``nominal = nodes_per_chunk // n_nodes`` captions (the group's last chunk may be
+    smaller). With bucket 1 no chunk has padding; with a bucket the block shapes come from a small fixed set,
+    whatever the data size (see ``itm_kernels.local_sim.LOW_PRECISION_ROW_BUCKET`` for why that matters).
+    """
+    order = torch.argsort(lens.cpu(), descending=True, stable=True)
+    nodes = ((lens.cpu()[order] + 1 + bucket - 1) // bucket) * bucket
+    start = 0
+    while start < len(order):
+        n_nodes = int(nodes[start])
+        stop = start + int((nodes[start:] == n_nodes).sum())
+        nominal = max(1, nodes_per_chunk // n_nodes)
+        for c0 in range(start, stop, nominal):
+            yield order[c0:min(stop, c0 + nominal)].to(lens.device), n_nodes, nominal
+        start = stop
 
 
 def _caption_chunks(lens: Tensor, words_per_chunk: int):
@@ -467,3 +529,115 @@ def official_style_sims(head: SGRAFSimilarity, img_emb: Tensor, cap_emb: Tensor,
             out[i0:i0 + shard_size, c0:c1] = official_style_forward(head, img_emb[i0:i0 + shard_size],
                                                                     cap_emb[c0:c1], lens[c0:c1])
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The whole SGRAF model (encoders + head) and the official checkpoint
+# ------------------------------------------------------------------------------------------------------------------
+
+class SGRAFTextEncoder(nn.Module):
+    """SGRAF's ``EncoderText``: SCAN's text encoder (``itm_models.encoders.EncoderText``) with the GRU named
+    ``cap_rnn`` and Dropout(0.4) on the word embeddings in training. Keys ``embed.weight``, ``cap_rnn.*``.
+
+    Args as :class:`itm_models.encoders.EncoderText` (SGRAF defaults ``use_bi_gru`` on).
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
+                 use_bi_gru: bool = True, no_txtnorm: bool = False):
+        super().__init__()
+        self.vocab_size, self.embed_size = int(vocab_size), int(embed_size)
+        self.use_bi_gru, self.no_txtnorm = bool(use_bi_gru), bool(no_txtnorm)
+        # Official construction order (embedding, dropout, GRU, then the embedding's U(-0.1, 0.1)).
+        self.embed = nn.Embedding(self.vocab_size, word_dim)
+        self.dropout = nn.Dropout(DROPOUT)
+        self.cap_rnn = nn.GRU(word_dim, self.embed_size, num_layers, batch_first=True, bidirectional=self.use_bi_gru)
+        with torch.no_grad():
+            self.embed.weight.uniform_(-0.1, 0.1)
+
+    def forward(self, ids: Tensor, lengths) -> Tensor:
+        """(N, L_max) token ids, (N,) lengths in 1..L_max (any order) -> (N, L_max, embed_size) word embeddings,
+        exact zeros beyond each length."""
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        from .encoders import _check_captions
+
+        ids, lens = _check_captions(ids, lengths, self.vocab_size)
+        l_max = ids.shape[1]
+        valid = (torch.arange(l_max)[None, :] < lens[:, None]).to(ids.device)
+        x = self.dropout(self.embed(torch.where(valid, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))))
+        packed = pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=bool((lens[:-1] >= lens[1:]).all()))
+        out, _ = self.cap_rnn(packed)
+        cap_emb, _ = pad_packed_sequence(out, batch_first=True, total_length=l_max)
+        if self.use_bi_gru:
+            half = cap_emb.shape[2] // 2
+            cap_emb = (cap_emb[:, :, :half] + cap_emb[:, :, half:]) / 2
+        return cap_emb if self.no_txtnorm else l2norm(cap_emb)
+
+
+class SGRAF(nn.Module):
+    """SGRAF: ``img_enc`` (SCAN's precomputed-region encoder), ``txt_enc`` (:class:`SGRAFTextEncoder`) and
+    ``sim_enc`` (:class:`SGRAFSimilarity`), built in the official order. The interface of
+    :func:`itm_models.evaluation.similarity_matrix`: :meth:`encode_images`, :meth:`encode_captions`, :meth:`sims`.
+    """
+
+    model_type = "sgraf"
+
+    def __init__(self, *, vocab_size: int, img_dim: int = 2048, word_dim: int = 300, embed_size: int = 1024,
+                 sim_dim: int = 256, num_layers: int = 1, bi_gru: bool = True, no_imgnorm: bool = False,
+                 no_txtnorm: bool = False, module: str = "SGR", sgr_step: int = 3):
+        super().__init__()
+        from .encoders import EncoderImagePrecomp
+
+        self.img_enc = EncoderImagePrecomp(img_dim, embed_size, no_imgnorm)
+        self.txt_enc = SGRAFTextEncoder(vocab_size, word_dim, embed_size, num_layers, bi_gru, no_txtnorm)
+        self.sim_enc = SGRAFSimilarity(embed_size, sim_dim, module, sgr_step)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(N, 36, img_dim) precomputed region features -> (N, 36, d)."""
+        return self.img_enc(images)
+
+    def encode_captions(self, ids: Tensor, lengths) -> Tensor:
+        """(N, L_max) ids, (N,) lengths -> (N, L_max, d), zeros beyond each length."""
+        return self.txt_enc(ids, lengths)
+
+    def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, **kwargs) -> Tensor:
+        """All-pairs scores (N_img, N_cap): :meth:`SGRAFSimilarity.sims` (same keyword arguments)."""
+        return self.sim_enc.sims(img_emb, cap_emb, cap_lens, **kwargs)
+
+    def forward(self, images: Tensor, ids: Tensor, lengths) -> Tensor:
+        """A training batch: (B, 36, img_dim), (B, L_max) ids, (B,) lengths -> (B, B) scores (diagonal positive)."""
+        lens = torch.as_tensor(lengths)
+        return self.sim_enc(self.encode_images(images), self.encode_captions(ids, lens), lens.to(images.device))
+
+    def official_state_dicts(self) -> list[dict]:
+        """``[img_enc, txt_enc, sim_enc]`` state_dicts: the official checkpoint's ``model`` list."""
+        return [self.img_enc.state_dict(), self.txt_enc.state_dict(), self.sim_enc.state_dict()]
+
+    def load_official_state_dicts(self, state_dicts) -> None:
+        if len(state_dicts) != 3:
+            raise ValueError(f"an SGRAF model list has 3 state_dicts [img_enc, txt_enc, sim_enc], got "
+                             f"{len(state_dicts)}")
+        for name, module, sd in zip(("img_enc", "txt_enc", "sim_enc"), (self.img_enc, self.txt_enc, self.sim_enc),
+                                    state_dicts):
+            try:
+                module.load_state_dict(sd, strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"model list entry {name} does not fit the model built from opt: {exc}") from None
+
+
+def build_sgraf_from_official(checkpoint: dict) -> SGRAF:
+    """Rebuild an official SGRAF model from its checkpoint dict (``torch.load`` of ``model_best.pth.tar``, or
+    :func:`itm_models.checkpoints.read_official_checkpoint`'s result): ``opt`` (Namespace or dict) gives the
+    sizes, ``model`` = [img_enc, txt_enc, sim_enc] state_dicts, loaded strictly. Returns the model in eval mode.
+    """
+    opt = checkpoint["opt"]
+    opt = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
+    module = opt.get("module_name", "SGR")
+    model = SGRAF(vocab_size=int(opt["vocab_size"]), img_dim=int(opt.get("img_dim", 2048)),
+                  word_dim=int(opt.get("word_dim", 300)), embed_size=int(opt.get("embed_size", 1024)),
+                  sim_dim=int(opt.get("sim_dim", 256)), num_layers=int(opt.get("num_layers", 1)),
+                  bi_gru=bool(opt.get("bi_gru", True)), no_imgnorm=bool(opt.get("no_imgnorm", False)),
+                  no_txtnorm=bool(opt.get("no_txtnorm", False)), module=module,
+                  sgr_step=int(opt.get("sgr_step", 3)))
+    model.load_official_state_dicts(checkpoint["model"])
+    return model.eval()

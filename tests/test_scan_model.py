@@ -370,7 +370,7 @@ def test_official_other_model_types_are_refused(tmp_path):
     sds = [{"fc.weight": torch.zeros(16, 24)}, {"embed.weight": torch.zeros(40, 12)},
            {"sim_eval_w.weight": torch.zeros(1, 8)}]
     path = _official_file(tmp_path, "sgraf.pth.tar", {"model": sds, "opt": sgraf_opt, "epoch": 1})
-    with pytest.raises(CheckpointError, match=r"is a SGRAF checkpoint \(opt.module_name='SAF', opt.sim_dim=8"):
+    with pytest.raises(CheckpointError, match=r"the SGRAF weights do not fit the model its opt describes"):
         load_official_checkpoint(path)
     assert read_official_checkpoint(path)["model_type"] == "sgraf"
     gsmn_opt = argparse.Namespace(vocab_size=40, feat_dim=16, num_block=16, hid_dim=32, out_dim=1, is_sparse=False)
@@ -383,9 +383,11 @@ def test_official_other_model_types_are_refused(tmp_path):
         load_official_checkpoint(path)
 
 
-def test_official_real_sgraf_file_is_refused():
-    with pytest.raises(CheckpointError, match=r"SGRAF checkpoint \(opt.module_name='SAF'"):
-        load_official_checkpoint(golden_path("sgraf_checkpoint.pth.tar"))
+def test_official_sgraf_file_loads_as_sgraf_not_scan():
+    from itm_models.sgraf import SGRAF
+
+    model = load_official_checkpoint(golden_path("sgraf_checkpoint.pth.tar"))
+    assert isinstance(model, SGRAF) and not model.training
 
 
 def test_official_bad_layouts(tmp_path, tiny_model):

@@ -1,0 +1,225 @@
+"""SGRAF head (SGR, SAF): the official goldens (state_dicts as is, scores within 1e-6), the fast all-pairs sims and
+the training forward against a step-by-step restatement of the official loop (float64, ragged lengths, several
+blocks, BatchNorm batch statistics and running-statistics updates, gradients), and the official checkpoint end to
+end (encoders, sims, metrics)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from itm_models.sgraf import SGRAFSimilarity, build_sgraf_from_official, official_style_forward, official_style_sims
+from conftest import assert_close_report, golden_path
+
+HEADS = {"SGR": "sgraf_sgr_sim_enc.pt", "SAF": "sgraf_saf_sim_enc.pt"}
+
+
+@pytest.fixture(scope="module")
+def golden_inputs(scan_golden):
+    g = np.load(golden_path("sgraf.npz"))
+    assert np.array_equal(g["cap_lens"], scan_golden["cap_lens"])
+    return (torch.from_numpy(scan_golden["img"]), torch.from_numpy(scan_golden["cap"]),
+            torch.from_numpy(scan_golden["cap_lens"]), g)
+
+
+def golden_head(module):
+    head = SGRAFSimilarity(1024, 256, module, 3)
+    head.load_state_dict(torch.load(golden_path(HEADS[module]), weights_only=True), strict=True)
+    return head.eval()
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF"])
+def test_golden_float32_and_float64(golden_inputs, module):
+    """Official scores (float32 official code): ours in float32 and in float64 within 1e-6 absolute."""
+    img, cap, lens, g = golden_inputs
+    head = golden_head(module)
+    expected = torch.from_numpy(g[f"{module.lower()}_sims"])
+    got = head.sims(img, cap, lens)
+    assert got.dtype == torch.float32 and got.shape == (12, 60)
+    assert_close_report(got, expected, atol=1e-6, rtol=0, what=f"{module} float32")
+    assert_close_report(head.sims(img.double(), cap.double(), lens), expected, atol=1e-6, rtol=0,
+                        what=f"{module} float64")
+    # several blocks and tiles give the same scores
+    assert_close_report(head.sims(img, cap, lens, block_rows=3000, max_tile_bytes=1 << 19), expected, atol=1e-6,
+                        rtol=0, what=f"{module} small blocks")
+
+
+@pytest.mark.parametrize("module", ["SGR", "SAF"])
+def test_golden_bfloat16(golden_inputs, module):
+    """bfloat16 matrix products (float32 normalisations): within 5e-4 of the official float32 scores (measured
+    1.6e-4 SGR, 4.8e-5 SAF; the scores of these random heads span about 4e-3 (SGR) and 1e-2 (SAF))."""
+    img, cap, lens, g = golden_inputs
+    got = golden_head(module).sims(img, cap, lens, dtype=torch.bfloat16)
+    assert got.dtype == torch.float32
+    assert_close_report(got, torch.from_numpy(g[f"{module.lower()}_sims"]), atol=5e-4, rtol=0,
+                        what=f"{module} bfloat16")
+
+
+def test_golden_official_style_loop(golden_inputs):
+    """The restated official loop (the benchmark baseline and the oracle of the tests below) is the official code."""
+    img, cap, lens, g = golden_inputs
+    for module in HEADS:
+        assert_close_report(official_style_sims(golden_head(module), img, cap, lens), torch.from_numpy(
+            g[f"{module.lower()}_sims"]), atol=1e-6, rtol=0, what=f"{module} official-style loop")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Random heads at small sizes, float64, against the official-style restatement
+# ------------------------------------------------------------------------------------------------------------------
+
+def random_head(module, seed, d=32, s=16, sgr_step=3):
+    """A head with the official init, then random biases, BatchNorm affine parameters and running statistics, so
+    that dropping any of them fails."""
+    torch.manual_seed(seed)
+    head = SGRAFSimilarity(d, s, module, sgr_step).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g, dtype=torch.float64) * 0.2 - 0.1)
+            elif isinstance(m, torch.nn.BatchNorm1d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=torch.float64) * 0.4 + 0.8)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g, dtype=torch.float64) * 0.2 - 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=torch.float64) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
+    return head
+
+
+def random_embeddings(seed, n_img=5, n_cap=7, L=9, d=32):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(n_img, 36, d, generator=g, dtype=torch.float64), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(n_cap, L, d, generator=g, dtype=torch.float64), dim=-1)
+    lens = torch.randint(1, L + 1, (n_cap,), generator=g)
+    lens[0], lens[-1] = 1, L
+    pad = torch.arange(L)[None, :] >= lens[:, None]
+    cap[pad] = 5.0                                                   # garbage padding: never read
+    return img, cap, lens
+
+
+@pytest.mark.parametrize("module, steps", [("SGR", 3), ("SGR", 1), ("SAF", 3)])
+def test_sims_match_official_style_float64(module, steps):
+    head = random_head(module, 3, sgr_step=steps).eval()
+    img, cap, lens = random_embeddings(4)
+    with torch.no_grad():
+        expected = official_style_forward(head, img, cap, lens)
+    for block_rows in (16384, 40):
+        assert_close_report(head.sims(img, cap, lens, block_rows=block_rows, max_tile_bytes=2048), expected,
+                            atol=1e-12, rtol=0, what=f"{module} sims, block_rows={block_rows}")
+    assert_close_report(head(img, cap, lens), expected, atol=1e-12, rtol=0, what=f"{module} forward (eval)")
+    with torch.no_grad():
+        bf16 = head.float().sims(img.float(), cap.float(), lens, dtype=torch.bfloat16)
+    assert_close_report(bf16, expected, atol=2e-2, rtol=0, what=f"{module} bfloat16")
+
+
+def _no_dropout(head):
+    for m in head.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return head
+
+
+@pytest.mark.parametrize("module, momentum", [("SGR", 0.1), ("SAF", 0.1), ("SAF", None)])
+def test_training_forward_matches_official_style(module, momentum):
+    """Training mode (dropout off to compare): batch-statistics BatchNorms, running-statistics updates (SAF: one per
+    caption, in caption order) and every gradient, against the official loop restated."""
+    ours = _no_dropout(random_head(module, 5)).train()
+    for m in ours.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.momentum = momentum
+    theirs = copy.deepcopy(ours)
+    img, cap, lens = random_embeddings(6, n_img=4, n_cap=6)
+    inputs = [(img.clone().requires_grad_(), cap.clone().requires_grad_()) for _ in range(2)]
+    weights = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = ours(inputs[0][0], inputs[0][1], lens)
+    expected = official_style_forward(theirs, inputs[1][0], inputs[1][1], lens)
+    assert_close_report(got, expected, atol=1e-12, rtol=0, what="training scores")
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        # graph_key_w.bias cancels in the row softmax: its gradient is exactly 0 (None for us, rounding for them)
+        mine = torch.zeros_like(p) if p.grad is None and name.endswith("graph_key_w.bias") else p.grad
+        assert_close_report(mine, q.grad, atol=1e-10, rtol=1e-8, what=f"grad {name}")
+    assert_close_report(inputs[0][0].grad, inputs[1][0].grad, atol=1e-10, rtol=1e-8, what="grad img")
+    assert_close_report(inputs[0][1].grad, inputs[1][1].grad, atol=1e-10, rtol=1e-8, what="grad cap")
+    for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
+        assert_close_report(b, c, atol=1e-12, rtol=0, what=f"buffer {name}")
+
+
+def test_training_dropout_is_active():
+    head = random_head("SAF", 1).train()
+    img, cap, lens = random_embeddings(2)
+    torch.manual_seed(0)
+    a = head(img, cap, lens)
+    b = head(img, cap, lens)
+    assert not torch.equal(a, b)
+    head.eval()
+    assert torch.equal(head(img, cap, lens), head(img, cap, lens))
+
+
+def test_sims_ignore_training_mode_and_padding():
+    head = random_head("SGR", 2).train()
+    img, cap, lens = random_embeddings(3)
+    first = head.sims(img, cap, lens)
+    assert head.training
+    zero_pad = cap.clone()
+    zero_pad[torch.arange(cap.shape[1])[None, :] >= lens[:, None]] = 0
+    assert torch.equal(first, head.eval().sims(img, zero_pad, lens))
+
+
+def test_bad_inputs():
+    head = random_head("SGR", 0)
+    img, cap, lens = random_embeddings(0)
+    with pytest.raises(ValueError, match="36"):
+        head.sims(img[:, :30], cap, lens)
+    with pytest.raises(ValueError, match="cap_lens"):
+        head.sims(img, cap, lens[:-1])
+    with pytest.raises(ValueError, match="1..9"):
+        head.sims(img, cap, lens + 1)
+    with pytest.raises(ValueError, match="module"):
+        SGRAFSimilarity(32, 16, "AVE")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The official SGRAF (SAF) checkpoint, end to end
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_official_checkpoint_end_to_end():
+    from itm_models.metrics import recall
+
+    ckpt = torch.load(golden_path("sgraf_checkpoint.pth.tar"), weights_only=False)   # trusted golden file
+    g = np.load(golden_path("sgraf_checkpoint_golden.npz"))
+    model = build_sgraf_from_official(ckpt)
+    assert not model.training
+    with torch.no_grad():
+        img_emb = model.encode_images(torch.from_numpy(g["images_raw"]))
+        cap_emb = model.encode_captions(torch.from_numpy(g["captions_ids"]), torch.from_numpy(g["caption_lens"]))
+    assert_close_report(img_emb, torch.from_numpy(g["img_embs"]), atol=1e-5, rtol=0, what="image embeddings")
+    assert_close_report(cap_emb, torch.from_numpy(g["cap_embs"]), atol=1e-5, rtol=0, what="caption embeddings")
+    sims = model.sims(img_emb, cap_emb, torch.from_numpy(g["caption_lens"]))
+    assert_close_report(sims, torch.from_numpy(g["sims"]), atol=1e-6, rtol=0, what="checkpoint sims")
+    metrics, ranks = recall(sims.numpy(), return_ranks=True)
+    assert metrics == {k: float(g[f"metric_{k}"]) for k in metrics}
+    for k in ("i2t_ranks", "t2i_ranks", "i2t_top1", "t2i_top1"):
+        assert np.array_equal(ranks[k], g[k]), k
+    # and back: the official model list round-trips
+    again = build_sgraf_from_official({"opt": ckpt["opt"], "model": model.official_state_dicts()})
+    assert torch.equal(again.sims(img_emb, cap_emb, torch.from_numpy(g["caption_lens"])), sims)
+
+
+def test_official_checkpoint_training_step():
+    """The whole (SAF) model trains: scores of a batch in training mode (dropout in the text encoder and the head);
+    the hinge loss's gradient reaches every encoder and head weight, finite."""
+    ckpt = torch.load(golden_path("sgraf_checkpoint.pth.tar"), weights_only=False)
+    g = np.load(golden_path("sgraf_checkpoint_golden.npz"))
+    model = build_sgraf_from_official(ckpt).train()
+    images = torch.from_numpy(g["images_raw"][:4])
+    ids, lens = torch.from_numpy(g["captions_ids"][::5][:4]), torch.from_numpy(g["caption_lens"][::5][:4])
+    scores = model(images, ids, lens)
+    assert scores.shape == (4, 4)
+    diag = scores.diag()[:, None]
+    loss = (0.2 + scores - diag).clamp(min=0).fill_diagonal_(0).sum()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
