@@ -74,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="200 images x 1,000 captions")
     parser.add_argument("--directions", default="t2i,i2t")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--official-pairs", type=int, default=10000)
     parser.add_argument("--no-check", action="store_true", help="skip the float64 metrics check at full size")
     parser.add_argument("--plot", default="benchmarks/out/bench_eval.png")
