@@ -66,8 +66,8 @@ def check_lambda(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
-def check_xattn_args(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend):
-    """Validate and normalise the arguments of ``xattn_sim``; returns them ready for a backend."""
+def check_feature_pair(images, captions) -> None:
+    """images (N_img, K, d) and captions (N_cap, L_max, d): float tensors sharing d, dtype and device."""
     check_features("images", images)
     check_features("captions", captions)
     if images.shape[2] != captions.shape[2]:
@@ -77,6 +77,11 @@ def check_xattn_args(images, captions, cap_lens, img_lens, direction, norm, lamb
         raise TypeError(f"images and captions must have the same dtype, got {images.dtype} and {captions.dtype}")
     if images.device != captions.device:
         raise ValueError(f"images and captions must be on the same device, got {images.device} and {captions.device}")
+
+
+def check_xattn_args(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend):
+    """Validate and normalise the arguments of ``xattn_sim``; returns them ready for a backend."""
+    check_feature_pair(images, captions)
     cap_lens = check_lengths("cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
     if img_lens is None:
         img_lens = torch.full((images.shape[0],), images.shape[1], dtype=torch.long, device=images.device)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_features, check_lambda, check_lengths
+from ._validation import check_feature_pair, check_lambda, check_lengths
 
 EPS = 1e-8
 LEAKY_SLOPE = 0.1
@@ -352,16 +352,7 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
     Memory: the output (N_img N_cap L_max s values; call it on blocks of pairs) plus one scratch of at most
     ``max_tile_bytes``: the (pairs x L x d) attended vectors never exist all at once ("reference" excepted).
     """
-    check_features("images", images)
-    check_features("captions", captions)
-    if images.shape[2] != captions.shape[2]:
-        raise ValueError(f"images and captions must share the feature size d, got {images.shape[2]} and "
-                         f"{captions.shape[2]}")
-    if images.dtype != captions.dtype:
-        raise TypeError(f"images and captions must have the same dtype, got {images.dtype} and {captions.dtype}")
-    if images.device != captions.device:
-        raise ValueError(f"images and captions must be on the same device, got {images.device} and "
-                         f"{captions.device}")
+    check_feature_pair(images, captions)
     for name, t, dims in (("weight", weight, 2), ("bias", bias, 1)):
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(t).__name__}")

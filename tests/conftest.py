@@ -54,3 +54,13 @@ def cpu_backends() -> list[str]:
 @pytest.fixture(scope="session")
 def scan_golden():
     return np.load(golden_path("scan_xattn.npz"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one intra-op thread is as fast, and immune to OpenMP spin-waits on a busy
+    machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

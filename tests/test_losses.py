@@ -11,13 +11,7 @@ from hypothesis import strategies as st
 from itm_models.losses import ContrastiveLoss, contrastive_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_loss(s: np.ndarray, margin: float, max_violation: bool) -> float:

@@ -22,19 +22,10 @@ from itm_models.losses import ContrastiveLoss
 from itm_models.scan import SCAN, SCANConfig, SCANEnsemble, encode_and_score
 from itm_models.train import adjust_learning_rate, epoch_generator, train, train_step
 
-try:
-    from itm_models import metrics as _metrics
-except ImportError:  # written by another helper; the metric check runs once it exists
-    _metrics = None
+from itm_models import metrics as _metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_config(**kw) -> SCANConfig:
@@ -100,12 +91,11 @@ def test_golden_encoders_sims_and_metrics(golden_model, scan_ckpt):
     sims_g = golden_model.sims(torch.from_numpy(g["img_embs"]).double(), torch.from_numpy(g["cap_embs"]).double(),
                                lens)
     assert_close_report(sims_g, want, atol=1e-12, rtol=1e-12, what="sims from golden embeddings")
-    if _metrics is not None:
-        metrics, ranks = _metrics.recall(sims.numpy(), captions_per_image=5, return_ranks=True)
-        for key, value in metrics.items():
-            assert value == float(g[f"metric_{key}"]), (key, value, float(g[f"metric_{key}"]))
-        for key in ("i2t_ranks", "t2i_ranks", "i2t_top1", "t2i_top1"):
-            np.testing.assert_array_equal(ranks[key], g[key].astype(np.int64), err_msg=key)
+    metrics, ranks = _metrics.recall(sims.numpy(), captions_per_image=5, return_ranks=True)
+    for key, value in metrics.items():
+        assert value == float(g[f"metric_{key}"]), (key, value, float(g[f"metric_{key}"]))
+    for key in ("i2t_ranks", "t2i_ranks", "i2t_top1", "t2i_top1"):
+        np.testing.assert_array_equal(ranks[key], g[key].astype(np.int64), err_msg=key)
 
 
 def test_golden_encode_and_score_in_batches(golden_model, scan_ckpt):
