@@ -3,7 +3,7 @@ from .checkpoints import CheckpointError, load_checkpoint, load_official_checkpo
     save_checkpoint
 from .losses import ContrastiveLoss
 from .scan import SCAN, SCANConfig, SCANEnsemble
-from .sgraf import SGRAF, SGRAFSimilarity, build_sgraf_from_official
+from .sgraf import SGRAF, SGRAFConfig, SGRAFEnsemble, SGRAFSimilarity, build_sgraf_from_official
 
 
 def _build_official_sgraf(opt: dict, state_dicts: list, path: str):
@@ -15,5 +15,5 @@ def _build_official_sgraf(opt: dict, state_dicts: list, path: str):
 
 register_official_loader("sgraf", _build_official_sgraf)
 
-__all__ = ["SCAN", "SCANConfig", "SCANEnsemble", "SGRAF", "SGRAFSimilarity", "ContrastiveLoss",
-           "load_official_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["SCAN", "SCANConfig", "SCANEnsemble", "SGRAF", "SGRAFConfig", "SGRAFEnsemble", "SGRAFSimilarity",
+           "ContrastiveLoss", "load_official_checkpoint", "load_checkpoint", "save_checkpoint"]

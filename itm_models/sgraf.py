@@ -29,12 +29,18 @@ official code to float32 rounding):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from itm_kernels.local_sim import local_sim
+
+from .checkpoints import register_model_type
 
 EPS = 1e-8
 DROPOUT = 0.4
@@ -48,9 +54,13 @@ DEFAULT_BLOCK_ROWS = 8192
 NODE_BUCKET_LOW_PRECISION = 4
 # Items whose global vectors are computed at a time (in eval mode each item's global vector is its own).
 GLOBAL_CHUNK = 64
+# The official README's (num_epochs, lr_update) per dataset and module; everything else in the recipe is shared.
+RECIPE_SCHEDULES = {("f30k", "SGR"): (40, 30), ("f30k", "SAF"): (30, 20),
+                    ("coco", "SGR"): (20, 10), ("coco", "SAF"): (20, 10)}
 
 __all__ = ["SGRAFSimilarity", "VisualSA", "TextSA", "official_style_forward", "official_style_sims",
-           "SGRAFTextEncoder", "build_sgraf_from_official"]
+           "SGRAFTextEncoder", "SGRAF", "SGRAFConfig", "SGRAFEnsemble", "build_sgraf_from_official",
+           "recipe_schedule", "RECIPE_SCHEDULES"]
 
 
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
@@ -535,6 +545,95 @@ def official_style_sims(head: SGRAFSimilarity, img_emb: Tensor, cap_emb: Tensor,
 # The whole SGRAF model (encoders + head) and the official checkpoint
 # ------------------------------------------------------------------------------------------------------------------
 
+def recipe_schedule(module: str, dataset: str = "f30k") -> tuple[int, int]:
+    """The official ``(num_epochs, lr_update)`` of ``module`` ("SGR" | "SAF") on ``dataset`` ("f30k" | "coco"):
+    Flickr30K SGR 40 / 30, SAF 30 / 20; COCO 20 / 10 for both."""
+    if (dataset, module) not in RECIPE_SCHEDULES:
+        raise ValueError(f"no official schedule for module={module!r} on dataset={dataset!r}; known: "
+                         f"{sorted(RECIPE_SCHEDULES)}")
+    return RECIPE_SCHEDULES[(dataset, module)]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"SGRAFConfig.{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _finite_number(value, name: str, low: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or (low is not None and value < low):
+        need = "a finite number" if low is None else f"a finite number >= {low}"
+        raise ValueError(f"SGRAFConfig.{name} must be {need}, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class SGRAFConfig:
+    """SGRAF hyper-parameters, named as the official ``opts.py`` options (plain data only).
+
+    Model: ``vocab_size`` (embedding rows, ``len(vocab)``), ``word_dim``, ``embed_size`` (d), ``sim_dim`` (s),
+    ``num_layers``, ``bi_gru``, ``img_dim``, ``no_imgnorm``, ``no_txtnorm``, ``module_name`` ("SGR" | "SAF"),
+    ``sgr_step``. Training: ``margin``, ``max_violation`` (hardest negatives), ``grad_clip``, ``learning_rate``,
+    ``lr_update`` (epochs per 10x decay), ``num_epochs``, ``batch_size``.
+
+    Defaults are the official parser's, which (unlike SCAN's) turns ``bi_gru`` and ``max_violation`` on: batch 128,
+    Adam lr 2e-4, margin 0.2, grad clip 2, sim_dim 256, 3 SGR steps. ``num_epochs`` and ``lr_update`` left as None
+    take the Flickr30K schedule of the module (:func:`recipe_schedule`: SGR 40 / 30, SAF 30 / 20; pass 20 / 10 for
+    COCO). The attention's lambda (9) and the dropout rates (0.4) are fixed by the model, as officially.
+    """
+
+    vocab_size: int
+    word_dim: int = 300
+    embed_size: int = 1024
+    sim_dim: int = 256
+    num_layers: int = 1
+    bi_gru: bool = True
+    img_dim: int = 2048
+    no_imgnorm: bool = False
+    no_txtnorm: bool = False
+    module_name: str = "SGR"
+    sgr_step: int = 3
+    margin: float = 0.2
+    max_violation: bool = True
+    grad_clip: float = 2.0
+    learning_rate: float = 2e-4
+    lr_update: int | None = None
+    num_epochs: int | None = None
+    batch_size: int = 128
+
+    def __post_init__(self):
+        if self.module_name not in MODULES:
+            raise ValueError(f"SGRAFConfig.module_name must be one of {MODULES}, got {self.module_name!r}")
+        epochs, lr_update = recipe_schedule(self.module_name)
+        self.num_epochs = epochs if self.num_epochs is None else self.num_epochs
+        self.lr_update = lr_update if self.lr_update is None else self.lr_update
+        for name in ("vocab_size", "word_dim", "embed_size", "sim_dim", "num_layers", "img_dim", "sgr_step",
+                     "lr_update", "num_epochs", "batch_size"):
+            setattr(self, name, _positive_int(getattr(self, name), name))
+        for name in ("bi_gru", "no_imgnorm", "no_txtnorm", "max_violation"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"SGRAFConfig.{name} must be a bool, got {value!r}")
+            setattr(self, name, bool(value))
+        for name, low in (("margin", None), ("grad_clip", 0.0), ("learning_rate", 0.0)):
+            setattr(self, name, _finite_number(getattr(self, name), name, low))
+
+    @classmethod
+    def from_opt(cls, opt) -> "SGRAFConfig":
+        """Build from an official ``argparse.Namespace`` (or dict): the fields above are taken, the rest (paths,
+        workers, logging) ignored. ``vocab_size`` is required."""
+        d = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
+        if "vocab_size" not in d:
+            raise ValueError("opt has no 'vocab_size' (the official train.py sets opt.vocab_size = len(vocab))")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """Plain-data dict of every field (``dataclasses.asdict``)."""
+        return dataclasses.asdict(self)
+
+
 class SGRAFTextEncoder(nn.Module):
     """SGRAF's ``EncoderText``: SCAN's text encoder (``itm_models.encoders.EncoderText``) with the GRU named
     ``cap_rnn`` and Dropout(0.4) on the word embeddings in training. Keys ``embed.weight``, ``cap_rnn.*``.
@@ -578,6 +677,10 @@ class SGRAF(nn.Module):
     """SGRAF: ``img_enc`` (SCAN's precomputed-region encoder), ``txt_enc`` (:class:`SGRAFTextEncoder`) and
     ``sim_enc`` (:class:`SGRAFSimilarity`), built in the official order. The interface of
     :func:`itm_models.evaluation.similarity_matrix`: :meth:`encode_images`, :meth:`encode_captions`, :meth:`sims`.
+
+    ``model.config`` is an :class:`SGRAFConfig` (built from the arguments, or the one given to
+    :meth:`from_config`), so :func:`itm_models.checkpoints.save_checkpoint` / ``load_checkpoint`` round-trip the
+    model (model type ``"sgraf"``).
     """
 
     model_type = "sgraf"
@@ -588,9 +691,31 @@ class SGRAF(nn.Module):
         super().__init__()
         from .encoders import EncoderImagePrecomp
 
+        self.config = SGRAFConfig(vocab_size=vocab_size, word_dim=word_dim, embed_size=embed_size, sim_dim=sim_dim,
+                                  num_layers=num_layers, bi_gru=bi_gru, img_dim=img_dim, no_imgnorm=no_imgnorm,
+                                  no_txtnorm=no_txtnorm, module_name=module, sgr_step=sgr_step)
         self.img_enc = EncoderImagePrecomp(img_dim, embed_size, no_imgnorm)
         self.txt_enc = SGRAFTextEncoder(vocab_size, word_dim, embed_size, num_layers, bi_gru, no_txtnorm)
         self.sim_enc = SGRAFSimilarity(embed_size, sim_dim, module, sgr_step)
+
+    @classmethod
+    def from_config(cls, config: SGRAFConfig, backend: str = "auto") -> "SGRAF":
+        """Build the model that ``config`` describes and keep ``config`` (training fields included) on
+        ``model.config``. ``backend`` is accepted for the interface of
+        :func:`itm_models.checkpoints.load_checkpoint` and unused: the head's ``local_sim`` has one CPU path."""
+        if not isinstance(config, SGRAFConfig):
+            raise TypeError(f"config must be an SGRAFConfig, got {type(config).__name__}")
+        model = cls(vocab_size=config.vocab_size, img_dim=config.img_dim, word_dim=config.word_dim,
+                    embed_size=config.embed_size, sim_dim=config.sim_dim, num_layers=config.num_layers,
+                    bi_gru=config.bi_gru, no_imgnorm=config.no_imgnorm, no_txtnorm=config.no_txtnorm,
+                    module=config.module_name, sgr_step=config.sgr_step)
+        model.config = config
+        return model
+
+    @property
+    def module_name(self) -> str:
+        """"SGR" or "SAF"."""
+        return self.sim_enc.module_name
 
     def encode_images(self, images: Tensor) -> Tensor:
         """(N, 36, img_dim) precomputed region features -> (N, 36, d)."""
@@ -641,3 +766,77 @@ def build_sgraf_from_official(checkpoint: dict) -> SGRAF:
                   sgr_step=int(opt.get("sgr_step", 3)))
     model.load_official_state_dicts(checkpoint["model"])
     return model.eval()
+
+
+class SGRAFEnsemble(nn.Module):
+    """Element-wise mean of several SGRAF models' similarity matrices: the paper's SGRAF row is an SGR and an SAF
+    model (the official evaluation averages their two sims matrices). Each member keeps its own encoders.
+
+    Args:
+        models: non-empty sequence of :class:`SGRAF` (any mix of modules and sizes).
+
+    Raises:
+        ValueError: no model. TypeError: a member that is not an :class:`SGRAF`.
+    """
+
+    def __init__(self, models: Sequence[SGRAF]):
+        super().__init__()
+        if isinstance(models, nn.Module):
+            raise TypeError(f"models must be a sequence of SGRAF models, got a single {type(models).__name__}; "
+                            "wrap it in a list")
+        models = list(models)
+        if not models:
+            raise ValueError("SGRAFEnsemble needs at least one model (models is empty)")
+        for i, m in enumerate(models):
+            if not isinstance(m, SGRAF):
+                raise TypeError(f"models[{i}] is a {type(m).__name__}, expected SGRAF")
+        self.models = nn.ModuleList(models)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """The members' modules, e.g. ("SGR", "SAF")."""
+        return tuple(m.module_name for m in self.models)
+
+    def encode_images(self, images: Tensor) -> list[Tensor]:
+        """(N, 36, img_dim) region features -> one (N, 36, d_m) embedding per member."""
+        return [m.encode_images(images) for m in self.models]
+
+    def encode_captions(self, ids: Tensor, lengths) -> list[Tensor]:
+        """(N, L_max) ids, (N,) lengths -> one (N, L_max, d_m) embedding per member (zeros beyond each length)."""
+        return [m.encode_captions(ids, lengths) for m in self.models]
+
+    def _check_embeddings(self, img_embs, cap_embs) -> None:
+        for name, embs in (("img_embs", img_embs), ("cap_embs", cap_embs)):
+            if isinstance(embs, Tensor) or not isinstance(embs, (list, tuple)):
+                raise ValueError(f"{name} must be a list with one embedding tensor per member ({len(self.models)}), "
+                                 f"as encode_images / encode_captions return, got {type(embs).__name__}")
+            if len(embs) != len(self.models):
+                raise ValueError(f"{name} holds {len(embs)} embeddings, expected {len(self.models)} (one per member)")
+
+    def sims(self, img_embs: Sequence[Tensor], cap_embs: Sequence[Tensor], cap_lens, **kwargs) -> Tensor:
+        """Mean over members of ``member.sims(img_embs[m], cap_embs[m], cap_lens, **kwargs)``.
+
+        Args:
+            img_embs: per member (N_img, 36, d_m). cap_embs: per member (N_cap, L_max, d_m). cap_lens: (N_cap,).
+            **kwargs: passed to :meth:`SGRAFSimilarity.sims` (``dtype``, ``block_rows``, ``max_tile_bytes``).
+        Returns:
+            (N_img, N_cap) float32 (float64 for float64 embeddings) mean scores.
+        """
+        self._check_embeddings(img_embs, cap_embs)
+        total = None
+        for m, ie, ce in zip(self.models, img_embs, cap_embs):
+            s = m.sims(ie, ce, cap_lens, **kwargs)
+            total = s if total is None else total + s
+        return total / len(self.models)
+
+    def forward(self, images: Tensor, ids: Tensor, lengths) -> Tensor:
+        """(B_img, 36, img_dim), (B_cap, L_max) ids, (B_cap,) lengths -> (B_img, B_cap) mean of the members'
+        training-mode scores (:meth:`SGRAF.forward`)."""
+        total = None
+        for m in self.models:
+            s = m(images, ids, lengths)
+            total = s if total is None else total + s
+        return total / len(self.models)
+
+
+register_model_type("sgraf", SGRAFConfig, SGRAF.from_config)
