@@ -1,0 +1,315 @@
+"""``node_match``: GSMN's node-level matching vectors for a block of (image, caption) pairs, fused.
+
+For every image i (regions v_k, k < K), caption c (words e_t, t < cap_len[c]) and block b of the feature axis
+(``num_blocks`` equal slices of d; official GSMN: 16 blocks of 64), following ``shared/reference/SEMANTICS.md``
+(GSMN) and the official ``VisualGraph`` / ``TextualGraph.node_level_matching``::
+
+    s_kt        = v_k . e_t                                    one score tile, shared by both directions
+    h_kt        = LeakyReLU_0.1(s_kt)
+    regions query the words (visual graph):
+        alpha_kt = softmax_t(lambda * h_kt / (|h_.t|_k + 1e-8))       l2 over the regions, softmax over the words
+        region_match[i, c, k, b] = cos_b(v_k, sum_t alpha_kt e_t)
+    words query the regions (textual graph):
+        beta_tk  = softmax_k(lambda * h_kt / (|h_k.|_t + 1e-8))       l2 over the words, softmax over the regions
+        word_match[i, c, t, b]   = cos_b(e_t, sum_k beta_tk v_k)
+    cos_b(x, y) = x_b . y_b / max(|x_b| |y_b|, 1e-8)                  x_b: the b-th slice of d
+
+How the attended contexts are avoided: with per-block scores s^b_kt = v_k,b . e_t,b (the 16 partial sums of the
+score GEMM, so no extra FLOPs), the numerator of cos_b is sum_t alpha_kt s^b_kt, and |sum_t alpha_kt e_t,b|^2 =
+alpha_k^T G^b alpha_k with the caption's per-block Gram matrix G^b = E_b E_b^T (L x L; the image's K x K Gram
+for the other direction). Everything per pair is K x L x 16-sized; nothing d-sized exists per pair.
+
+Tiles: captions are visited in length order and padded only to the longest of their tile; one tile holds a few
+images x a few captions, sized so that its K x L x 16 tensors stay under ``max_tile_bytes``.
+
+Autograd: the backward recomputes each tile with autograd and back-propagates it at once (checkpointing per tile),
+so it needs the memory of one tile's forward graph, never the (pairs x K x L) tensors of the whole block. Compiled
+CPU (C++), Triton and CUDA kernels of this op are not written yet: ``backend`` accepts "auto", "torch" and
+"reference".
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validation import check_feature_pair, check_lambda, check_lengths
+
+EPS = 1e-8
+LEAKY_SLOPE = 0.1
+DEFAULT_LAMBDA_SOFTMAX = 20.0          # Flickr30K (COCO: 10)
+DEFAULT_NUM_BLOCKS = 16
+# K x L x 16 tensors of one tile; ~6 of them live at once. 4 MiB each keeps the tile's work in the L2/L3 caches
+# while the block GEMMs keep >= a few hundred rows.
+DEFAULT_TILE_BYTES = 4 << 20
+BACKENDS = ("auto", "torch", "reference")
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_cosine(dot: Tensor, sq_x: Tensor, sq_y: Tensor) -> Tensor:
+    """Official ``cosine_similarity``: x.y / max(|x| |y|, eps), given x.y, |x|^2 and |y|^2."""
+    return dot / (sq_x.clamp_min(0).sqrt() * sq_y.clamp_min(0).sqrt()).clamp_min(EPS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The specification
+# --------------------------------------------------------------------------------------------------------------
+
+def node_match_reference(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX,
+                         num_blocks: int = DEFAULT_NUM_BLOCKS, compute_dtype=None) -> tuple[Tensor, Tensor]:
+    """The readable spec: materialises every attended context (pairs x (K + L) x d). Small inputs only.
+
+    Args as :func:`node_match`; ``compute_dtype`` (default: the input dtype) is the dtype of all the arithmetic.
+    Differentiable by autograd. Returns (region_match (N_img, N_cap, K, B), word_match (N_img, N_cap, L_max, B))
+    in ``compute_dtype``, word rows beyond each caption's length zero.
+    """
+    dtype = compute_dtype or images.dtype
+    v, e = images.to(dtype), captions.to(dtype)
+    n_img, K, d = v.shape
+    L = e.shape[1]
+    cap_lens = torch.as_tensor(cap_lens, device=v.device).long()
+    valid = torch.arange(L, device=v.device)[None, :] < cap_lens[:, None]                 # (Nc, L)
+    zero = torch.zeros((), dtype=dtype, device=v.device)
+    e = torch.where(valid[..., None], e, zero)
+    s = torch.einsum("ikd,ctd->ickt", v, e)                                                 # (Ni, Nc, K, L)
+    h = torch.nn.functional.leaky_relu(s, LEAKY_SLOPE)
+    word_ok = valid[None, :, None, :]
+    h = torch.where(word_ok, h, zero)
+    # regions query the words: l2 over the regions, softmax over the caption's words
+    n_v = h / (h.pow(2).sum(dim=2, keepdim=True).sqrt() + EPS)
+    alpha = torch.softmax(torch.where(word_ok, lambda_softmax * n_v, float("-inf")), dim=3)
+    ctx_v = torch.einsum("ickt,ctd->ickd", alpha, e)                                        # (Ni, Nc, K, d)
+    # words query the regions: l2 over the words, softmax over the regions
+    n_t = h / (h.pow(2).sum(dim=3, keepdim=True).sqrt() + EPS)
+    beta = torch.softmax(lambda_softmax * n_t, dim=2)
+    ctx_t = torch.einsum("ickt,ikd->ictd", beta, v)                                         # (Ni, Nc, L, d)
+
+    def blocks(x):
+        return x.reshape(*x.shape[:-1], num_blocks, d // num_blocks)
+
+    def cos(x, y):
+        return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(EPS)
+
+    region = cos(blocks(v)[:, None], blocks(ctx_v))                                         # (Ni, Nc, K, B)
+    word = cos(blocks(e)[None], blocks(ctx_t))                                              # (Ni, Nc, L, B)
+    return region, torch.where(valid[None, :, :, None], word, zero)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One tile (differentiable torch code: the forward runs it without grad, the backward recomputes it with grad)
+# --------------------------------------------------------------------------------------------------------------
+
+def _tile(v: Tensor, e: Tensor, valid: Tensor, lambda_softmax: float, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """v (ni, K, d), e (nc, Lt, d) with padding rows zero, valid (nc, Lt) ->
+    region (ni, nc, K, B), word (ni, nc, Lt, B); same dtype as v."""
+    ni, K, d = v.shape
+    nc, Lt = e.shape[:2]
+    B, db = num_blocks, d // num_blocks
+    vb = v.reshape(ni * K, B, db).transpose(0, 1)                                  # (B, ni K, db)
+    eb = e.reshape(nc * Lt, B, db).transpose(0, 1)                                 # (B, nc Lt, db)
+    sb = torch.bmm(vb, eb.transpose(1, 2)).view(B, ni, K, nc, Lt)                  # per-block scores
+    h = torch.nn.functional.leaky_relu(sb.sum(0), LEAKY_SLOPE)                     # (ni, K, nc, Lt)
+    word_ok = valid[None, None]                                                    # (1, 1, nc, Lt)
+    h = torch.where(word_ok, h, 0.0)
+    # regions query the words
+    n_v = h / (h.square().sum(1, keepdim=True).sqrt() + EPS)
+    alpha = torch.softmax(torch.where(word_ok, lambda_softmax * n_v, float("-inf")), dim=3)
+    num_v = (sb * alpha).sum(4)                                                    # (B, ni, K, nc)
+    gram_e = torch.einsum("bcte,bcue->cbtu", eb.view(B, nc, Lt, db), eb.view(B, nc, Lt, db))   # (nc, B, Lt, Lt)
+    a_c = alpha.permute(2, 0, 1, 3).reshape(nc, 1, ni * K, Lt)
+    ctx_sq_v = (torch.matmul(a_c, gram_e) * a_c).sum(3)                            # (nc, B, ni K)
+    v_sq = vb.square().sum(2).view(B, ni, K)
+    region = _block_cosine(num_v.permute(1, 3, 2, 0),                              # (ni, nc, K, B)
+                           v_sq.permute(1, 2, 0)[:, None],
+                           ctx_sq_v.view(nc, B, ni, K).permute(2, 0, 3, 1))
+    # words query the regions
+    n_t = h / (h.square().sum(3, keepdim=True).sqrt() + EPS)
+    beta = torch.softmax(lambda_softmax * n_t, dim=1)                              # (ni, K, nc, Lt)
+    num_t = (sb * beta).sum(2)                                                     # (B, ni, nc, Lt)
+    gram_v = torch.einsum("bike,bije->ibkj", vb.view(B, ni, K, db), vb.view(B, ni, K, db))     # (ni, B, K, K)
+    b_i = beta.reshape(ni, K, nc * Lt).transpose(1, 2)[:, None]                    # (ni, 1, nc Lt, K)
+    ctx_sq_t = (torch.matmul(b_i, gram_v) * b_i).sum(3)                            # (ni, B, nc Lt)
+    e_sq = eb.square().sum(2).view(B, nc, Lt)
+    word = _block_cosine(num_t.permute(1, 2, 3, 0),                                # (ni, nc, Lt, B)
+                         e_sq.permute(1, 2, 0)[None],
+                         ctx_sq_t.view(ni, B, nc, Lt).permute(0, 2, 3, 1))
+    return region, torch.where(valid[None, :, :, None], word, 0.0)
+
+
+def _plan(n_img: int, K: int, lens_sorted: list[int], num_blocks: int, elem: int, max_tile_bytes: int):
+    """Yield (i0, i1, j0, j1, Lt) over images and length-sorted captions: tiles whose (B, ni, K, nc, Lt) tensors
+    fit ``max_tile_bytes``."""
+    budget = max(1, max_tile_bytes // (num_blocks * K * elem))                     # ni * nc * Lt
+    n_cap = len(lens_sorted)
+    j0 = 0
+    while j0 < n_cap:
+        longest = lens_sorted[min(n_cap - 1, j0 + max(1, budget // max(1, lens_sorted[j0] * 4)) - 1)]
+        nc = max(1, min(n_cap - j0, budget // (longest * min(n_img, 4))))
+        j1 = j0 + nc
+        Lt = lens_sorted[j1 - 1]
+        ni = max(1, budget // (nc * Lt))
+        for i0 in range(0, n_img, ni):
+            yield i0, min(n_img, i0 + ni), j0, j1, Lt
+        j0 = j1
+
+
+def _tiles(images: Tensor, captions: Tensor, cap_lens: Tensor, num_blocks: int, max_tile_bytes: int):
+    """Yield (i0, i1, cap_idx, Lt, e, valid) for every tile; ``e`` gathered, padding zeroed, in the compute dtype."""
+    cdtype = _out_dtype(images.dtype)
+    lens = cap_lens.tolist()
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    lens_sorted = [lens[j] for j in order]
+    order_t = torch.tensor(order, device=images.device, dtype=torch.long)
+    elem = torch.finfo(cdtype).bits // 8
+    current = None
+    for i0, i1, j0, j1, Lt in _plan(images.shape[0], images.shape[1], lens_sorted, num_blocks, elem,
+                                    max_tile_bytes):
+        if current is None or current[0] != (j0, j1):
+            idx = order_t[j0:j1]
+            valid = torch.arange(Lt, device=images.device)[None, :] < cap_lens[idx][:, None]
+            e = torch.where(valid[..., None], captions[idx, :Lt].to(cdtype), 0.0)
+            current = ((j0, j1), idx, valid, e)
+        _, idx, valid, e = current
+        yield i0, i1, idx, Lt, e, valid
+
+
+def node_match_torch(images: Tensor, captions: Tensor, cap_lens: Tensor, *, lambda_softmax: float, num_blocks: int,
+                     max_tile_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Tiled forward on validated inputs; see :func:`node_match`. No autograd."""
+    max_tile_bytes = max_tile_bytes or DEFAULT_TILE_BYTES
+    n_img, K, _ = images.shape
+    n_cap, L = captions.shape[:2]
+    cdtype = _out_dtype(images.dtype)
+    region = torch.empty(n_img, n_cap, K, num_blocks, dtype=cdtype, device=images.device)
+    word = torch.zeros(n_img, n_cap, L, num_blocks, dtype=cdtype, device=images.device)
+    v = images.to(cdtype)
+    with torch.no_grad():
+        for i0, i1, idx, Lt, e, valid in _tiles(images, captions, cap_lens, num_blocks, max_tile_bytes):
+            r, w = _tile(v[i0:i1], e, valid, lambda_softmax, num_blocks)
+            region[i0:i1].index_copy_(1, idx, r)
+            word[i0:i1, :, :Lt].index_copy_(1, idx, w)
+    return region, word
+
+
+def node_match_backward_torch(grad_region: Tensor, grad_word: Tensor, images: Tensor, captions: Tensor,
+                              cap_lens: Tensor, *, lambda_softmax: float, num_blocks: int,
+                              max_tile_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(grad_region * region) + sum(grad_word * word) w.r.t. (images, captions), by recomputing
+    each tile with autograd (in float32, float64 for float64 inputs). Padding words get zero gradient."""
+    max_tile_bytes = max_tile_bytes or DEFAULT_TILE_BYTES // 2
+    cdtype = _out_dtype(images.dtype)
+    g_images = torch.zeros(images.shape, dtype=cdtype, device=images.device)
+    g_captions = torch.zeros(captions.shape, dtype=cdtype, device=images.device)
+    v_all = images.detach().to(cdtype)
+    grad_region, grad_word = grad_region.to(cdtype), grad_word.to(cdtype)
+    with torch.enable_grad():
+        for i0, i1, idx, Lt, e, valid in _tiles(images.detach(), captions.detach(), cap_lens, num_blocks,
+                                                max_tile_bytes):
+            v = v_all[i0:i1].clone().requires_grad_(True)
+            e = e.clone().requires_grad_(True)
+            r, w = _tile(v, e, valid, lambda_softmax, num_blocks)
+            gv, ge = torch.autograd.grad((r, w), (v, e), (grad_region[i0:i1, idx], grad_word[i0:i1, idx, :Lt]),
+                                         allow_unused=True)
+            if gv is not None:
+                g_images[i0:i1] += gv
+            if ge is not None:
+                g_captions[idx, :Lt] += torch.where(valid[..., None], ge, 0.0)
+    return g_images.to(images.dtype), g_captions.to(captions.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("itm_kernels::node_match", mutates_args=())
+def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
+                  backend: str, max_tile_bytes: int) -> tuple[Tensor, Tensor]:
+    """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,) -> (N_img, N_cap, K, B), (N_img, N_cap, L, B)."""
+    if backend == "reference":
+        with torch.no_grad():
+            region, word = node_match_reference(images, captions, cap_lens, lambda_softmax=lambda_softmax,
+                                                num_blocks=num_blocks, compute_dtype=_out_dtype(images.dtype))
+        return region.contiguous(), word.contiguous()
+    return node_match_torch(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
+                            max_tile_bytes=max_tile_bytes or None)
+
+
+@node_match_op.register_fake
+def _node_match_fake(images, captions, cap_lens, lambda_softmax, num_blocks, backend, max_tile_bytes):
+    dtype = _out_dtype(images.dtype)
+    n_img, K, _ = images.shape
+    n_cap, L, _ = captions.shape
+    return (images.new_empty((n_img, n_cap, K, num_blocks), dtype=dtype),
+            images.new_empty((n_img, n_cap, L, num_blocks), dtype=dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    images, captions, cap_lens, lambda_softmax, num_blocks, _, max_tile_bytes = inputs
+    ctx.save_for_backward(images, captions, cap_lens)
+    ctx.opts = (lambda_softmax, num_blocks, max_tile_bytes)
+
+
+def _backward(ctx, grad_region, grad_word):
+    images, captions, cap_lens = ctx.saved_tensors
+    # Not a registered op: the implementation of a custom op runs below the autograd dispatch key, and the backward
+    # records each tile's recomputation with autograd.
+    lambda_softmax, num_blocks, max_tile_bytes = ctx.opts
+    g_images, g_captions = node_match_backward_torch(grad_region.contiguous(), grad_word.contiguous(), images,
+                                                     captions, cap_lens, lambda_softmax=lambda_softmax,
+                                                     num_blocks=num_blocks, max_tile_bytes=max_tile_bytes or None)
+    needs = ctx.needs_input_grad
+    return (g_images if needs[0] else None, g_captions if needs[1] else None, None, None, None, None, None)
+
+
+node_match_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------
+
+def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX,
+               num_blocks: int = DEFAULT_NUM_BLOCKS, backend: str = "auto",
+               max_tile_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+    """GSMN node-level matching vectors of every (image, caption) pair of a block, in both directions.
+
+    Args:
+        images: (N_img, K, d) region features (GSMN: l2-normalised, K = 36, d = 1024), float32, float64,
+            bfloat16 or float16.
+        captions: (N_cap, L_max, d) word features, same dtype and device, right-padded (padding never read).
+        cap_lens: (N_cap,) integer lengths in 1..L_max (tensor, list or array).
+        lambda_softmax: attention temperature of both directions (GSMN: 20 Flickr30K, 10 COCO).
+        num_blocks: number of equal slices of d compared by cosine (GSMN ``num_block`` = 16); must divide d.
+        backend: "auto" (= "torch"), "torch" (tiled, bounded memory) or "reference" (the readable spec).
+        max_tile_bytes: cap on one tile's (K x L x blocks) tensors (default 4 MiB).
+
+    Returns:
+        region_match: (N_img, N_cap, K, num_blocks), the block cosines of each region with its attended word
+        context (regions query words: l2 over the regions, softmax over the words); word_match: (N_img, N_cap,
+        L_max, num_blocks), each word with its attended region context (l2 over the words, softmax over the
+        regions), zero for t >= cap_lens[c]. float64 for float64 inputs, float32 otherwise (low-precision inputs
+        are computed in float32).
+
+    Autograd: differentiable w.r.t. images and captions; the backward recomputes one tile at a time and saves only
+    the inputs.
+
+    Memory: the outputs (N_img N_cap (K + L_max) num_blocks values: call it on blocks of pairs) plus one tile of at
+    most about 6 x ``max_tile_bytes``; no (pairs x K x d) context is ever formed ("reference" excepted).
+    """
+    check_feature_pair(images, captions)
+    cap_lens = check_lengths("cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
+    lambda_softmax = check_lambda("lambda_softmax", lambda_softmax)
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1 \
+            or images.shape[2] % num_blocks:
+        raise ValueError(f"num_blocks must be a positive int that divides d={images.shape[2]}, got {num_blocks!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (no compiled kernels of node_match yet), got "
+                         f"{backend!r}")
+    if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
+                                       or max_tile_bytes <= 0):
+        raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
+    name = "torch" if backend == "auto" else backend
+    return node_match_op(images.contiguous(), captions.contiguous(), cap_lens, lambda_softmax, num_blocks, name,
+                         max_tile_bytes or 0)
