@@ -1,0 +1,430 @@
+"""GSMN (Graph Structured Matching Network, CVPR 2020) on the ``node_match`` kernel: the similarity head, the
+model, the ensemble and the official-checkpoint builder.
+
+Facts: ``shared/reference/SEMANTICS.md`` (GSMN). Per pair (image i, caption c), with m_r / m_t the 16-d node
+matching vectors of ``itm_kernels.node_match`` (regions query words, words query regions):
+
+- visual graph: w_k(r, j) Gaussian kernels over the polar coordinates of box centres (normalised over the 8
+  kernels); h_r = concat_k W_k (sum_j w_k(r, j) x_j), W_k (4 x 16) without bias;
+- textual graph: w_k(t, t') = A(t, t') p_k / sum_t' A(t, t') p_k with A = softmax(lambda e_t . e_t') (dense) or its
+  parse-masked, l2-normalised version (sparse); h_t = concat_k (W_k (sum_t' w_k(t, t') x_t') + b_k);
+- per node: out_2(tanh(out_1(h))) (weight-normalised 32 -> 32 -> 1); score = mean over regions + mean over words.
+
+``propagate=False`` is the released code: the neighbour features x_j are the node's OWN vector m_r (resp. m_t),
+so h_r = concat_k s_rk W_k m_r with s_rk = sum_j w_k(r, j), and the parse cancels out. ``propagate=True`` is the
+paper: x_j = m_j, each neighbour's own vector.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from itm_kernels.node_match import node_match
+
+from .gsmn_geometry import (check_boxes, check_parses, gaussian_kernel_weights, normalize_boxes,
+                            official_eval_boxes, pseudo_coordinates, sparse_adjacency, textual_kernel_weights,
+                            word_affinity)
+
+__all__ = ["GSMNSimilarity", "GSMN", "GSMNEnsemble", "official_eval_boxes", "normalize_boxes", "parse_captions",
+           "build_gsmn_from_official"]
+
+LAMBDA_SOFTMAX = {"f30k": 20.0, "coco": 10.0}
+VARIANTS = ("dense", "sparse")
+N_KERNELS = 8
+# Pairs scored per node_match call in ``sims``: bounds its (pairs x (K + L) x 16) output (~16 MiB at 4,096).
+DEFAULT_BLOCK_PAIRS = 4096
+
+
+class WeightNormLinear(nn.Module):
+    """``nn.utils.weight_norm(nn.Linear(n_in, n_out))`` with the official keys ``weight_g`` (n_out, 1),
+    ``weight_v`` (n_out, n_in), ``bias``: weight = g v / |v| per output row."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        base = nn.Linear(n_in, n_out)
+        self.weight_v = nn.Parameter(base.weight.detach().clone())
+        self.weight_g = nn.Parameter(base.weight.detach().norm(dim=1, keepdim=True))
+        self.bias = nn.Parameter(base.bias.detach().clone())
+
+    def weight(self) -> Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight().to(x.dtype), self.bias.to(x.dtype))
+
+
+class VisualGraphConvolution(nn.Module):
+    """Gaussian-kernel graph convolution over box geometry (official ``ImageQueryGraphConvolution``)."""
+
+    def __init__(self, feat_dim: int, hid_dim: int, n_kernels: int = N_KERNELS):
+        super().__init__()
+        self.conv_weights = nn.ModuleList(nn.Linear(feat_dim, hid_dim // n_kernels, bias=False)
+                                          for _ in range(n_kernels))
+        self.mean_rho = nn.Parameter(torch.empty(n_kernels, 1).uniform_(0.0, 1.0))
+        self.mean_theta = nn.Parameter(torch.empty(n_kernels, 1).uniform_(-math.pi, math.pi))
+        self.precision_rho = nn.Parameter(torch.empty(n_kernels, 1).uniform_(0.0, 1.0))
+        self.precision_theta = nn.Parameter(torch.empty(n_kernels, 1).uniform_(0.0, 1.0))
+
+    def kernel_weights(self, boxes: Tensor) -> Tensor:
+        """Normalised boxes (N_img, K, 4) -> w_k(r, j) (N_img, K, K, n_kernels), in the boxes' dtype."""
+        rho, theta = pseudo_coordinates(boxes)
+        p = [t.to(boxes.dtype) for t in (self.mean_rho, self.mean_theta, self.precision_rho, self.precision_theta)]
+        return gaussian_kernel_weights(rho, theta, *p)
+
+
+class TextualGraphConvolution(nn.Module):
+    """Word-affinity graph convolution (official ``TextQueryGraphConvolution``; its Linear layers have biases)."""
+
+    def __init__(self, feat_dim: int, hid_dim: int, n_kernels: int = N_KERNELS):
+        super().__init__()
+        self.conv_weights = nn.ModuleList(nn.Linear(feat_dim, hid_dim // n_kernels, bias=True)
+                                          for _ in range(n_kernels))
+        self.params = nn.Parameter(torch.empty(n_kernels, 1).uniform_(-1.0, 1.0))
+
+
+class VisualGraph(nn.Module):
+    """The visual graph head (official ``i2t_match_G``): ``graph_convolution_1``, ``out_1``, ``out_2``."""
+
+    def __init__(self, feat_dim: int = 16, hid_dim: int = 32, out_dim: int = 1, n_kernels: int = N_KERNELS):
+        super().__init__()
+        self.graph_convolution_1 = VisualGraphConvolution(feat_dim, hid_dim, n_kernels)
+        self.out_1 = WeightNormLinear(hid_dim, hid_dim)
+        self.out_2 = WeightNormLinear(hid_dim, out_dim)
+
+
+class TextualGraph(nn.Module):
+    """The textual graph head (official ``t2i_match_G``): ``graph_convolution_3``, ``out_1``, ``out_2``."""
+
+    def __init__(self, feat_dim: int = 16, hid_dim: int = 32, out_dim: int = 1, n_kernels: int = N_KERNELS):
+        super().__init__()
+        self.graph_convolution_3 = TextualGraphConvolution(feat_dim, hid_dim, n_kernels)
+        self.out_1 = WeightNormLinear(hid_dim, hid_dim)
+        self.out_2 = WeightNormLinear(hid_dim, out_dim)
+
+
+def _stacked(convs: nn.ModuleList, dtype) -> tuple[Tensor, Tensor | None]:
+    """The n_kernels Linear(f -> o) as one (n_kernels, o, f) weight and (n_kernels, o) bias (or None)."""
+    w = torch.stack([c.weight for c in convs]).to(dtype)
+    b = torch.stack([c.bias for c in convs]).to(dtype) if convs[0].bias is not None else None
+    return w, b
+
+
+def _node_scores(head: nn.Module, h: Tensor) -> Tensor:
+    """Per-node MLP out_2(tanh(out_1(h))): (..., hid) -> (...)."""
+    return head.out_2(torch.tanh(head.out_1(h))).squeeze(-1)
+
+
+class GSMNSimilarity(nn.Module):
+    """GSMN's similarity head: the visual graph ``i2t_match_G`` and the textual graph ``t2i_match_G``.
+
+    Args:
+        variant: "dense" (word graph over all word pairs) or "sparse" (masked by the dependency parse).
+        lambda_softmax: attention and word-affinity temperature (20 Flickr30K, 10 COCO).
+        propagate: False = the released code (no information between neighbours; the parse has no effect);
+            True = the paper's propagation h_i = concat_k W_k sum_j w_k(i, j) m_j.
+        embed_size, num_block, feat_dim, hid_dim, n_kernels: official sizes (1024, 16, 16, 32, 8); out_dim is 1.
+
+    State dict: ``i2t_match_G.*`` and ``t2i_match_G.*`` with the official keys (weight-normalised ``out_1``/``out_2``
+    as ``weight_g``/``weight_v``); :meth:`load_official_state` takes the official head state_dicts as they are.
+    """
+
+    def __init__(self, variant: str = "dense", lambda_softmax: float = 20.0, propagate: bool = False, *,
+                 embed_size: int = 1024, num_block: int = 16, feat_dim: int = 16, hid_dim: int = 32,
+                 out_dim: int = 1, n_kernels: int = N_KERNELS):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if num_block != feat_dim:
+            raise ValueError(f"the matching vectors have num_block={num_block} entries, which must equal "
+                             f"feat_dim={feat_dim}")
+        if embed_size % num_block:
+            raise ValueError(f"num_block={num_block} must divide embed_size={embed_size}")
+        if hid_dim % n_kernels:
+            raise ValueError(f"n_kernels={n_kernels} must divide hid_dim={hid_dim}")
+        if out_dim != 1:
+            raise ValueError(f"out_dim must be 1 (a score per node), got {out_dim}")
+        if not (isinstance(lambda_softmax, (int, float)) and math.isfinite(lambda_softmax) and lambda_softmax >= 0):
+            raise ValueError(f"lambda_softmax must be a finite number >= 0, got {lambda_softmax!r}")
+        self.variant, self.lambda_softmax, self.propagate = variant, float(lambda_softmax), bool(propagate)
+        self.embed_size, self.num_block = embed_size, num_block
+        self.i2t_match_G = VisualGraph(feat_dim, hid_dim, out_dim, n_kernels)
+        self.t2i_match_G = TextualGraph(feat_dim, hid_dim, out_dim, n_kernels)
+
+    def load_official_state(self, state: dict) -> None:
+        """Load ``{"i2t_match_G": VisualGraph.state_dict(), "t2i_match_G": TextualGraph.state_dict()}`` (entries 2
+        and 3 of an official checkpoint's ``model`` list), strictly."""
+        if not isinstance(state, dict) or set(state) != {"i2t_match_G", "t2i_match_G"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state must be a dict with exactly 'i2t_match_G' and 't2i_match_G', got {got}")
+        for name in ("i2t_match_G", "t2i_match_G"):
+            try:
+                getattr(self, name).load_state_dict(state[name], strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"state[{name!r}] does not fit the official head: {exc}") from None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Graph inputs, computed once per image and once per caption
+    # ----------------------------------------------------------------------------------------------------------
+
+    def image_graph(self, boxes: Tensor, image_sizes=None, *, dtype=torch.float32) -> Tensor:
+        """Per-image visual-graph weights from (N_img, K, 4) boxes (pixels with ``image_sizes``, else already
+        normalised): released mode s_rk = sum_j w_k(r, j) (N_img, K, n_kernels); paper mode w_k(r, j)
+        (N_img, K, K, n_kernels). Geometry in the boxes' dtype (float32 as the official code), result in ``dtype``."""
+        if image_sizes is not None:
+            boxes = normalize_boxes(boxes, image_sizes)
+        w = self.i2t_match_G.graph_convolution_1.kernel_weights(boxes)
+        return (w if self.propagate else w.sum(dim=2)).to(dtype)
+
+    def caption_graph(self, cap_emb: Tensor, cap_lens: Sequence[int], parses=None, *,
+                      dtype=torch.float32) -> list[Tensor]:
+        """Per-caption textual-graph weights, one per caption: released mode r_tk = sum_t' w_k(t, t') (L_c,
+        n_kernels); paper mode w_k(t, t') (L_c, L_c, n_kernels). ``parses`` (sparse variant): validated edge lists."""
+        params = self.t2i_match_G.graph_convolution_3.params.to(dtype)
+        out = []
+        for c, n in enumerate(cap_lens):
+            words = cap_emb[c, :n].to(dtype)
+            adj = None
+            if self.variant == "sparse":
+                adj = torch.from_numpy(sparse_adjacency(parses[c], n)).to(device=words.device, dtype=dtype)
+            w = textual_kernel_weights(word_affinity(words, self.lambda_softmax), params, adj)
+            out.append(w if self.propagate else w.sum(dim=1))
+        return out
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Structure-level matching of a block of pairs
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _visual_part(self, region_match: Tensor, img_graph: Tensor) -> Tensor:
+        """region_match (ni, nc, K, 16), img_graph (ni, K, n_k) or (ni, K, K, n_k) -> (ni, nc) mean node score."""
+        w, _ = _stacked(self.i2t_match_G.graph_convolution_1.conv_weights, region_match.dtype)   # (n_k, o, f)
+        ni, nc, K, f = region_match.shape
+        if self.propagate:
+            agg = torch.einsum("irjk,icjf->icrkf", img_graph, region_match)                     # (ni, nc, K, n_k, f)
+            h = torch.einsum("icrkf,kof->icrko", agg, w)
+        else:
+            h = torch.einsum("icrf,kof->icrko", region_match, w) * img_graph[:, None, :, :, None]
+        return _node_scores(self.i2t_match_G, h.reshape(ni, nc, K, -1)).mean(dim=2)
+
+    def _textual_part(self, word_match: Tensor, cap_graph: list[Tensor], lens: list[int]) -> Tensor:
+        """word_match (ni, nc, L, 16), per-caption graphs -> (ni, nc) mean over each caption's words."""
+        w, b = _stacked(self.t2i_match_G.graph_convolution_3.conv_weights, word_match.dtype)
+        cols = []
+        for c, n in enumerate(lens):
+            m = word_match[:, c, :n]                                                            # (ni, n, f)
+            g = cap_graph[c].to(word_match.dtype)
+            if self.propagate:
+                h = torch.einsum("tuk,iuf,kof->itko", g, m, w)
+            else:
+                h = torch.einsum("itf,kof->itko", m, w) * g[None, :, :, None]
+            h = h + b
+            cols.append(_node_scores(self.t2i_match_G, h.reshape(h.shape[0], n, -1)).mean(dim=1))
+        return torch.stack(cols, dim=1)
+
+    def _score_block(self, img_emb, cap_emb, lens_t, lens, img_graph, cap_graph, backend, parts: bool):
+        region_match, word_match = node_match(img_emb, cap_emb, lens_t, lambda_softmax=self.lambda_softmax,
+                                              num_blocks=self.num_block, backend=backend)
+        dtype = region_match.dtype
+        vis = self._visual_part(region_match, img_graph.to(dtype))
+        txt = self._textual_part(word_match, cap_graph, lens)
+        return (vis, txt) if parts else vis + txt
+
+    def _check(self, img_emb, cap_emb, cap_lens, boxes, parses):
+        from itm_kernels._validation import check_feature_pair, check_lengths
+
+        check_feature_pair(img_emb, cap_emb)
+        if img_emb.shape[2] != self.embed_size:
+            raise ValueError(f"img_emb must have d = embed_size = {self.embed_size}, got {img_emb.shape[2]}")
+        lens_t = check_lengths("cap_lens", cap_lens, cap_emb.shape[0], cap_emb.shape[1], img_emb.device)
+        boxes = check_boxes(boxes, img_emb.shape[0], img_emb.shape[1], img_emb.device)
+        lens = lens_t.tolist()
+        if self.variant == "sparse":
+            if parses is None:
+                raise ValueError("the sparse GSMN needs parses: one [governor, dependent] edge list per caption")
+            parses = check_parses(parses, lens)
+        return lens_t, lens, boxes, parses
+
+    def forward(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None) -> Tensor:
+        """Differentiable scores of all pairs of a batch: (B_img, K, d), (B_cap, L, d) -> (B_img, B_cap)."""
+        lens_t, lens, boxes, parses = self._check(img_emb, cap_emb, cap_lens, boxes, parses)
+        dtype = torch.float64 if img_emb.dtype == torch.float64 else torch.float32
+        img_graph = self.image_graph(boxes, image_sizes, dtype=dtype)
+        cap_graph = self.caption_graph(cap_emb, lens, parses, dtype=dtype)
+        return self._score_block(img_emb, cap_emb, lens_t, lens, img_graph, cap_graph, "auto", False)
+
+    @torch.no_grad()
+    def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None, *,
+             dtype: torch.dtype | None = None, return_parts: bool = False, backend: str = "auto",
+             block_pairs: int = DEFAULT_BLOCK_PAIRS, progress: bool = False):
+        """All-pairs scores in eval mode, in blocks of pairs with bounded memory.
+
+        Args:
+            img_emb: (N_img, K, d) region embeddings; cap_emb: (N_cap, L_max, d) word embeddings (padding never
+                read); cap_lens: (N_cap,) lengths.
+            boxes: (N_img, K, 4) x1, y1, x2, y2: pixels normalised here once by ``image_sizes`` (N_img, 2) =
+                (width, height) when given, else taken as already normalised (e.g. the output of
+                :func:`official_eval_boxes`, to reproduce the released numbers).
+            parses: the sparse variant's dependency parses, one list of [governor, dependent] per caption (CoreNLP
+                layout: 1-based tokens, first edge = ROOT, skipped).
+            dtype: embedding dtype for the matching kernel (default: the input's); scores are float32 (float64
+                for float64).
+            return_parts: also return the visual and textual parts: (visual, textual), each (N_img, N_cap).
+            block_pairs: pairs per ``node_match`` call.
+
+        Returns:
+            (N_img, N_cap) scores (or the two parts).
+
+        Memory: the result, the per-image graph (N_img K 8 values; K K 8 with ``propagate``), the per-caption
+        graphs, and one block's matching vectors (``block_pairs`` (K + L_max) 16 values) plus the kernel's tiles.
+        """
+        if self.training:
+            raise RuntimeError("GSMNSimilarity.sims evaluates in eval mode: call .eval() first")
+        if dtype is not None:
+            img_emb, cap_emb = img_emb.to(dtype), cap_emb.to(dtype)
+        lens_t, lens, boxes, parses = self._check(img_emb, cap_emb, cap_lens, boxes, parses)
+        out_dtype = torch.float64 if img_emb.dtype == torch.float64 else torch.float32
+        img_graph = self.image_graph(boxes, image_sizes, dtype=out_dtype)
+        cap_graph = self.caption_graph(cap_emb, lens, parses, dtype=out_dtype)
+        n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
+        vis = torch.empty(n_img, n_cap, dtype=out_dtype, device=img_emb.device)
+        txt = torch.empty_like(vis)
+        cap_chunk = max(1, min(n_cap, block_pairs // min(n_img, 64)))
+        img_chunk = max(1, min(n_img, block_pairs // cap_chunk))
+        blocks = [(i0, c0) for c0 in range(0, n_cap, cap_chunk) for i0 in range(0, n_img, img_chunk)]
+        for i0, c0 in tqdm(blocks, desc="GSMN sims", disable=not progress, leave=False):
+            i1, c1 = min(n_img, i0 + img_chunk), min(n_cap, c0 + cap_chunk)
+            longest = max(lens[c0:c1])
+            v, t = self._score_block(img_emb[i0:i1], cap_emb[c0:c1, :longest], lens_t[c0:c1], lens[c0:c1],
+                                     img_graph[i0:i1], cap_graph[c0:c1], backend, True)
+            vis[i0:i1, c0:c1], txt[i0:i1, c0:c1] = v, t
+        return (vis, txt) if return_parts else vis + txt
+
+
+def parse_captions(texts: Sequence[str], *, model: str = "en_core_web_sm") -> list[list[list[int]]]:
+    """Dependency parses in the CoreNLP layout GSMN reads ([0, root] first, then [governor, dependent] sorted by
+    dependent, 1-based tokens), from spaCy. Optional: needs ``spacy`` and the English pipeline ``model``.
+
+    Token t of the parse is row t of the caption's word sequence when row 0 is ``<start>``.
+    """
+    try:
+        import spacy
+    except ImportError:
+        raise ImportError("parse_captions needs spaCy (pip install spacy && python -m spacy download "
+                          f"{model}); GSMN also accepts parses from any parser as edge lists") from None
+    try:
+        nlp = spacy.load(model)
+    except OSError:
+        raise ImportError(f"spaCy pipeline {model!r} is not installed: python -m spacy download {model}") from None
+    out = []
+    for doc in nlp.pipe(texts):
+        edges = []
+        for tok in doc:
+            if tok.head.i == tok.i:
+                edges.insert(0, [0, tok.i + 1])
+            else:
+                edges.append([tok.head.i + 1, tok.i + 1])
+        out.append([edges[0]] + sorted(edges[1:], key=lambda e: e[1]) if edges else [])
+    return out
+
+
+class GSMN(nn.Module):
+    """GSMN: SCAN's encoders (``img_enc``, ``txt_enc``) and :class:`GSMNSimilarity` (``sim``), with the interface
+    of the other models: :meth:`encode_images`, :meth:`encode_captions`, :meth:`sims` (which also takes boxes,
+    image sizes and parses)."""
+
+    model_type = "gsmn"
+
+    def __init__(self, *, vocab_size: int, variant: str = "dense", propagate: bool = False, img_dim: int = 2048,
+                 word_dim: int = 300, embed_size: int = 1024, num_layers: int = 1, bi_gru: bool = True,
+                 no_imgnorm: bool = False, no_txtnorm: bool = False, lambda_softmax: float = 20.0,
+                 num_block: int = 16, feat_dim: int = 16, hid_dim: int = 32, out_dim: int = 1):
+        super().__init__()
+        from .encoders import EncoderImagePrecomp, EncoderText
+
+        self.img_enc = EncoderImagePrecomp(img_dim, embed_size, no_imgnorm)
+        self.txt_enc = EncoderText(vocab_size, word_dim, embed_size, num_layers, bi_gru, no_txtnorm)
+        self.sim = GSMNSimilarity(variant, lambda_softmax, propagate, embed_size=embed_size, num_block=num_block,
+                                  feat_dim=feat_dim, hid_dim=hid_dim, out_dim=out_dim)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(N, K, img_dim) precomputed region features -> (N, K, d)."""
+        return self.img_enc(images)
+
+    def encode_captions(self, ids: Tensor, lengths) -> Tensor:
+        """(N, L_max) ids, (N,) lengths -> (N, L_max, d)."""
+        return self.txt_enc(ids, lengths)
+
+    def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None, **kwargs):
+        """All-pairs scores (N_img, N_cap): :meth:`GSMNSimilarity.sims`."""
+        return self.sim.sims(img_emb, cap_emb, cap_lens, boxes, image_sizes, parses, **kwargs)
+
+    def forward(self, images: Tensor, ids: Tensor, lengths, boxes, image_sizes=None, parses=None) -> Tensor:
+        """A training batch: (B, K, img_dim), (B, L) ids, (B,) lengths, (B, K, 4) boxes -> (B, B) scores."""
+        lens = torch.as_tensor(lengths)
+        return self.sim(self.encode_images(images), self.encode_captions(ids, lens), lens.to(images.device), boxes,
+                        image_sizes, parses)
+
+    def official_state_dicts(self) -> list[dict]:
+        """``[img_enc, txt_enc, i2t_match_G, t2i_match_G]``: the official checkpoint's ``model`` list."""
+        return [self.img_enc.state_dict(), self.txt_enc.state_dict(), self.sim.i2t_match_G.state_dict(),
+                self.sim.t2i_match_G.state_dict()]
+
+
+class GSMNEnsemble(nn.Module):
+    """The mean of several GSMN models' similarity matrices (the paper's dense + sparse ensemble)."""
+
+    def __init__(self, models: Sequence[GSMN]):
+        super().__init__()
+        models = list(models)
+        if not models or not all(isinstance(m, GSMN) for m in models):
+            raise ValueError(f"GSMNEnsemble needs at least one GSMN model, got "
+                             f"{[type(m).__name__ for m in models]}")
+        self.models = nn.ModuleList(models)
+
+    def encode_images(self, images: Tensor) -> list[Tensor]:
+        return [m.encode_images(images) for m in self.models]
+
+    def encode_captions(self, ids: Tensor, lengths) -> list[Tensor]:
+        return [m.encode_captions(ids, lengths) for m in self.models]
+
+    def sims(self, img_embs: Sequence[Tensor], cap_embs: Sequence[Tensor], cap_lens, boxes, image_sizes=None,
+             parses=None, **kwargs) -> Tensor:
+        """Mean over the members of :meth:`GSMN.sims` (one embedding per member, as ``encode_*`` return)."""
+        if len(img_embs) != len(self.models) or len(cap_embs) != len(self.models):
+            raise ValueError(f"need one image and one caption embedding per member ({len(self.models)}), got "
+                             f"{len(img_embs)} and {len(cap_embs)}")
+        total = None
+        for m, v, e in zip(self.models, img_embs, cap_embs):
+            s = m.sims(v, e, cap_lens, boxes, image_sizes, parses, **kwargs)
+            total = s if total is None else total + s
+        return total / len(self.models)
+
+
+def build_gsmn_from_official(checkpoint: dict, *, propagate: bool = False) -> GSMN:
+    """Rebuild an official GSMN model from its checkpoint dict (``opt`` Namespace or dict, ``model`` =
+    [img_enc, txt_enc, i2t_match_G, t2i_match_G]), weights loaded strictly; eval mode."""
+    opt = checkpoint["opt"]
+    opt = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
+    model = GSMN(vocab_size=int(opt["vocab_size"]), variant="sparse" if opt.get("is_sparse") else "dense",
+                 propagate=propagate, img_dim=int(opt.get("img_dim", 2048)), word_dim=int(opt.get("word_dim", 300)),
+                 embed_size=int(opt.get("embed_size", 1024)), num_layers=int(opt.get("num_layers", 1)),
+                 bi_gru=bool(opt.get("bi_gru", False)), no_imgnorm=bool(opt.get("no_imgnorm", False)),
+                 no_txtnorm=bool(opt.get("no_txtnorm", False)),
+                 lambda_softmax=float(opt.get("lambda_softmax", 20.0)), num_block=int(opt.get("num_block", 16)),
+                 feat_dim=int(opt.get("feat_dim", 16)), hid_dim=int(opt.get("hid_dim", 32)),
+                 out_dim=int(opt.get("out_dim", 1)))
+    entries = checkpoint["model"]
+    if len(entries) != 4:
+        raise ValueError(f"a GSMN model list has 4 state_dicts [img_enc, txt_enc, i2t_match_G, t2i_match_G], got "
+                         f"{len(entries)}")
+    for name, module, sd in zip(("img_enc", "txt_enc", "i2t_match_G", "t2i_match_G"),
+                                (model.img_enc, model.txt_enc, model.sim.i2t_match_G, model.sim.t2i_match_G),
+                                entries):
+        try:
+            module.load_state_dict(sd, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"model list entry {name} does not fit the model built from opt: {exc}") from None
+    return model.eval()
