@@ -1,10 +1,17 @@
-"""Train SCAN on precomputed region features (the official ``train.py`` recipe).
+"""Train SCAN or SGRAF (SGR / SAF) on precomputed region features (the official ``train.py`` recipes).
 
 Recipe (``shared/reference/SEMANTICS.md``, "Training"): Adam (default betas) at ``lr0 * 0.1 ** (epoch //
 lr_update)``, the summed hinge loss with hardest negatives (:class:`itm_models.losses.ContrastiveLoss`) on each
-batch's B x B SCAN score matrix, global gradient-norm clipping, and after each epoch the dev rsum (R@1+R@5+R@10 in
-both directions) picks the best checkpoint. The similarity is :func:`itm_kernels.xattn_sim`, whose backward
-recomputes tiles instead of storing the attention.
+batch's B x B score matrix, global gradient-norm clipping, and after each epoch the dev rsum (R@1+R@5+R@10 in
+both directions) picks the best checkpoint. SCAN's similarity is :func:`itm_kernels.xattn_sim`, whose backward
+recomputes tiles instead of storing the attention; SGRAF's is :meth:`itm_models.sgraf.SGRAFSimilarity.forward`
+(dropout 0.4 and BatchNorm batch statistics in training, as officially).
+
+The model follows the config's type: :class:`itm_models.scan.SCANConfig` (batch 128, lr 2e-4, 30 epochs, decay at
+15 on Flickr30K) or :class:`itm_models.sgraf.SGRAFConfig` (batch 128, Adam 2e-4, margin 0.2, hardest negatives,
+grad clip 2, sim_dim 256, 3 SGR steps; Flickr30K SGR 40 epochs / decay at 30, SAF 30 / 20; COCO 20 / 10). Dev
+scores: SCAN through :func:`itm_models.scan.encode_and_score`, SGRAF through
+:func:`itm_models.evaluation.similarity_matrix` (the model's all-pairs ``sims``).
 
 Outputs in ``out_dir``: ``checkpoint_last.pt`` (after every epoch, for resuming) and ``checkpoint_best.pt`` (best dev
 rsum), both in the safe format of :func:`itm_models.checkpoints.save_checkpoint`.
@@ -13,7 +20,8 @@ Determinism: the weights come from ``torch.manual_seed(seed)``; epoch ``e`` shuf
 from ``(seed, e)``. A run resumed from ``checkpoint_last.pt`` therefore takes exactly the steps the uninterrupted run
 would have taken (on the same device and backend).
 
-CLI: ``python -m itm_models.train --data DIR --out DIR [options]`` (``--help`` lists them).
+CLI: ``python -m itm_models.train --data DIR --out DIR [--model scan | --model sgraf --module SGR|SAF] [options]``
+(``--help`` lists them).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -31,9 +40,13 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import OFFICIAL_DEV_CAPTIONS, PrecompDataset, collate, load_vocab, split_paths
+from .evaluation import similarity_matrix
 from .losses import ContrastiveLoss
 from .metrics import format_metrics_table, recall
-from .scan import AGG_FUNCS, CROSS_ATTN, RAW_FEATURE_NORMS, SCAN, SCANConfig, encode_and_score
+from .scan import AGG_FUNCS, CROSS_ATTN, RAW_FEATURE_NORMS, SCAN, SCANConfig, SCANEnsemble, encode_and_score
+from .sgraf import MODULES as SGRAF_MODULES
+from .sgraf import NUM_REGIONS as SGRAF_REGIONS
+from .sgraf import SGRAF, SGRAFConfig, SGRAFEnsemble, recipe_schedule
 
 __all__ = ["train", "train_step", "validate", "adjust_learning_rate", "epoch_generator", "main",
            "CHECKPOINT_LAST", "CHECKPOINT_BEST"]
@@ -41,6 +54,8 @@ __all__ = ["train", "train_step", "validate", "adjust_learning_rate", "epoch_gen
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 CAPTIONS_PER_IMAGE = 5
+# SCAN's Flickr30K (num_epochs, lr_update); SGRAF's come from itm_models.sgraf.recipe_schedule.
+SCAN_SCHEDULE = (30, 15)
 # Config fields that may change between a run and its resumption (they do not change the model's shape or meaning).
 _RESUMABLE_CHANGES = {"margin", "max_violation", "grad_clip", "learning_rate", "lr_update", "num_epochs", "batch_size"}
 
@@ -59,12 +74,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def train_step(model: SCAN, optimizer: torch.optim.Optimizer, criterion: ContrastiveLoss, batch, *,
+def train_step(model: SCAN | SGRAF, optimizer: torch.optim.Optimizer, criterion: ContrastiveLoss, batch, *,
                grad_clip: float = 2.0, device: str | torch.device = "cpu") -> float:
     """One optimisation step on a collated batch; returns the loss before the step.
 
     Args:
-        model: the model (put in train mode by the caller).
+        model: the model (:class:`SCAN` or :class:`SGRAF`; put in train mode by the caller).
         optimizer: its optimizer.
         criterion: :class:`ContrastiveLoss`.
         batch: ``(images (B, K, img_dim), ids (B, L_max), lengths (B,), indices (B,))`` from
@@ -110,18 +125,35 @@ def _pad_ids(captions: list) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lengths
 
 
-def validate(model: SCAN, dataset: PrecompDataset, *, batch_size: int = 128, device=None, backend: str | None = None,
-             sims_dtype: torch.dtype | None = None) -> dict:
+def _similarity_matrix_of(model, dataset: PrecompDataset, n_cap: int, *, batch_size: int, device,
+                          sims_dtype: torch.dtype | None) -> np.ndarray:
+    """(n_cap // 5, n_cap) float32 dev scores of an SGRAF model or ensemble through
+    :func:`itm_models.evaluation.similarity_matrix` (an ensemble: the mean of its members' matrices)."""
+    view = SimpleNamespace(images=dataset.images, im_div=dataset.im_div, captions=dataset.captions[:n_cap])
+    members = list(model.models) if isinstance(model, SGRAFEnsemble) else [model]
+    total = None
+    for m in members:
+        s = similarity_matrix(m, view, batch_size=batch_size, device=device, dtype=sims_dtype or torch.float32,
+                              captions_per_image=CAPTIONS_PER_IMAGE, progress=False)
+        total = s if total is None else total + s
+    return total / len(members)
+
+
+def validate(model: SCAN | SGRAF, dataset: PrecompDataset, *, batch_size: int = 128, device=None,
+             backend: str | None = None, sims_dtype: torch.dtype | None = None) -> dict:
     """Dev retrieval metrics, as the official ``validate``: every image encoded once, every caption once, all pairs
     scored (no grad, in caption chunks), then :func:`itm_models.metrics.recall`.
 
     Args:
-        model: the model (its train/eval mode is restored afterwards).
+        model: a :class:`SCAN` / :class:`SCANEnsemble` (scored by :func:`itm_models.scan.encode_and_score`) or an
+            :class:`SGRAF` / :class:`SGRAFEnsemble` (scored by :func:`itm_models.evaluation.similarity_matrix`);
+            its train/eval mode is restored afterwards.
         dataset: a :class:`PrecompDataset`; its captions are cut to a multiple of 5, and caption ``5k .. 5k+4``
             are matched against the feature row of caption ``5k`` (as the official ``img_embs[::5]``).
         batch_size: encoder batch size. device / backend / sims_dtype: see
-            :func:`itm_models.scan.encode_and_score` (float32 by default; ``torch.float64`` is the official
-            precision, slower and rarely different in rank).
+            :func:`itm_models.scan.encode_and_score` (float32 by default; ``torch.float64`` is the official SCAN
+            precision, slower and rarely different in rank; SGRAF evaluates in float32 officially). ``backend``
+            applies to SCAN only.
 
     Returns:
         dict with the keys of :func:`recall` (``i2t_r1`` ... ``rsum``) plus ``n_images`` and ``n_captions``.
@@ -131,19 +163,46 @@ def validate(model: SCAN, dataset: PrecompDataset, *, batch_size: int = 128, dev
         raise ValueError(f"the {dataset.split} split has {len(dataset.captions)} captions; validation needs at least "
                          f"{CAPTIONS_PER_IMAGE}")
     rows = np.arange(0, n_cap, CAPTIONS_PER_IMAGE) // dataset.im_div
-    ids, lengths = _pad_ids(dataset.captions[:n_cap])
-    sims = encode_and_score(model, _ImageRows(dataset.images, rows), ids, lengths, batch_size=batch_size,
-                            device=device, backend=backend, sims_dtype=sims_dtype)
+    if isinstance(model, (SCAN, SCANEnsemble)):
+        ids, lengths = _pad_ids(dataset.captions[:n_cap])
+        sims = encode_and_score(model, _ImageRows(dataset.images, rows), ids, lengths, batch_size=batch_size,
+                                device=device, backend=backend, sims_dtype=sims_dtype)
+    elif isinstance(model, (SGRAF, SGRAFEnsemble)):
+        was_training = model.training
+        try:
+            sims = _similarity_matrix_of(model, dataset, n_cap, batch_size=batch_size, device=device,
+                                         sims_dtype=sims_dtype)
+        finally:
+            model.train(was_training)
+    else:
+        raise TypeError(f"model must be a SCAN, SCANEnsemble, SGRAF or SGRAFEnsemble, got {type(model).__name__}")
     metrics = recall(sims, captions_per_image=CAPTIONS_PER_IMAGE)
     metrics["n_images"], metrics["n_captions"] = len(rows), n_cap
     return metrics
 
 
-def _check_resume_config(saved: SCANConfig, config: SCANConfig, path: str) -> None:
+def _check_resume_config(saved, config, path: str) -> None:
+    if type(saved) is not type(config):
+        kind = lambda c: type(c).__name__.removesuffix("Config")  # noqa: E731
+        raise CheckpointError(f"cannot resume from {path}: it holds a {kind(saved)} model, the run trains "
+                              f"{kind(config)}")
     a, b = dataclasses.asdict(saved), dataclasses.asdict(config)
     diff = {k: (a[k], b[k]) for k in a if k not in _RESUMABLE_CHANGES and a[k] != b[k]}
     if diff:
         raise CheckpointError(f"cannot resume from {path}: the model options differ (checkpoint, requested): {diff}")
+
+
+def _build_model(config: SCANConfig | SGRAFConfig, backend: str) -> SCAN | SGRAF:
+    """A freshly initialised model of the config's type (SCAN with its ``xattn_sim`` backend, or SGRAF)."""
+    if isinstance(config, SCANConfig):
+        return SCAN(config, backend=backend)
+    return SGRAF.from_config(config)
+
+
+def _drop_last(config, n_items: int) -> bool:
+    """SGRAF's VisualSA BatchNorm over d cannot take a training batch of one image: drop a last batch of exactly
+    one caption (the official Flickr30K / COCO sizes never produce one); SCAN keeps every batch."""
+    return isinstance(config, SGRAFConfig) and n_items % config.batch_size == 1
 
 
 def _resolve_device(device) -> torch.device:
@@ -152,23 +211,24 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def train(config: SCANConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab=None, seed: int = 0,
+def train(config: SCANConfig | SGRAFConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab=None, seed: int = 0,
           device: str | torch.device | None = "auto", backend: str = "auto",
           resume: bool | str | os.PathLike = False, workers: int = 0, val_every_epoch: int = 1,
           progress: bool = True, on_step: Callable[[int, int, float], None] | None = None,
           log: Callable[[str], None] | None = print) -> dict:
-    """Train a SCAN model on ``{data_dir}/train_*`` and validate on ``{data_dir}/dev_*``.
+    """Train a SCAN or SGRAF model on ``{data_dir}/train_*`` and validate on ``{data_dir}/dev_*``.
 
     Args:
-        config: :class:`SCANConfig` (model and training options: ``num_epochs``, ``batch_size``,
-            ``learning_rate``, ``lr_update``, ``margin``, ``max_violation``, ``grad_clip``); ``vocab_size`` must be
-            at least the vocabulary's size.
+        config: :class:`SCANConfig` or :class:`itm_models.sgraf.SGRAFConfig` (the model to build, and the training
+            options ``num_epochs``, ``batch_size``, ``learning_rate``, ``lr_update``, ``margin``,
+            ``max_violation``, ``grad_clip``); ``vocab_size`` must be at least the vocabulary's size. SGRAF needs
+            36 regions per image (its VisualSA BatchNorm has one channel per region slot).
         data_dir: folder in the precomputed layout (``train_ims.npy``, ``train_caps.txt``, ``dev_*``, ``vocab.json``).
         out_dir: where the checkpoints go (created).
         vocab: :class:`itm_models.tokenize.Vocabulary`, a JSON path, or None for ``{data_dir}/vocab.json``.
         seed: seeds the initial weights and every epoch's shuffle.
         device: "cpu", "cuda", ... or "auto" (CUDA when available).
-        backend: ``xattn_sim`` backend for training and validation.
+        backend: ``xattn_sim`` backend for training and validation (SCAN only; SGRAF's ``local_sim`` has one path).
         resume: False; True to continue from ``{out_dir}/checkpoint_last.pt``; or a checkpoint path. Model
             options must match; training options (epochs, lr, ...) may change.
         workers: DataLoader worker processes.
@@ -186,26 +246,28 @@ def train(config: SCANConfig, data_dir: str | os.PathLike, out_dir: str | os.Pat
     say = log or (lambda _msg: None)
     data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
     device = _resolve_device(device)
-    if not isinstance(config, SCANConfig):
-        raise TypeError(f"config must be a SCANConfig, got {type(config).__name__}")
+    if not isinstance(config, (SCANConfig, SGRAFConfig)):
+        raise TypeError(f"config must be a SCANConfig or an SGRAFConfig, got {type(config).__name__}")
     if val_every_epoch < 0:
         raise ValueError(f"val_every_epoch must be >= 0, got {val_every_epoch}")
     voc = load_vocab(vocab, data_dir)
     if config.vocab_size < len(voc):
         raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the vocabulary ({len(voc)} tokens)")
-    train_set = PrecompDataset(data_dir, "train", voc, img_dim=config.img_dim, vocab_size=config.vocab_size)
+    n_regions = SGRAF_REGIONS if isinstance(config, SGRAFConfig) else None
+    train_set = PrecompDataset(data_dir, "train", voc, img_dim=config.img_dim, n_regions=n_regions,
+                               vocab_size=config.vocab_size)
     dev_set = None
     if val_every_epoch:
         if not os.path.isfile(split_paths(data_dir, "dev")["ims"]):
             raise FileNotFoundError(f"no dev split in {data_dir} (dev_ims.npy); pass val_every_epoch=0 to train "
                                     "without validation")
-        dev_set = PrecompDataset(data_dir, "dev", voc, img_dim=config.img_dim, vocab_size=config.vocab_size,
-                                 max_captions=OFFICIAL_DEV_CAPTIONS)
+        dev_set = PrecompDataset(data_dir, "dev", voc, img_dim=config.img_dim, n_regions=n_regions,
+                                 vocab_size=config.vocab_size, max_captions=OFFICIAL_DEV_CAPTIONS)
     os.makedirs(out_dir, exist_ok=True)
     last_path, best_path = os.path.join(out_dir, CHECKPOINT_LAST), os.path.join(out_dir, CHECKPOINT_BEST)
 
     torch.manual_seed(seed)
-    model = SCAN(config, backend=backend)
+    model = _build_model(config, backend)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     criterion = ContrastiveLoss(config.margin, config.max_violation)
@@ -231,7 +293,8 @@ def train(config: SCANConfig, data_dir: str | os.PathLike, out_dir: str | os.Pat
         lr = adjust_learning_rate(optimizer, config.learning_rate, epoch, config.lr_update)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=config.batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
-            num_workers=workers, collate_fn=collate, pin_memory=pin, persistent_workers=False)
+            num_workers=workers, collate_fn=collate, pin_memory=pin, persistent_workers=False,
+            drop_last=_drop_last(config, len(train_set)))
         model.train()
         t0 = time.perf_counter()
         total, steps, pairs = 0.0, 0, 0
@@ -272,38 +335,61 @@ def train(config: SCANConfig, data_dir: str | os.PathLike, out_dir: str | os.Pat
             "config": dataclasses.asdict(config)}
 
 
+# Options of one model only, with their defaults (the parser's default is None, so that giving one to the other
+# model is an error rather than silently ignored).
+_SCAN_ONLY = {"direction": "t2i", "agg": "LogSumExp", "lambda_softmax": 9.0, "lambda_lse": 6.0,
+              "norm": "clipped_l2norm", "precomp_enc_type": "basic", "backend": "auto"}
+_SGRAF_ONLY = {"module": "SGR", "sim_dim": 256, "sgr_step": 3}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m itm_models.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder with {train,dev}_ims.npy, {train,dev}_caps.txt")
     p.add_argument("--vocab", default=None, help="vocabulary JSON (default: DATA/vocab.json)")
     p.add_argument("--out", required=True, help="output folder for checkpoint_last.pt / checkpoint_best.pt")
-    p.add_argument("--epochs", type=int, default=30, help="number of epochs (official: 30 Flickr30K, 20 COCO)")
+    p.add_argument("--model", choices=("scan", "sgraf"), default="scan", help="model to train (default scan)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="number of epochs (default: the official Flickr30K recipe of the model: SCAN 30, SGR 40, "
+                        "SAF 30; COCO: SCAN and SGRAF 20)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4, help="initial learning rate (COCO README: 5e-4)")
-    p.add_argument("--lr-update", type=int, default=15, help="epochs per 10x learning-rate decay")
+    p.add_argument("--lr", type=float, default=2e-4, help="initial learning rate (SCAN COCO README: 5e-4)")
+    p.add_argument("--lr-update", type=int, default=None,
+                   help="epochs per 10x learning-rate decay (default: SCAN 15, SGR 30, SAF 20; COCO: 10)")
     p.add_argument("--embed-size", type=int, default=1024)
     p.add_argument("--word-dim", type=int, default=300)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--img-dim", type=int, default=2048)
-    p.add_argument("--direction", choices=CROSS_ATTN, default="t2i", help="cross attention direction")
-    p.add_argument("--agg", choices=(*AGG_FUNCS, *AGG_FUNCS.values()), default="LogSumExp")
-    p.add_argument("--lambda-softmax", type=float, default=9.0, help="lambda1 (README: 9 for t2i, 4 for i2t)")
-    p.add_argument("--lambda-lse", type=float, default=6.0, help="lambda2 (README: 6 t2i; i2t 5 Flickr30K, 20 COCO)")
-    p.add_argument("--norm", choices=RAW_FEATURE_NORMS, default="clipped_l2norm", help="raw_feature_norm")
+    scan = p.add_argument_group("SCAN only (--model scan)")
+    scan.add_argument("--direction", choices=CROSS_ATTN, default=None, help="cross attention direction (default t2i)")
+    scan.add_argument("--agg", choices=(*AGG_FUNCS, *AGG_FUNCS.values()), default=None,
+                      help="aggregation (default LogSumExp)")
+    scan.add_argument("--lambda-softmax", type=float, default=None,
+                      help="lambda1 (default 9; README: 9 for t2i, 4 for i2t)")
+    scan.add_argument("--lambda-lse", type=float, default=None,
+                      help="lambda2 (default 6; README: 6 t2i; i2t 5 Flickr30K, 20 COCO)")
+    scan.add_argument("--norm", choices=RAW_FEATURE_NORMS, default=None,
+                      help="raw_feature_norm (default clipped_l2norm)")
+    scan.add_argument("--precomp-enc-type", choices=("basic", "weight_norm"), default=None,
+                      help="image encoder (default basic)")
+    scan.add_argument("--backend", default=None,
+                      help="itm_kernels.xattn_sim backend (auto, cpu, torch, cuda, triton; default auto)")
+    sgraf = p.add_argument_group("SGRAF only (--model sgraf)")
+    sgraf.add_argument("--module", choices=SGRAF_MODULES, default=None,
+                       help="similarity head: SGR (graph reasoning) or SAF (attention filtration); default SGR")
+    sgraf.add_argument("--sim-dim", type=int, default=None, help="similarity vector size s (default 256)")
+    sgraf.add_argument("--sgr-step", type=int, default=None, help="SGR reasoning steps (default 3)")
     p.add_argument("--bi-gru", action=argparse.BooleanOptionalAction, default=True,
                    help="bidirectional GRU, halves averaged (README setting; default on)")
     p.add_argument("--max-violation", action=argparse.BooleanOptionalAction, default=True,
                    help="hardest negatives only (README setting; default on)")
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--grad-clip", type=float, default=2.0)
-    p.add_argument("--precomp-enc-type", choices=("basic", "weight_norm"), default="basic")
     p.add_argument("--no-imgnorm", action="store_true")
     p.add_argument("--no-txtnorm", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue from OUT/checkpoint_last.pt, or from PATH")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--backend", default="auto", help="itm_kernels.xattn_sim backend (auto, cpu, torch, cuda, triton)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--val-every-epoch", type=int, default=1, metavar="N",
                    help="validate on dev every N epochs and after the last (0: never)")
@@ -311,17 +397,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resolve_model_options(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Fill the chosen model's own options and its schedule defaults in ``a``; an option of the other model is a
+    usage error (exit status 2)."""
+    own, other = (_SCAN_ONLY, _SGRAF_ONLY) if a.model == "scan" else (_SGRAF_ONLY, _SCAN_ONLY)
+    given = [name for name in other if getattr(a, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        parser.error(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --model {a.model}")
+    for name, default in own.items():
+        if getattr(a, name) is None:
+            setattr(a, name, default)
+    epochs, lr_update = SCAN_SCHEDULE if a.model == "scan" else recipe_schedule(a.module)
+    a.epochs = epochs if a.epochs is None else a.epochs
+    a.lr_update = lr_update if a.lr_update is None else a.lr_update
+
+
+def _config_from_args(a: argparse.Namespace, vocab_size: int) -> SCANConfig | SGRAFConfig:
+    """The config of the chosen model from resolved CLI arguments (see :func:`_resolve_model_options`)."""
+    shared = dict(vocab_size=vocab_size, word_dim=a.word_dim, embed_size=a.embed_size, num_layers=a.num_layers,
+                  bi_gru=a.bi_gru, img_dim=a.img_dim, no_imgnorm=a.no_imgnorm, no_txtnorm=a.no_txtnorm,
+                  margin=a.margin, max_violation=a.max_violation, grad_clip=a.grad_clip, learning_rate=a.lr,
+                  lr_update=a.lr_update, num_epochs=a.epochs, batch_size=a.batch_size)
+    if a.model == "sgraf":
+        return SGRAFConfig(module_name=a.module, sim_dim=a.sim_dim, sgr_step=a.sgr_step, **shared)
+    return SCANConfig(precomp_enc_type=a.precomp_enc_type, raw_feature_norm=a.norm, agg_func=a.agg,
+                      cross_attn=a.direction, lambda_softmax=a.lambda_softmax, lambda_lse=a.lambda_lse, **shared)
+
+
 def main(argv=None) -> dict:
     """CLI entry point (``python -m itm_models.train``); returns :func:`train`'s result."""
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a = parser.parse_args(argv)
+    _resolve_model_options(parser, a)
     voc = load_vocab(a.vocab, a.data)
-    config = SCANConfig(
-        vocab_size=len(voc), word_dim=a.word_dim, embed_size=a.embed_size, num_layers=a.num_layers, bi_gru=a.bi_gru,
-        img_dim=a.img_dim, no_imgnorm=a.no_imgnorm, no_txtnorm=a.no_txtnorm, precomp_enc_type=a.precomp_enc_type,
-        raw_feature_norm=a.norm, agg_func=a.agg, cross_attn=a.direction, lambda_softmax=a.lambda_softmax,
-        lambda_lse=a.lambda_lse, margin=a.margin, max_violation=a.max_violation, grad_clip=a.grad_clip,
-        learning_rate=a.lr, lr_update=a.lr_update, num_epochs=a.epochs, batch_size=a.batch_size)
-    result = train(config, a.data, a.out, vocab=voc, seed=a.seed, device=a.device, backend=a.backend,
+    config = _config_from_args(a, len(voc))
+    result = train(config, a.data, a.out, vocab=voc, seed=a.seed, device=a.device, backend=a.backend or "auto",
                    resume=a.resume, workers=a.workers, val_every_epoch=a.val_every_epoch,
                    progress=not a.no_progress)
     print(f"done: {result['epochs']} epochs, best dev rsum {result['best_rsum']} (epoch {result['best_epoch']}); "
