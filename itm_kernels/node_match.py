@@ -22,10 +22,13 @@ for the other direction). Everything per pair is K x L x 16-sized; nothing d-siz
 Tiles: captions are visited in length order and padded only to the longest of their tile; one tile holds a few
 images x a few captions, sized so that its K x L x 16 tensors stay under ``max_tile_bytes``.
 
-Autograd: the backward recomputes each tile with autograd and back-propagates it at once (checkpointing per tile),
-so it needs the memory of one tile's forward graph, never the (pairs x K x L) tensors of the whole block. Compiled
-CPU (C++), Triton and CUDA kernels of this op are not written yet: ``backend`` accepts "auto", "torch" and
-"reference".
+Backends: "cpu" runs the per-block score GEMMs in torch and each pair's attentions and cosines in a C++ epilogue
+(``csrc/cpu/node_match_cpu.cpp``, block axis innermost: one SIMD vector); "torch" runs the same algebra as torch
+ops on whole tiles; "reference" is the spec. No Triton or CUDA kernel of this op is written yet.
+
+Autograd: a registered backward op (``itm_kernels::node_match_backward``) recomputes each tile under
+``torch.func.vjp`` (checkpointing per tile), so it needs the memory of one tile's forward graph, never the
+(pairs x K x L) tensors of the whole block.
 """
 from __future__ import annotations
 
@@ -41,7 +44,17 @@ DEFAULT_NUM_BLOCKS = 16
 # K x L x 16 tensors of one tile; ~6 of them live at once. 4 MiB each keeps the tile's work in the L2/L3 caches
 # while the block GEMMs keep >= a few hundred rows.
 DEFAULT_TILE_BYTES = 4 << 20
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "cpu", "torch", "reference")
+# |sum_t a_t e_t,b|^2 = a^T G^b a cancels badly when the context is much shorter than its words and a block has
+# very few features (measured: float32 cosines of 250 at 1 feature per block, 5e-4 excess error at 2). Below this
+# width a tile forms its contexts explicitly (d-sized per pair, which is small exactly then).
+GRAM_MIN_BLOCK_WIDTH = 16
+
+
+def _have_cpu_kernel() -> bool:
+    from .backends import available_backends
+
+    return "cpu" in available_backends() and hasattr(torch.ops.itm_kernels, "node_match_epilogue_")
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +116,15 @@ def node_match_reference(images: Tensor, captions: Tensor, cap_lens, *, lambda_s
 
 def _tile(v: Tensor, e: Tensor, valid: Tensor, lambda_softmax: float, num_blocks: int) -> tuple[Tensor, Tensor]:
     """v (ni, K, d), e (nc, Lt, d) with padding rows zero, valid (nc, Lt) ->
-    region (ni, nc, K, B), word (ni, nc, Lt, B); same dtype as v."""
+    region (ni, nc, K, B), word (ni, nc, Lt, B); same dtype as v. Narrow blocks (fewer than
+    ``GRAM_MIN_BLOCK_WIDTH`` features) take the explicit-context form."""
+    if v.shape[2] // num_blocks < GRAM_MIN_BLOCK_WIDTH:
+        return node_match_reference(v, e, valid.sum(1), lambda_softmax=lambda_softmax, num_blocks=num_blocks)
+    return _tile_gram(v, e, valid, lambda_softmax, num_blocks)
+
+
+def _tile_gram(v: Tensor, e: Tensor, valid: Tensor, lambda_softmax: float, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """:func:`_tile` through per-block scores and Gram matrices (no d-sized tensor per pair)."""
     ni, K, d = v.shape
     nc, Lt = e.shape[:2]
     B, db = num_blocks, d // num_blocks
@@ -193,29 +214,59 @@ def node_match_torch(images: Tensor, captions: Tensor, cap_lens: Tensor, *, lamb
     return region, word
 
 
+def node_match_cpu(images: Tensor, captions: Tensor, cap_lens: Tensor, *, lambda_softmax: float, num_blocks: int,
+                   max_tile_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Tiled forward with the C++ per-pair epilogue (``torch.ops.itm_kernels.node_match_epilogue``); validated CPU
+    inputs, no autograd. Per tile, the per-block scores are one batched GEMM (blocks x (images K) x (captions L)),
+    then each pair's attentions and cosines run in cache, block axis innermost (one SIMD vector)."""
+    max_tile_bytes = max_tile_bytes or 2 * DEFAULT_TILE_BYTES
+    n_img, K, d = images.shape
+    n_cap, L = captions.shape[:2]
+    B, db = num_blocks, d // num_blocks
+    cdtype = _out_dtype(images.dtype)
+    vb = images.to(cdtype).reshape(n_img * K, B, db).transpose(0, 1).contiguous()           # (B, N_img K, db)
+    img_sq = vb.square().sum(2).view(B, n_img, K).permute(1, 2, 0).contiguous()             # (N_img, K, B)
+    x = vb.view(B, n_img, K, db)
+    img_gram = torch.einsum("bike,bije->ikjb", x, x).contiguous()                           # (N_img, K, K, B)
+    region = torch.empty(n_img, n_cap, K, B, dtype=cdtype, device=images.device)
+    word = torch.empty(n_img, n_cap, L, B, dtype=cdtype, device=images.device)
+    current = None
+    for i0, i1, idx, Lt, e, valid in _tiles(images, captions, cap_lens, num_blocks, max_tile_bytes):
+        if current is None or current[0] is not idx:
+            nc = idx.shape[0]
+            eb = e.reshape(nc * Lt, B, db).transpose(0, 1).contiguous()                      # (B, nc Lt, db)
+            y = eb.view(B, nc, Lt, db)
+            cap_gram = torch.einsum("bcte,bcue->ctub", y, y).contiguous()                    # (nc, Lt, Lt, B)
+            cap_sq = eb.square().sum(2).view(B, nc, Lt).permute(1, 2, 0).contiguous()       # (nc, Lt, B)
+            current = (idx, eb.transpose(1, 2), cap_gram, cap_sq, cap_lens[idx].contiguous())
+        _, eb_t, cap_gram, cap_sq, lens = current
+        ni = i1 - i0
+        sb = torch.bmm(vb[:, i0 * K:i1 * K], eb_t).view(B, ni, K, idx.shape[0], Lt)
+        torch.ops.itm_kernels.node_match_epilogue_(region, word, sb, cap_gram, img_gram[i0:i1], img_sq[i0:i1],
+                                                   cap_sq, lens, idx, i0, lambda_softmax)
+    return region, word
+
+
 def node_match_backward_torch(grad_region: Tensor, grad_word: Tensor, images: Tensor, captions: Tensor,
                               cap_lens: Tensor, *, lambda_softmax: float, num_blocks: int,
                               max_tile_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """Gradients of sum(grad_region * region) + sum(grad_word * word) w.r.t. (images, captions), by recomputing
-    each tile with autograd (in float32, float64 for float64 inputs). Padding words get zero gradient."""
+    each tile under ``torch.func.vjp`` (in float32, float64 for float64 inputs): memory of one tile's forward
+    graph. Padding words get zero gradient."""
     max_tile_bytes = max_tile_bytes or DEFAULT_TILE_BYTES // 2
     cdtype = _out_dtype(images.dtype)
     g_images = torch.zeros(images.shape, dtype=cdtype, device=images.device)
     g_captions = torch.zeros(captions.shape, dtype=cdtype, device=images.device)
-    v_all = images.detach().to(cdtype)
+    v_all = images.to(cdtype)
     grad_region, grad_word = grad_region.to(cdtype), grad_word.to(cdtype)
-    with torch.enable_grad():
-        for i0, i1, idx, Lt, e, valid in _tiles(images.detach(), captions.detach(), cap_lens, num_blocks,
-                                                max_tile_bytes):
-            v = v_all[i0:i1].clone().requires_grad_(True)
-            e = e.clone().requires_grad_(True)
-            r, w = _tile(v, e, valid, lambda_softmax, num_blocks)
-            gv, ge = torch.autograd.grad((r, w), (v, e), (grad_region[i0:i1, idx], grad_word[i0:i1, idx, :Lt]),
-                                         allow_unused=True)
-            if gv is not None:
-                g_images[i0:i1] += gv
-            if ge is not None:
-                g_captions[idx, :Lt] += torch.where(valid[..., None], ge, 0.0)
+    for i0, i1, idx, Lt, e, valid in _tiles(images, captions, cap_lens, num_blocks, max_tile_bytes):
+        def tile(v, e, valid=valid):
+            return _tile(v, e, valid, lambda_softmax, num_blocks)
+
+        _, vjp = torch.func.vjp(tile, v_all[i0:i1], e)
+        gv, ge = vjp((grad_region[i0:i1, idx], grad_word[i0:i1, idx, :Lt]))
+        g_images[i0:i1] += gv
+        g_captions[idx, :Lt] += torch.where(valid[..., None], ge, 0.0)
     return g_images.to(images.dtype), g_captions.to(captions.dtype)
 
 
@@ -227,6 +278,9 @@ def node_match_backward_torch(grad_region: Tensor, grad_word: Tensor, images: Te
 def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
                   backend: str, max_tile_bytes: int) -> tuple[Tensor, Tensor]:
     """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,) -> (N_img, N_cap, K, B), (N_img, N_cap, L, B)."""
+    if backend == "cpu" and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
+        return node_match_cpu(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
+                              max_tile_bytes=max_tile_bytes or None)
     if backend == "reference":
         with torch.no_grad():
             region, word = node_match_reference(images, captions, cap_lens, lambda_softmax=lambda_softmax,
@@ -251,14 +305,26 @@ def _setup_context(ctx, inputs, output):
     ctx.opts = (lambda_softmax, num_blocks, max_tile_bytes)
 
 
+@torch.library.custom_op("itm_kernels::node_match_backward", mutates_args=())
+def node_match_backward_op(grad_region: Tensor, grad_word: Tensor, images: Tensor, captions: Tensor,
+                           cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
+                           max_tile_bytes: int) -> tuple[Tensor, Tensor]:
+    """Registered backward: grads (N_img, N_cap, K, B), (N_img, N_cap, L, B) -> grads of (images, captions)."""
+    return node_match_backward_torch(grad_region, grad_word, images, captions, cap_lens,
+                                     lambda_softmax=lambda_softmax, num_blocks=num_blocks,
+                                     max_tile_bytes=max_tile_bytes or None)
+
+
+@node_match_backward_op.register_fake
+def _node_match_backward_fake(grad_region, grad_word, images, captions, cap_lens, lambda_softmax, num_blocks,
+                              max_tile_bytes):
+    return torch.empty_like(images), torch.empty_like(captions)
+
+
 def _backward(ctx, grad_region, grad_word):
     images, captions, cap_lens = ctx.saved_tensors
-    # Not a registered op: the implementation of a custom op runs below the autograd dispatch key, and the backward
-    # records each tile's recomputation with autograd.
-    lambda_softmax, num_blocks, max_tile_bytes = ctx.opts
-    g_images, g_captions = node_match_backward_torch(grad_region.contiguous(), grad_word.contiguous(), images,
-                                                     captions, cap_lens, lambda_softmax=lambda_softmax,
-                                                     num_blocks=num_blocks, max_tile_bytes=max_tile_bytes or None)
+    g_images, g_captions = node_match_backward_op(grad_region.contiguous(), grad_word.contiguous(), images,
+                                                  captions, cap_lens, *ctx.opts)
     needs = ctx.needs_input_grad
     return (g_images if needs[0] else None, g_captions if needs[1] else None, None, None, None, None, None)
 
@@ -310,6 +376,10 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
     if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
                                        or max_tile_bytes <= 0):
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
-    name = "torch" if backend == "auto" else backend
+    if backend == "cpu" and (images.device.type != "cpu" or not _have_cpu_kernel()):
+        raise ValueError("backend 'cpu' needs CPU tensors and the compiled extension (itm_kernels._C)")
+    name = backend
+    if backend == "auto":
+        name = "cpu" if images.device.type == "cpu" and _have_cpu_kernel() else "torch"
     return node_match_op(images.contiguous(), captions.contiguous(), cap_lens, lambda_softmax, num_blocks, name,
                          max_tile_bytes or 0)
