@@ -49,6 +49,8 @@ BACKENDS = ("auto", "cpu", "torch", "reference")
 # very few features (measured: float32 cosines of 250 at 1 feature per block, 5e-4 excess error at 2). Below this
 # width a tile forms its contexts explicitly (d-sized per pair, which is small exactly then).
 GRAM_MIN_BLOCK_WIDTH = 16
+# The C++ epilogue is compiled for GSMN's 16 blocks (one AVX-512 vector of float32); other counts run on "torch".
+CPU_NUM_BLOCKS = 16
 
 
 def _have_cpu_kernel() -> bool:
@@ -278,7 +280,7 @@ def node_match_backward_torch(grad_region: Tensor, grad_word: Tensor, images: Te
 def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
                   backend: str, max_tile_bytes: int) -> tuple[Tensor, Tensor]:
     """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,) -> (N_img, N_cap, K, B), (N_img, N_cap, L, B)."""
-    if backend == "cpu" and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
+    if backend == "cpu" and num_blocks == CPU_NUM_BLOCKS and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
         return node_match_cpu(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
                               max_tile_bytes=max_tile_bytes or None)
     if backend == "reference":

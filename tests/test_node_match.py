@@ -365,3 +365,58 @@ def test_lengths_accept_lists_and_numpy():
     b = node_match(args["images"], args["captions"], args["cap_lens"].tolist(), num_blocks=2)
     c = node_match(args["images"], args["captions"], args["cap_lens"].numpy().astype("int32"), num_blocks=2)
     assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The compiled CPU epilogue (csrc/cpu/node_match_cpu.cpp): 16 blocks of >= 16 features
+# --------------------------------------------------------------------------------------------------------------
+
+needs_cpu_kernel = pytest.mark.skipif(not nm._have_cpu_kernel(), reason="itm_kernels._C not built")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed, n_img, n_cap, K, L, d, tile", [
+    (0, 3, 5, 36, 12, 256, None), (1, 5, 7, 9, 17, 256, 3000), (2, 2, 9, 1, 5, 512, 1),
+    (3, 4, 3, 17, 33, 1024, 20000), (4, 1, 1, 36, 1, 256, None)])
+@pytest.mark.parametrize("scale", ["unit", "rows"])
+def test_cpu_backend_matches_reference(dtype, seed, n_img, n_cap, K, L, d, tile, scale):
+    images, captions, lens = problem(seed, n_img=n_img, n_cap=n_cap, K=K, L=L, d=d, scale=scale, dtype=dtype)
+    got = node_match(images, captions, lens, lambda_softmax=20.0, backend="cpu", max_tile_bytes=tile)
+    want = node_match_reference(images.double(), captions.double(), lens, lambda_softmax=20.0)
+    own = node_match_reference(images.to(nm._out_dtype(dtype)), captions.to(nm._out_dtype(dtype)), lens,
+                               lambda_softmax=20.0)
+    tol = TOL[dtype]
+    for name, g, w, o in zip(("region", "word"), got, want, own):
+        assert g.dtype == nm._out_dtype(dtype)
+        assert_close_report(g, w, atol=tol["factor"] * max_err(o, w) + tol["floor"], rtol=0,
+                            what=f"cpu {name} {dtype} seed={seed}")
+    word = got[1]
+    pad = torch.arange(L)[None, :] >= lens[:, None]
+    assert (word[:, pad] == 0).all()
+
+
+@needs_cpu_kernel
+def test_cpu_epilogue_checks_its_inputs():
+    """The C++ boundary rejects bad tensors with a message (never a crash or a silent wrong result)."""
+    f32 = dict(dtype=torch.float32)
+    good = dict(region=torch.empty(2, 3, 4, 16, **f32), word=torch.empty(2, 3, 5, 16, **f32),
+                sb=torch.zeros(16, 2, 4, 3, 5, **f32), cap_gram=torch.zeros(3, 5, 5, 16, **f32),
+                img_gram=torch.zeros(2, 4, 4, 16, **f32), img_sq=torch.ones(2, 4, 16, **f32),
+                cap_sq=torch.ones(3, 5, 16, **f32), lens=torch.tensor([5, 1, 3]), index=torch.tensor([0, 2, 1]))
+
+    def call(**change):
+        a = {**good, **change}
+        torch.ops.itm_kernels.node_match_epilogue_(a["region"], a["word"], a["sb"], a["cap_gram"], a["img_gram"],
+                                                   a["img_sq"], a["cap_sq"], a["lens"], a["index"], 0, 20.0)
+
+    call()
+    for change, words in [(dict(lens=torch.tensor([6, 1, 3])), "cap_lens[0] = 6"),
+                          (dict(index=torch.tensor([0, 3, 1])), "cap_index[1] = 3"),
+                          (dict(sb=torch.zeros(8, 2, 4, 3, 5, **f32)), "16 blocks"),
+                          (dict(cap_gram=torch.zeros(3, 4, 5, 16, **f32)), "cap_gram must be"),
+                          (dict(img_sq=torch.ones(2, 4, 16, dtype=torch.float64)), "img_sq must be"),
+                          (dict(lens=torch.tensor([5.0, 1.0, 3.0])), "cap_lens must be"),
+                          (dict(word=torch.empty(2, 3, 4, 16, **f32)), "word must be")]:
+        with pytest.raises(RuntimeError, match=re.escape(words)):
+            call(**change)

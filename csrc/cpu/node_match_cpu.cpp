@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "simd_clones.h"
+#include "simd_vec.h"
 
 namespace {
 
@@ -33,18 +34,60 @@ struct Dims {
   int64_t B, ni, K, nc, Lt;
 };
 
-// Softmax of lam * x over n entries (stride 1) into out.
+using namespace itm::cpu::simd;
+
+// out[j] = softmax_j(lam * x[j]), j < n; x and out hold at least round_up(n, Vec<T>::N) entries (the tail of x is
+// overwritten with the row's first value, which changes neither the max nor, after masking, the sum).
 template <typename T>
-inline void softmax_scaled(const T* x, int64_t n, T lam, T* out) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, lam * x[j]);
-  T sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = std::exp(lam * x[j] - m);
-    sum += out[j];
+ITM_INLINE void softmax_scaled(T* x, int64_t n, T lam, T* out) {
+  using V = typename Vec<T>::V;
+  constexpr int W = Vec<T>::N;
+  const int64_t np = (n + W - 1) / W * W;
+  for (int64_t j = n; j < np; ++j) x[j] = x[0];
+  V m = vsplat<T>(x[0]);
+  for (int64_t j = 0; j < np; j += W) m = vmax(m, vload(x + j));
+  const V vm = vsplat<T>(lam * hmax<T>(m));
+  const auto iota = viota<T>();
+  V sum = vsplat<T>(T(0));
+  for (int64_t j = 0; j < np; j += W) {
+    V e = vexp(vload(x + j) * lam - vm);
+    e = vmask_below<T>(iota, n - j) ? e : vsplat<T>(T(0));
+    vstore(out + j, e);
+    sum += e;
   }
-  const T inv = T(1) / sum;
-  for (int64_t j = 0; j < n; ++j) out[j] *= inv;
+  const V inv = vsplat<T>(T(1) / hsum<T>(sum));
+  for (int64_t j = 0; j < np; j += W) vstore(out + j, vload(out + j) * inv);
+}
+
+// num[b] = sum_j a_j s[j, b]; quad[b] = sum_{j,u} a_j a_u g[j, u, b] over NB = NV vectors of blocks, for the
+// j-th row of s at s + j * s_stride. sym: g symmetric (use the lower triangle).
+template <typename T, int NV>
+ITM_INLINE void weighted_sums(const T* a, int64_t n, const T* s, int64_t s_stride, const T* g, bool sym,
+                              typename Vec<T>::V* num, typename Vec<T>::V* quad) {
+  using V = typename Vec<T>::V;
+  constexpr int W = Vec<T>::N;
+  constexpr int64_t NB = NV * W;
+  for (int v = 0; v < NV; ++v) num[v] = vsplat<T>(T(0)), quad[v] = vsplat<T>(T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T aj = a[j];
+    const T* sj = s + j * s_stride;
+    for (int v = 0; v < NV; ++v) num[v] += vload(sj + v * W) * aj;
+    const T* gj = g + j * n * NB;
+    if (sym) {
+      for (int v = 0; v < NV; ++v) quad[v] += vload(gj + j * NB + v * W) * (aj * aj);
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = vsplat<T>(T(0));
+      for (int64_t u = 0; u < j; ++u)
+        for (int v = 0; v < NV; ++v) acc[v] += vload(gj + u * NB + v * W) * a[u];
+      for (int v = 0; v < NV; ++v) quad[v] += acc[v] * (2 * aj);
+    } else {
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = vsplat<T>(T(0));
+      for (int64_t u = 0; u < n; ++u)
+        for (int v = 0; v < NV; ++v) acc[v] += vload(gj + u * NB + v * W) * a[u];
+      for (int v = 0; v < NV; ++v) quad[v] += acc[v] * aj;
+    }
+  }
 }
 
 // Output placement: pair (i, c) of the tile is row (i0 + i, cap_index[c]) of the (N_img, N_cap, ...) outputs;
@@ -54,99 +97,96 @@ struct Out {
   const int64_t* cap_index;
 };
 
-// NB > 0: the block count as a compile-time constant (16 in GSMN: one AVX-512 vector of float32).
-template <typename T, int NB>
+// NV vectors of Vec<T>::N blocks each: the block count is a multiple of the vector width (16 in GSMN: one
+// AVX-512 vector of float32, two of float64).
+template <typename T, int NV>
 ITM_SIMD_CLONES void pair_epilogue(const T* __restrict__ sb, const T* __restrict__ gram_e,
                                    const T* __restrict__ gram_v, const T* __restrict__ img_sq,
                                    const T* __restrict__ cap_sq, const Dims& D, const Out& O, int64_t i, int64_t c,
                                    int64_t L, T lam, T* __restrict__ region, T* __restrict__ word,
                                    std::vector<T>& buf) {
-  const int64_t B = NB > 0 ? NB : D.B, K = D.K, Lt = D.Lt;
-  buf.resize(static_cast<size_t>(K * L * B + 4 * K * L + K + L + 2 * B));
+  using V = typename Vec<T>::V;
+  constexpr int W = Vec<T>::N;
+  constexpr int64_t B = NV * W;
+  const int64_t K = D.K, Lt = D.Lt;
+  const int64_t Lp = (L + W - 1) / W * W, Kp = (K + W - 1) / W * W;
+  buf.resize(static_cast<size_t>(K * L * B + K * L + K * Lp + L * Kp + Lp + Kp + K + L + 2 * W));
   T* s_blk = buf.data();            // (K, L, B)
   T* h = s_blk + K * L * B;         // (K, L)
-  T* alpha = h + K * L;             // (K, L)
-  T* beta_t = alpha + K * L;        // (L, K): beta transposed, each word's weights contiguous
-  T* tmp = beta_t + K * L;          // (K, L) scratch
-  T* row = tmp + K * L;             // K
+  T* alpha = h + K * L;             // (K, Lp)
+  T* beta_t = alpha + K * Lp;       // (L, Kp): each word's weights over the regions, contiguous
+  T* tmp = beta_t + L * Kp;         // max(Lp, Kp) scratch
+  T* row = tmp + Lp + Kp;           // K
   T* col = row + K;                 // L
-  T* acc = col + L;                 // 2 B
   // gather S^b into (K, L, B); S and h
   for (int64_t b = 0; b < B; ++b) {
     const T* src = sb + (((b * D.ni + i) * K) * D.nc + c) * Lt;
     for (int64_t k = 0; k < K; ++k) {
-      const T* s = src + k * D.nc * Lt;
-      for (int64_t t = 0; t < L; ++t) s_blk[(k * L + t) * B + b] = s[t];
+      const T* sk = src + k * D.nc * Lt;
+      T* dst = s_blk + k * L * B + b;
+      for (int64_t t = 0; t < L; ++t) dst[t * B] = sk[t];
     }
   }
-  for (int64_t k = 0; k < K; ++k) row[k] = 0;
   for (int64_t t = 0; t < L; ++t) col[t] = 0;
   for (int64_t k = 0; k < K; ++k) {
+    T rk = 0;
     for (int64_t t = 0; t < L; ++t) {
       const T* s = s_blk + (k * L + t) * B;
-      T total = 0;
-      for (int64_t b = 0; b < B; ++b) total += s[b];
-      const T v = total > 0 ? total : T(kSlope) * total;
-      h[k * L + t] = v;
-      row[k] += v * v;
-      col[t] += v * v;
+      V acc = vload(s);
+      for (int v = 1; v < NV; ++v) acc += vload(s + v * W);
+      const T total = hsum<T>(acc);
+      const T x = total > 0 ? total : T(kSlope) * total;
+      h[k * L + t] = x;
+      rk += x * x;
+      col[t] += x * x;
     }
+    row[k] = T(1) / (std::sqrt(rk) + T(kEps));
   }
-  for (int64_t k = 0; k < K; ++k) row[k] = T(1) / (std::sqrt(row[k]) + T(kEps));
   for (int64_t t = 0; t < L; ++t) col[t] = T(1) / (std::sqrt(col[t]) + T(kEps));
-  // regions query the words
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {  // regions query the words
     for (int64_t t = 0; t < L; ++t) tmp[t] = h[k * L + t] * col[t];
-    softmax_scaled(tmp, L, lam, alpha + k * L);
+    softmax_scaled(tmp, L, lam, alpha + k * Lp);
   }
-  // words query the regions
-  for (int64_t t = 0; t < L; ++t) {
+  for (int64_t t = 0; t < L; ++t) {  // words query the regions
     for (int64_t k = 0; k < K; ++k) tmp[k] = h[k * L + t] * row[k];
-    softmax_scaled(tmp, K, lam, beta_t + t * K);
+    softmax_scaled(tmp, K, lam, beta_t + t * Kp);
   }
-  T* num = acc;
-  T* quad = acc + B;
+  V num[NV], quad[NV];
+  const V eps = vsplat<T>(T(kEps)), zero = vsplat<T>(T(0));
+  const T* ge = gram_e + c * Lt * Lt * B;
   for (int64_t k = 0; k < K; ++k) {
-    const T* a = alpha + k * L;
-    for (int64_t b = 0; b < B; ++b) num[b] = 0, quad[b] = 0;
+    // the caption's Gram matrix is (Lt, Lt, B); its top-left (L, L) block is read with row stride Lt * B
+    V nacc[NV], qacc[NV];
+    for (int v = 0; v < NV; ++v) nacc[v] = zero, qacc[v] = zero;
+    const T* a = alpha + k * Lp;
     for (int64_t t = 0; t < L; ++t) {
-      const T* s = s_blk + (k * L + t) * B;
       const T at = a[t];
-      for (int64_t b = 0; b < B; ++b) num[b] += at * s[b];
-      const T* g = gram_e + (c * Lt + t) * Lt * B;  // G_e[c, t, u, b]
-      for (int64_t u = 0; u < L; ++u) {
-        const T w = at * a[u];
-        const T* gu = g + u * B;
-        for (int64_t b = 0; b < B; ++b) quad[b] += w * gu[b];
-      }
+      const T* st = s_blk + (k * L + t) * B;
+      for (int v = 0; v < NV; ++v) nacc[v] += vload(st + v * W) * at;
+      const T* gt = ge + t * Lt * B;
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = vload(gt + t * B + v * W) * (at * T(0.5));
+      for (int64_t u = 0; u < t; ++u)
+        for (int v = 0; v < NV; ++v) acc[v] += vload(gt + u * B + v * W) * a[u];
+      for (int v = 0; v < NV; ++v) qacc[v] += acc[v] * (2 * at);
     }
     const T* vsq = img_sq + (i * K + k) * B;
     T* out = region + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * K + k) * B;
-    for (int64_t b = 0; b < B; ++b) {
-      const T den = std::max(std::sqrt(vsq[b]) * std::sqrt(std::max(quad[b], T(0))), T(kEps));
-      out[b] = num[b] / den;
+    for (int v = 0; v < NV; ++v) {
+      V q = vmax(qacc[v], zero);
+      V den = vmax(vsqrt(vload(vsq + v * W)) * vsqrt(q), eps);
+      vstore(out + v * W, nacc[v] / den);
     }
   }
+  const T* gv = gram_v + i * K * K * B;
   for (int64_t t = 0; t < L; ++t) {
-    const T* be = beta_t + t * K;
-    for (int64_t b = 0; b < B; ++b) num[b] = 0, quad[b] = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* s = s_blk + (k * L + t) * B;
-      const T bk = be[k];
-      for (int64_t b = 0; b < B; ++b) num[b] += bk * s[b];
-      const T* g = gram_v + (i * K + k) * K * B;  // G_v[i, k, j, b], symmetric in (k, j)
-      for (int64_t b = 0; b < B; ++b) quad[b] += bk * bk * g[k * B + b];
-      for (int64_t j = 0; j < k; ++j) {
-        const T w = 2 * bk * be[j];
-        const T* gj = g + j * B;
-        for (int64_t b = 0; b < B; ++b) quad[b] += w * gj[b];
-      }
-    }
+    weighted_sums<T, NV>(beta_t + t * Kp, K, s_blk + t * B, L * B, gv, true, num, quad);
     const T* esq = cap_sq + (c * Lt + t) * B;
     T* out = word + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out + t) * B;
-    for (int64_t b = 0; b < B; ++b) {
-      const T den = std::max(std::sqrt(esq[b]) * std::sqrt(std::max(quad[b], T(0))), T(kEps));
-      out[b] = num[b] / den;
+    for (int v = 0; v < NV; ++v) {
+      V q = vmax(quad[v], zero);
+      V den = vmax(vsqrt(vload(esq + v * W)) * vsqrt(q), eps);
+      vstore(out + v * W, num[v] / den);
     }
   }
   T* pad = word + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out + L) * B;
@@ -173,6 +213,8 @@ void node_match_epilogue_cpu(at::Tensor region, at::Tensor word, const at::Tenso
               "or float64, got ", dtype);
   check_tensor(sb, "block_scores", dtype, 5);
   const Dims D{sb.size(0), sb.size(1), sb.size(2), sb.size(3), sb.size(4)};
+  TORCH_CHECK(D.B == 16,
+              "node_match_epilogue: the compiled epilogue handles 16 blocks (GSMN's num_block), got ", D.B);
   check_tensor(region, "region", dtype, 4);
   check_tensor(word, "word", dtype, 4);
   check_tensor(cap_gram, "cap_gram", dtype, 4);
@@ -220,10 +262,11 @@ void node_match_epilogue_cpu(at::Tensor region, at::Tensor word, const at::Tenso
       std::vector<scalar_t> buf;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t i = p / D.nc, c = p % D.nc;
-        if (D.B == 16)
-          pair_epilogue<scalar_t, 16>(p_sb, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
+        constexpr int W = Vec<scalar_t>::N;
+        if (D.B == W)
+          pair_epilogue<scalar_t, 1>(p_sb, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
         else
-          pair_epilogue<scalar_t, 0>(p_sb, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
+          pair_epilogue<scalar_t, 2>(p_sb, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
       }
     });
   });
