@@ -48,7 +48,10 @@ def check_image_sizes(image_sizes, n_img: int, device=None) -> Tensor:
     """image_sizes (N_img, 2) = (width, height) per image, all > 0; returned as a float64 tensor."""
     if isinstance(image_sizes, np.ndarray) and image_sizes.dtype.names:
         image_sizes = np.stack([image_sizes["image_w"], image_sizes["image_h"]], axis=1)
-    sizes = torch.as_tensor(np.asarray(image_sizes) if not isinstance(image_sizes, Tensor) else image_sizes)
+    try:
+        sizes = torch.as_tensor(np.asarray(image_sizes) if not isinstance(image_sizes, Tensor) else image_sizes)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"image_sizes must be numeric (N_img, 2) = (width, height) per image: {e}") from None
     if sizes.dim() != 2 or sizes.shape != (n_img, 2):
         raise ValueError(f"image_sizes must have shape (N_img, 2) = ({n_img}, 2) holding (width, height), got "
                          f"{tuple(sizes.shape)}")
@@ -156,6 +159,7 @@ def official_eval_boxes(boxes, image_sizes, *, batch_size: int = 64, captions_pe
     b = np.asarray(boxes.detach().cpu() if isinstance(boxes, Tensor) else boxes)
     if b.ndim != 3 or b.shape[2] != 4:
         raise ValueError(f"boxes must have shape (N_img, K, 4), got {b.shape}")
+    check_boxes(torch.tensor(b), b.shape[0], b.shape[1])                          # finite, x2 >= x1, y2 >= y1
     sizes = check_image_sizes(image_sizes, b.shape[0]).numpy()
     n_img = b.shape[0]
     counts = official_division_counts(n_img * captions_per_image, captions_per_image=captions_per_image,
@@ -183,7 +187,10 @@ def check_parses(parses, cap_lens: Sequence[int]) -> list[np.ndarray]:
         raise ValueError(f"parses must hold one edge list per caption ({len(cap_lens)}), got {len(parses)}")
     out = []
     for c, (edges, n) in enumerate(zip(parses, cap_lens)):
-        a = np.asarray(edges)
+        try:
+            a = np.asarray(edges)
+        except ValueError as e:                     # ragged edge lists
+            raise ValueError(f"parses[{c}] must be a list of integer [governor, dependent] pairs: {e}") from None
         if a.size == 0:
             a = np.zeros((0, 2), dtype=np.int64)
         if a.ndim != 2 or a.shape[1] != 2 or not (np.issubdtype(a.dtype, np.integer) or
