@@ -1,17 +1,40 @@
-"""The headline benchmark: all-pairs SCAN evaluation (similarity matrix + recall metrics) on a synthetic
-Flickr30K-sized test set (1,000 images x 5,000 captions, K = 36, d = 1024), ours against the official-style loop.
+"""The headline benchmark: all-pairs evaluation (similarity matrix + recall metrics) of SCAN and of the SGRAF heads
+(SGR, SAF) on a synthetic Flickr30K-sized test set (1,000 images x 5,000 captions, K = 36, d = 1024), ours against
+the official-style loop.
 
-    python benchmarks/bench_eval.py                 # a few minutes on 2 cores
-    python benchmarks/bench_eval.py --quick         # 200 x 1,000, under a minute
+    python benchmarks/bench_eval.py                         # SCAN t2i/i2t, SGR, SAF: many minutes on 2 cores
+    python benchmarks/bench_eval.py --quick                 # SCAN 200 x 1,000, SGRAF 100 x 500: about a minute
+    python benchmarks/bench_eval.py --models sgr,saf --threads 1
 
-For SCAN t2i and i2t, in float32 and bfloat16, it prints: the official-style loop's time (fed float32; on a
-subset, extrapolated linearly by pairs, and marked "~"), ours, the speed-up, ours over the bare packed GEMM
-(the hardware limit, timed in the same run), peak extra memory, and whether the recall metrics are identical to
-the reference's (float64 scores of the same pairs). It saves a log-log plot of time against gallery size.
+SCAN rows (t2i and i2t, float32 and bfloat16): the official-style loop's time (fed float32; on a subset,
+extrapolated linearly by pairs, and marked "~"), ours, the speed-up, ours over the bare packed GEMM (the hardware
+limit, timed in the same run), peak extra memory, and whether the recall metrics are identical to the reference's
+(float64 scores of the same pairs). It saves a log-log plot of SCAN's time against gallery size.
+
+SGRAF rows (SGR and SAF heads, d = 1024, s = 256, 3 SGR steps): the head is first TRAINED briefly (a few dozen
+Adam steps, well under a minute) on separate synthetic embeddings with a ground truth (each word a noisy copy of a
+region of its image, with a weak signal so that recall is neither chance nor 100), so that scores are spread like
+a trained model's rather than sitting in a random head's narrow band. Then: the official-style loop
+(``itm_models.sgraf.official_style_sims``: one official shard of 100 images x 100 captions, extrapolated linearly
+by pairs, "~"), ours (``SGRAFSimilarity.sims`` with float32 or bfloat16 matrix products, + metrics), the speed-up,
+the fraction of the bare-GEMM limit, peak extra memory, R@1 in both directions and, for bfloat16, its R@1
+difference to float32 (bfloat16 minus float32).
+
+"Same FLOPs" for SGRAF: the FLOPs of the computation the model defines, per pair (image, caption of L words, n =
+L + 1 graph nodes): the t2i attention 4 K L d (scores and attended vectors), W_loc on every word and W_glo on the
+global node 2 d s n, then SGR: per step 3 x 2 s^2 n (query, key, W_g) + 2 x 2 n^2 s (Q K^T, A X); or SAF: 4 s n
+(gate, weighted sum); plus the score 2 s. Summed over all pairs with their real lengths; at L = 12 that is the
+24.4 (SGR) and 8.6 (SAF) MFLOP per pair of SEMANTICS.md. The bare-GEMM time is those FLOPs divided by the rate of
+a plain ``torch.mm`` (8192 x d) @ (d x s) in the same dtype (the shape of W_loc, the dominant layer), timed in the
+same run; the fraction is bare-GEMM time / ours (1.0 = as fast as if all the work were one large GEMM). Our SGR
+path does fewer FLOPs than the model defines (query and key folded into one s x s product; the last step on the
+global node only), printed below the table, so its fraction can exceed 1.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,11 +44,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
 from itm_kernels import reference  # noqa: E402
+from itm_models.losses import ContrastiveLoss  # noqa: E402
 from itm_models.metrics import format_metrics_table, recall  # noqa: E402
+from itm_models.sgraf import SGRAFSimilarity, official_style_sims  # noqa: E402
+from bench_sgraf import trim_heap  # noqa: E402
 from common import (bare_product_time, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
                     print_table)
 
 LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
+SGRAF_HEADS = {"sgr": "SGR", "saf": "SAF"}
+MODELS = ("scan", *SGRAF_HEADS)
+K, D, S, SGR_STEPS = 36, 1024, 256, 3
+# Weight of the grounding region in each synthetic word of the SGRAF rows (noise weight 1): weak enough that a
+# briefly trained head ranks well but not perfectly (matched_features' 0.3 makes every metric 100 at once).
+SGRAF_SIGNAL = 0.1
+SGRAF_TRAIN_IMAGES = 256
 
 
 def evaluate(images, captions, lens, direction, backend="auto"):
@@ -45,6 +78,166 @@ def official_seconds(images, captions, lens, direction, max_pairs):
                                   lens[:sub_cap].cpu(), direction=direction, lambda_softmax=lam1, lambda_lse=lam2)
     return (time.perf_counter() - t0) * n_img * n_cap / (sub_img * sub_cap)
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# SGRAF rows
+# ------------------------------------------------------------------------------------------------------------------
+
+def grounded_features(n_img: int, n_cap: int, *, signal: float = SGRAF_SIGNAL, min_len: int = 8, max_len: int = 20,
+                      seed: int = 0, device="cpu"):
+    """Synthetic embeddings with a ground truth, caption c describing image c * n_img // n_cap: every word is
+    l2norm(signal * region + noise) for a random region of its image (unit-norm random regions and noise).
+
+    Returns: images (n_img, K, D) float32, captions (n_cap, max_len, D) float32, lengths (n_cap,) int64 uniform
+    in min_len..max_len.
+    """
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n_img, K, D, generator=g), dim=-1)
+    lens = torch.randint(min_len, max_len + 1, (n_cap,), generator=g)
+    owner = torch.arange(n_cap) * n_img // n_cap
+    regions = torch.randint(0, K, (n_cap, max_len), generator=g)
+    noise = torch.nn.functional.normalize(torch.randn(n_cap, max_len, D, generator=g), dim=-1)
+    captions = torch.nn.functional.normalize(signal * images[owner[:, None], regions] + noise, dim=-1)
+    return images.to(device), captions.to(device), lens.to(device)
+
+
+def sgraf_flops(lens: torch.Tensor, n_img: int, module: str, steps: int = SGR_STEPS) -> tuple[float, float]:
+    """(model, ours) FLOPs of all n_img x len(lens) pairs (see the module docstring for the count)."""
+    n = lens.double().cpu() + 1                                 # graph nodes per caption
+    shared = 4 * K * D * (n - 1) + 2 * D * S * n + 2 * S        # attention, W_loc + W_glo, score
+    if module == "SGR":
+        step = 3 * 2 * S * S * n + 2 * 2 * n * n * S
+        model = shared + steps * step
+        ours = shared + (steps - 1) * (2 * 2 * S * S * n + 2 * 2 * n * n * S) + 2 * 2 * S * S + 2 * 2 * n * S
+    else:
+        model = ours = shared + 4 * S * n
+    return float(model.sum()) * n_img, float(ours.sum()) * n_img
+
+
+def gemm_flop_rate(dtype: torch.dtype, device) -> float:
+    """FLOP/s of a plain torch.mm (8192 x D) @ (D x S) in ``dtype`` on ``device`` (median of 3, after warm-up)."""
+    a = torch.randn(8192, D, device=device).to(dtype)
+    b = torch.randn(D, S, device=device).to(dtype)
+    out = torch.empty(8192, S, dtype=dtype, device=device)
+    seconds = median_time(lambda: [torch.mm(a, b, out=out) for _ in range(8)], repeats=3, warmup=1)
+    return 8 * 2 * 8192 * D * S / seconds
+
+
+def train_sgraf_head(module: str, *, steps: int, batch: int, seed: int = 0, device="cpu"):
+    """A full-size SGRAF head (D, S) trained for ``steps`` Adam steps (lr 1e-3, grad clip 2, summed hinge loss with
+    margin 0.2: hardest negatives leave a fresh head's narrow score band too slowly for a short run) on batches of
+    ``batch`` distinct images with one of their captions each, from :func:`grounded_features` (seed + 1, so never
+    the evaluation set). Returns (head in eval mode, one-line summary)."""
+    torch.manual_seed(seed)
+    head = SGRAFSimilarity(D, S, module, SGR_STEPS).to(device)
+    images, captions, lens = grounded_features(SGRAF_TRAIN_IMAGES, 5 * SGRAF_TRAIN_IMAGES, seed=seed + 1,
+                                               device=device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    criterion = ContrastiveLoss(0.2, max_violation=False)
+    g = torch.Generator().manual_seed(seed)
+    head.train()
+    t0, losses = time.perf_counter(), []
+    for _ in range(steps):
+        img = torch.randperm(SGRAF_TRAIN_IMAGES, generator=g)[:batch]
+        cap = (img * 5 + torch.randint(0, 5, (len(img),), generator=g)).to(device)
+        cap_lens = lens[cap]
+        loss = criterion(head(images[img.to(device)], captions[cap, : int(cap_lens.max())], cap_lens))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 2.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    summary = (f"# trained {module} head: {steps} steps of {batch} pairs in {time.perf_counter() - t0:.1f} s, "
+               f"loss {losses[0]:.1f} -> {losses[-1]:.1f}" if losses else f"# {module} head untrained")
+    return head.eval(), summary
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def evaluate_sgraf(head: SGRAFSimilarity, images, captions, lens, dtype: torch.dtype):
+    """Our all-pairs SGRAF scores with ``dtype`` matrix products, and their recall metrics."""
+    sims = head.sims(images, captions, lens, dtype=dtype)
+    return sims, recall(sims.cpu().numpy())
+
+
+def official_sgraf_seconds(head: SGRAFSimilarity, images, captions, lens, max_pairs: int) -> float:
+    """The official-style loop on the first min(N_img, 100) images x (max_pairs // those) captions, extrapolated
+    linearly by pairs to the whole gallery (with the defaults: exactly one official 100 x 100 shard)."""
+    n_img, n_cap = images.shape[0], captions.shape[0]
+    sub_img = min(n_img, 100)
+    sub_cap = max(5, min(n_cap, max_pairs // sub_img))
+    t0 = time.perf_counter()
+    official_style_sims(head, images[:sub_img], captions[:sub_cap], lens[:sub_cap])
+    return (time.perf_counter() - t0) * n_img * n_cap / (sub_img * sub_cap)
+
+
+def _r1_difference(metrics: dict, base: dict | None) -> str:
+    if base is None or metrics is base:
+        return "-"
+    return ", ".join(f"{k[:3]} {metrics[k] - base[k]:+.1f}" for k in ("i2t_r1", "t2i_r1"))
+
+
+def sgraf_rows(key: str, n_img: int, args, device, rates: dict) -> list[list[str]]:
+    """Table rows of one SGRAF head (``key`` "sgr" | "saf") at n_img x 5 n_img, one per dtype."""
+    module = SGRAF_HEADS[key]
+    head, summary = train_sgraf_head(module, steps=args.train_steps, batch=args.train_batch, device=device)
+    print(summary, flush=True)
+    images, captions, lens = grounded_features(n_img, 5 * n_img, device=device)
+    with torch.no_grad():
+        off = official_sgraf_seconds(head, images, captions, lens, args.official_pairs)
+    model_flops, _ = sgraf_flops(lens, n_img, module)
+    rows, base = [], None
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        if dtype_name not in rates:
+            rates[dtype_name] = gemm_flop_rate(dtype, device)
+        head.sims(images[:2], captions[:8], lens[:8], dtype=dtype)          # first-call allocations
+        times = []
+
+        def timed():
+            _sync()
+            t0 = time.perf_counter()
+            out = evaluate_sgraf(head, images, captions, lens, dtype)
+            _sync()
+            times.append(time.perf_counter() - t0)
+            return out
+
+        trim_heap()
+        (_, metrics), peak = peak_extra_memory(timed)                      # the first timed run: time and memory
+        for _ in range(args.repeats - 1):
+            timed()
+        ours = statistics.median(times)
+        base = metrics if dtype == torch.float32 else base
+        bare = model_flops / rates[dtype_name]
+        rows.append([f"{n_img}x{5 * n_img}", module, dtype_name, f"~{off:.1f}", f"{ours:.2f}", f"{off / ours:.1f}x",
+                     f"{bare:.2f}", f"{bare / ours:.2f}", f"{peak / 2**20:.0f}",
+                     f"{metrics['i2t_r1']:.1f} / {metrics['t2i_r1']:.1f}", _r1_difference(metrics, base)])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def run_sgraf(keys: list[str], n_img: int, args, device) -> None:
+    """Print the SGRAF table (heads ``keys``) at n_img x 5 n_img, with the FLOP counts under it."""
+    rows, rates = [], {}
+    for key in keys:
+        rows += sgraf_rows(key, n_img, args, device, rates)
+    lens = grounded_features(n_img, 5 * n_img)[2]
+    per_pair = {m: [f / (n_img * len(lens)) / 1e6 for f in sgraf_flops(lens, n_img, m)] for m in ("SGR", "SAF")}
+    print_table(f"SGRAF evaluation: similarity matrix + metrics (seconds; '~' = official-style loop, one 100 x 100 "
+                f"shard, extrapolated linearly by pairs; trained synthetic heads d={D}, s={S})",
+                ["gallery", "head", "dtype", "official-style s", "ours s", "speed-up", "bare GEMM s (same FLOPs)",
+                 "fraction of GEMM limit", "peak extra MiB", "R@1 i2t / t2i", "R@1 vs float32"], rows)
+    print(f"# model FLOPs per pair (mean L {float(lens.float().mean()):.1f}): SGR {per_pair['SGR'][0]:.1f} M, SAF "
+          f"{per_pair['SAF'][0]:.1f} M; ours SGR {per_pair['SGR'][1]:.1f} M; GEMM rates "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SCAN rows
+# ------------------------------------------------------------------------------------------------------------------
 
 def save_plot(curves: dict, path: Path) -> str:
     try:
@@ -68,22 +261,10 @@ def save_plot(curves: dict, path: Path) -> str:
     return f"plot saved to {path}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-img", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="200 images x 1,000 captions")
-    parser.add_argument("--directions", default="t2i,i2t")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--official-pairs", type=int, default=10000)
-    parser.add_argument("--no-check", action="store_true", help="skip the float64 metrics check at full size")
-    parser.add_argument("--plot", default="benchmarks/out/bench_eval.png")
-    args = parser.parse_args(argv)
-    n_img = 200 if args.quick else args.n_img
+def run_scan(n_img: int, args, device) -> None:
+    """Print the SCAN table (``args.directions`` x ``args.dtypes``) at n_img x 5 n_img, timing smaller galleries
+    too for the plot."""
     sizes = sorted({max(20, n_img // 10), max(20, n_img // 4), n_img})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = itm_kernels.backends.choose_backend("auto", torch.device(device))
-    print(f"# bench_eval | backend {backend} | {machine_line()}", flush=True)
     rows, curves, shown = [], {}, False
     for direction in args.directions.split(","):
         for size in sizes:
@@ -117,6 +298,41 @@ def main(argv=None):
                 ["gallery", "dir", "dtype", "official-style s", "ours s", "speed-up", "bare GEMM s",
                  "fraction of GEMM limit", "peak extra MiB", "rsum", "metrics identical to float64"], rows)
     print(save_plot(curves, Path(args.plot)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-img", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true",
+                        help="SCAN at 200 images x 1,000 captions, SGRAF at 100 x 500")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of scan,sgr,saf")
+    parser.add_argument("--directions", default="t2i,i2t", help="SCAN directions")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--official-pairs", type=int, default=10000)
+    parser.add_argument("--no-check", action="store_true", help="skip SCAN's float64 metrics check at full size")
+    parser.add_argument("--train-steps", type=int, default=30, help="Adam steps that train each SGRAF head")
+    parser.add_argument("--train-batch", type=int, default=24, help="pairs per SGRAF training step")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, all cores)")
+    parser.add_argument("--plot", default="benchmarks/out/bench_eval.png")
+    args = parser.parse_args(argv)
+    models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}, got {args.models!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_img = 200 if args.quick else args.n_img
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = itm_kernels.backends.choose_backend("auto", torch.device(device))
+    print(f"# bench_eval | backend {backend} | {machine_line()} | load average {os.getloadavg()[0]:.2f} at start",
+          flush=True)
+    if "scan" in models:
+        run_scan(n_img, args, device)
+    heads = [m for m in models if m in SGRAF_HEADS]
+    if heads:
+        run_sgraf(heads, 100 if args.quick else args.n_img, args, device)
+    print(f"# load average {os.getloadavg()[0]:.2f} at end")
 
 
 if __name__ == "__main__":
