@@ -168,12 +168,13 @@ def validate(model: SCAN | SGRAF, dataset: PrecompDataset, *, batch_size: int = 
         sims = encode_and_score(model, _ImageRows(dataset.images, rows), ids, lengths, batch_size=batch_size,
                                 device=device, backend=backend, sims_dtype=sims_dtype)
     elif isinstance(model, (SGRAF, SGRAFEnsemble)):
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]                  # similarity_matrix leaves eval mode
         try:
             sims = _similarity_matrix_of(model, dataset, n_cap, batch_size=batch_size, device=device,
                                          sims_dtype=sims_dtype)
         finally:
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
     else:
         raise TypeError(f"model must be a SCAN, SCANEnsemble, SGRAF or SGRAFEnsemble, got {type(model).__name__}")
     metrics = recall(sims, captions_per_image=CAPTIONS_PER_IMAGE)
@@ -211,8 +212,8 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def train(config: SCANConfig | SGRAFConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab=None, seed: int = 0,
-          device: str | torch.device | None = "auto", backend: str = "auto",
+def train(config: SCANConfig | SGRAFConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, vocab=None,
+          seed: int = 0, device: str | torch.device | None = "auto", backend: str = "auto",
           resume: bool | str | os.PathLike = False, workers: int = 0, val_every_epoch: int = 1,
           progress: bool = True, on_step: Callable[[int, int, float], None] | None = None,
           log: Callable[[str], None] | None = print) -> dict:
