@@ -159,6 +159,26 @@ def _encode_all(captions: Sequence[str], vocab: Vocabulary, vocab_size: int | No
     return out
 
 
+def _check_ids(caption_ids: Sequence[Sequence[int]], vocab_size: int | None) -> list[np.ndarray]:
+    """Ready-made caption ids as int64 arrays; each non-empty, >= 0 and below ``vocab_size`` when given."""
+    out = []
+    for c, seq in enumerate(caption_ids):
+        try:
+            ids = np.asarray(seq)
+        except ValueError as e:
+            raise DataFormatError(f"caption_ids[{c}] is not a flat sequence of integer ids: {e}") from None
+        if ids.ndim != 1 or ids.size == 0 or not (np.issubdtype(ids.dtype, np.integer)):
+            raise DataFormatError(f"caption_ids[{c}] must be a non-empty flat sequence of integer ids, got "
+                                  f"shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if ids.min() < 0 or (vocab_size is not None and ids.max() >= int(vocab_size)):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            allowed = ">= 0" if vocab_size is None else f"in 0..{int(vocab_size) - 1} (vocabulary size {vocab_size})"
+            raise DataFormatError(f"caption_ids[{c}] (caption {c + 1}) has id {bad}; ids must be {allowed}")
+        out.append(ids)
+    return out
+
+
 def _pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     padded = torch.zeros(len(seqs), int(lengths.max()) if len(seqs) else 0, dtype=torch.long)
@@ -208,6 +228,11 @@ class PrecompDataset(torch.utils.data.Dataset):
         vocab_size: if given, every caption id must be below it (e.g. the model's embedding rows).
         max_captions: use only the first ``max_captions`` captions (the official code uses
             ``OFFICIAL_DEV_CAPTIONS`` = 5,000 for ``dev``); None for all.
+        caption_ids: ready-made caption id sequences (one per caption, in file order) used instead of tokenising
+            ``{split}_caps.txt``: GSMN reads ``{split}_precaps_stan.txt``, ids in its own vocabulary
+            (:func:`itm_models.gsmn_data.load_split_caption_ids`). Then neither ``{split}_caps.txt`` nor a
+            vocabulary is read (``vocab`` is kept only if given), and the ids are used as they are (every id must
+            be >= 0 and below ``vocab_size`` when given).
 
     Attributes:
         images: the read-only memory map (rows, n_regions, img_dim).
@@ -225,11 +250,16 @@ class PrecompDataset(torch.utils.data.Dataset):
         n_regions: int | None = None,
         vocab_size: int | None = None,
         max_captions: int | None = None,
+        caption_ids: Sequence[Sequence[int]] | None = None,
     ):
         paths = split_paths(data_dir, split)
-        self.vocab = load_vocab(vocab, data_dir)
+        if caption_ids is None:
+            self.vocab = load_vocab(vocab, data_dir)
+        else:
+            self.vocab = None if vocab is None else load_vocab(vocab, data_dir)
+            paths["caps"] = "caption_ids"
         self.images = load_split_images(data_dir, split, img_dim=img_dim, n_regions=n_regions)
-        lines = read_caption_lines(data_dir, split)
+        lines = read_caption_lines(data_dir, split) if caption_ids is None else list(caption_ids)
         rows, n_caps = self.images.shape[0], len(lines)
         if n_caps == rows:
             self.im_div = 1
@@ -252,7 +282,10 @@ class PrecompDataset(torch.utils.data.Dataset):
             if max_captions < 1:
                 raise ValueError(f"max_captions must be positive, got {max_captions}")
             lines = lines[:max_captions]
-        self.captions = _encode_all(lines, self.vocab, vocab_size, paths["caps"])
+        if caption_ids is None:
+            self.captions = _encode_all(lines, self.vocab, vocab_size, paths["caps"])
+        else:
+            self.captions = _check_ids(lines, vocab_size)
         self.split = split
         self.data_dir = os.fspath(data_dir)
         self._ims_path = paths["ims"]
