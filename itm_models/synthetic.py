@@ -259,3 +259,35 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def synthetic_boxes(n_images: int, n_regions: int = 36, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """GSMN box inputs: pixel boxes (n_images, n_regions, 4) float32 x1, y1, x2, y2 inside images of random sizes,
+    and the sizes (n_images, 2) int64 (width, height), as the golden generator draws them."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(240, 801, size=n_images)
+    h = rng.integers(240, 801, size=n_images)
+    bw = w[:, None] * rng.uniform(0.04, 0.95, (n_images, n_regions))
+    bh = h[:, None] * rng.uniform(0.04, 0.95, (n_images, n_regions))
+    x1 = rng.uniform(0, 1, (n_images, n_regions)) * (w[:, None] - 1 - bw)
+    y1 = rng.uniform(0, 1, (n_images, n_regions)) * (h[:, None] - 1 - bh)
+    boxes = np.stack([x1, y1, x1 + bw, y1 + bh], axis=-1).astype(np.float32)
+    return boxes, np.stack([w, h], axis=1).astype(np.int64)
+
+
+def synthetic_parses(lengths, *, seed: int = 0) -> list[list[list[int]]]:
+    """Random dependency trees in the CoreNLP layout GSMN reads, one per caption of ``lengths`` tokens (rows 0
+    and L - 1 are <start> / <end>: the tree covers tokens 1..L-2): [0, root] first, then [governor, dependent]
+    sorted by dependent; governors prefer nearby tokens."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n_rows in lengths:
+        n = max(1, int(n_rows) - 2)
+        root = int(rng.integers(1, n + 1))
+        attached, edges = [root], []
+        for d in rng.permutation([t for t in range(1, n + 1) if t != root]):
+            q = np.exp(-np.abs(np.array(attached) - d) / 2.0)
+            edges.append([int(rng.choice(attached, p=q / q.sum())), int(d)])
+            attached.append(int(d))
+        out.append([[0, root]] + sorted(edges, key=lambda e: e[1]))
+    return out

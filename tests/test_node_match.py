@@ -397,23 +397,25 @@ def test_cpu_backend_matches_reference(dtype, seed, n_img, n_cap, K, L, d, tile,
 
 
 @needs_cpu_kernel
-def test_cpu_epilogue_checks_its_inputs():
+def test_cpu_kernel_checks_its_inputs():
     """The C++ boundary rejects bad tensors with a message (never a crash or a silent wrong result)."""
     f32 = dict(dtype=torch.float32)
     good = dict(region=torch.empty(2, 3, 4, 16, **f32), word=torch.empty(2, 3, 5, 16, **f32),
-                sb=torch.zeros(16, 2, 4, 3, 5, **f32), cap_gram=torch.zeros(3, 5, 5, 16, **f32),
+                img_blk=torch.zeros(2, 4, 2, 16, **f32), cap_blk=torch.zeros(3, 8, 2, 16, **f32),
                 img_gram=torch.zeros(2, 4, 4, 16, **f32), img_sq=torch.ones(2, 4, 16, **f32),
-                cap_sq=torch.ones(3, 5, 16, **f32), lens=torch.tensor([5, 1, 3]), index=torch.tensor([0, 2, 1]))
+                cap_gram=torch.zeros(3, 5, 5, 16, **f32), cap_sq=torch.ones(3, 5, 16, **f32),
+                lens=torch.tensor([5, 1, 3]), index=torch.tensor([0, 2, 1]))
 
     def call(**change):
         a = {**good, **change}
-        torch.ops.itm_kernels.node_match_epilogue_(a["region"], a["word"], a["sb"], a["cap_gram"], a["img_gram"],
-                                                   a["img_sq"], a["cap_sq"], a["lens"], a["index"], 0, 20.0)
+        torch.ops.itm_kernels.node_match_fused_(a["region"], a["word"], a["img_blk"], a["cap_blk"], a["img_gram"],
+                                                a["img_sq"], a["cap_gram"], a["cap_sq"], a["lens"], a["index"], 20.0)
 
     call()
     for change, words in [(dict(lens=torch.tensor([6, 1, 3])), "cap_lens[0] = 6"),
                           (dict(index=torch.tensor([0, 3, 1])), "cap_index[1] = 3"),
-                          (dict(sb=torch.zeros(8, 2, 4, 3, 5, **f32)), "16 blocks"),
+                          (dict(img_blk=torch.zeros(2, 4, 4, 8, **f32)), "16 blocks"),
+                          (dict(img_blk=torch.zeros(2, 3, 2, 16, **f32)), "padded to multiples of 4"),
                           (dict(cap_gram=torch.zeros(3, 4, 5, 16, **f32)), "cap_gram must be"),
                           (dict(img_sq=torch.ones(2, 4, 16, dtype=torch.float64)), "img_sq must be"),
                           (dict(lens=torch.tensor([5.0, 1.0, 3.0])), "cap_lens must be"),

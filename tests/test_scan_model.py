@@ -365,7 +365,7 @@ def test_official_other_model_types_are_refused(tmp_path):
     assert read_official_checkpoint(path)["model_type"] == "sgraf"
     gsmn_opt = argparse.Namespace(vocab_size=40, feat_dim=16, num_block=16, hid_dim=32, out_dim=1, is_sparse=False)
     path = _official_file(tmp_path, "gsmn.pth.tar", {"model": sds + [{}], "opt": gsmn_opt})
-    with pytest.raises(CheckpointError, match=r"GSMN checkpoint"):
+    with pytest.raises(CheckpointError, match=r"the GSMN weights do not fit the model its opt describes"):
         load_official_checkpoint(path)
     # an SGRAF opt with a SCAN-sized model list: the list length is checked against the detected type
     path = _official_file(tmp_path, "sgraf2.pth.tar", {"model": sds[:2], "opt": sgraf_opt})

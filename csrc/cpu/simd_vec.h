@@ -47,6 +47,22 @@ template <class T> ITM_INLINE T hmax(typename Vec<T>::V v) {
   for (int i = 1; i < Vec<T>::N; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
+// Sum of the lanes by halving (log2 N dependent adds instead of N - 1): for many independent sums.
+template <class T> ITM_INLINE T hsum_tree(typename Vec<T>::V v) {
+  typedef T H __attribute__((vector_size(32)));
+  typedef T Q __attribute__((vector_size(16)));
+  H lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  H s8 = lo + hi;
+  Q a, b;
+  std::memcpy(&a, &s8, 16);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + 16, 16);
+  Q s4 = a + b;
+  T r = 0;
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) r += s4[i];
+  return r;
+}
 template <class V> ITM_INLINE V vmax(V a, V b) { return a > b ? a : b; }
 template <class V> ITM_INLINE V vsqrt(V a) {
   for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) a[i] = __builtin_sqrt(a[i]);
