@@ -210,19 +210,27 @@ class GSMNSimilarity(nn.Module):
         return _node_scores(self.i2t_match_G, h.reshape(ni, nc, K, -1)).mean(dim=2)
 
     def _textual_part(self, word_match: Tensor, cap_graph: list[Tensor], lens: list[int]) -> Tensor:
-        """word_match (ni, nc, L, 16), per-caption graphs -> (ni, nc) mean over each caption's words."""
+        """word_match (ni, nc, L, 16), per-caption graphs -> (ni, nc) mean over each caption's words (the block's
+        captions at once, padded to the longest; padding rows are masked out of the mean)."""
         w, b = _stacked(self.t2i_match_G.graph_convolution_3.conv_weights, word_match.dtype)
-        cols = []
-        for c, n in enumerate(lens):
-            m = word_match[:, c, :n]                                                            # (ni, n, f)
-            g = cap_graph[c].to(word_match.dtype)
-            if self.propagate:
-                h = torch.einsum("tuk,iuf,kof->itko", g, m, w)
-            else:
-                h = torch.einsum("itf,kof->itko", m, w) * g[None, :, :, None]
-            h = h + b
-            cols.append(_node_scores(self.t2i_match_G, h.reshape(h.shape[0], n, -1)).mean(dim=1))
-        return torch.stack(cols, dim=1)
+        ni, nc, L, _ = word_match.shape
+        n_k = w.shape[0]
+        lens_t = torch.tensor(lens, device=word_match.device)
+        valid = torch.arange(L, device=word_match.device)[None, :] < lens_t[:, None]               # (nc, L)
+        if self.propagate:
+            g = word_match.new_zeros(nc, L, L, n_k)
+            for c, n in enumerate(lens):
+                g[c, :n, :n] = cap_graph[c].to(word_match.dtype)
+            h = torch.einsum("ctuk,icuf,kof->ictko", g, word_match, w)
+        else:
+            g = word_match.new_zeros(nc, L, n_k)
+            for c, n in enumerate(lens):
+                g[c, :n] = cap_graph[c].to(word_match.dtype)
+            h = torch.einsum("ictf,kof->ictko", word_match, w) * g[None, :, :, :, None]
+        h = h + b
+        scores = _node_scores(self.t2i_match_G, h.reshape(ni, nc, L, -1))                      # (ni, nc, L)
+        scores = torch.where(valid[None], scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+        return scores.sum(dim=2) / lens_t.to(scores.dtype)
 
     def _score_block(self, img_emb, cap_emb, lens_t, lens, img_graph, cap_graph, backend, parts: bool):
         region_match, word_match = node_match(img_emb, cap_emb, lens_t, lambda_softmax=self.lambda_softmax,
