@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from itm_models.gsmn import GSMNSimilarity  # noqa: E402
 from itm_models.gsmn_official import official_style_sims  # noqa: E402
 from itm_models.synthetic import synthetic_boxes, synthetic_parses  # noqa: E402
-from common import bare_product_time, machine_line, median_time, peak_extra_memory, print_table  # noqa: E402
+from common import (bare_product_time, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
+                    print_table)
 
 
 def heads(seed: int = 0) -> dict:
@@ -48,24 +49,15 @@ def official_seconds(head, images, captions, lens, boxes, sizes, parses, sub_img
     return t * (images.shape[0] * captions.shape[0]) / (sub_img * sub_cap), scores
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--captions", type=int, default=5000)
-    p.add_argument("--quick", action="store_true", help="200 images x 1,000 captions")
-    p.add_argument("--official-subset", type=int, nargs=2, default=(100, 100), metavar=("IMAGES", "CAPTIONS"))
-    p.add_argument("--repeats", type=int, default=1)
-    args = p.parse_args(argv)
-    n_img, n_cap = (200, 1000) if args.quick else (args.images, args.captions)
-    print(machine_line())
-    from common import matched_features
+def run_gsmn(n_img: int, n_cap: int, official_subset=(100, 100), repeats: int = 1) -> str:
+    """Time the dense, sparse and ensemble GSMN heads on n_img x n_cap synthetic pairs; print and return the table."""
     images, captions, lens = matched_features(n_img, n_cap)
     boxes, sizes = synthetic_boxes(n_img)
     boxes, sizes = torch.from_numpy(boxes), torch.from_numpy(sizes)
     parses = synthetic_parses(lens.tolist())
     bare = 3 * bare_product_time(images, captions, lens)
     bare_bf16 = 3 * bare_product_time(images.bfloat16(), captions.bfloat16(), lens)
-    sub_img, sub_cap = (min(n_img, args.official_subset[0]), min(n_cap, args.official_subset[1]))
+    sub_img, sub_cap = (min(n_img, official_subset[0]), min(n_cap, official_subset[1]))
     rows, totals = [], {"fp32": 0.0, "bf16": 0.0, "official": 0.0}
     for variant, head in heads().items():
         official, off_scores = official_seconds(head, images, captions, lens, boxes, sizes, parses, sub_img, sub_cap)
@@ -73,7 +65,7 @@ def main(argv=None):
             def ours():
                 return head.sims(images, captions, lens, boxes, sizes, parses, dtype=dtype, progress=True)
             scores, mem = peak_extra_memory(ours)
-            t = median_time(ours, repeats=args.repeats, warmup=0)
+            t = median_time(ours, repeats=repeats, warmup=0)
             diff = (scores[:sub_img, :sub_cap] - off_scores).abs().max().item()
             totals[label] += t
             rows.append([variant, label, f"~{official:.1f}", f"{t:.2f}", f"{official / t:.1f}x", f"{t / limit:.2f}",
@@ -82,11 +74,27 @@ def main(argv=None):
     for label, limit in (("fp32", bare), ("bf16", bare_bf16)):
         rows.append(["ensemble", label, f"~{totals['official']:.1f}", f"{totals[label]:.2f}",
                      f"{totals['official'] / totals[label]:.1f}x", f"{totals[label] / (2 * limit):.2f}", "", ""])
-    print_table(f"GSMN all-pairs evaluation, {n_img} images x {n_cap} captions (K = 36, d = 1024, lengths 8..20); "
+    return print_table(f"GSMN all-pairs evaluation, {n_img} images x {n_cap} captions (K = 36, d = 1024, lengths 8..20); "
                 f"official-style timed on {sub_img} x {sub_cap} and extrapolated (~); bare GEMM x3 = {bare:.2f} s "
                 f"fp32, {bare_bf16:.2f} s bf16",
                 ["head", "inputs", "official-style s", "ours s", "speed-up", "ours / bare GEMM (same FLOPs)",
                  "peak extra MiB", "max |ours - official|"], rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--captions", type=int, default=5000)
+    p.add_argument("--quick", action="store_true", help="200 images x 1,000 captions")
+    p.add_argument("--official-subset", type=int, nargs=2, default=(100, 100), metavar=("IMAGES", "CAPTIONS"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, all cores)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_img, n_cap = (200, 1000) if args.quick else (args.images, args.captions)
+    print(machine_line())
+    run_gsmn(n_img, n_cap, args.official_subset, args.repeats)
 
 
 if __name__ == "__main__":
