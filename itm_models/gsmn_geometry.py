@@ -178,7 +178,7 @@ def official_eval_boxes(boxes, image_sizes, *, batch_size: int = 64, captions_pe
 
 def check_parses(parses, cap_lens: Sequence[int]) -> list[np.ndarray]:
     """Parses as (n_edges, 2) int64 arrays of [governor, dependent], CoreNLP layout (1-based tokens, first edge =
-    ROOT edge). Indices must lie in 0..cap_len (index cap_len occurs in the released data, where the parser saw one
+    ROOT edge); a stacked (N_cap, E, 2) array padded with [-1, -1] rows is accepted too. Indices must lie in 0..cap_len (index cap_len occurs in the released data, where the parser saw one
     token more than the caption has rows; edges touching an index >= cap_len are dropped, as the released code
     does)."""
     if isinstance(parses, (str, bytes)) or not isinstance(parses, Sequence) and not isinstance(parses, np.ndarray):
@@ -199,6 +199,7 @@ def check_parses(parses, cap_lens: Sequence[int]) -> list[np.ndarray]:
             raise ValueError(f"parses[{c}] must be a list of integer [governor, dependent] pairs, got shape "
                              f"{a.shape} dtype {a.dtype}")
         a = a.astype(np.int64)
+        a = a[~(a == -1).all(axis=1)] if a.size else a          # [-1, -1] rows pad a stacked (N, E, 2) array
         if a.size and (a.min() < 0 or a.max() > n):
             raise ValueError(f"parses[{c}] has token indices in {a.min()}..{a.max()}, outside 0..{n} "
                              f"(caption length {n})")
