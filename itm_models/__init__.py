@@ -2,6 +2,7 @@
 from .checkpoints import CheckpointError, load_checkpoint, load_official_checkpoint, register_official_loader, \
     save_checkpoint
 from .gsmn import GSMN, GSMNEnsemble, GSMNSimilarity, build_gsmn_from_official
+from .gsmn_config import GSMNConfig
 from .losses import ContrastiveLoss
 from .scan import SCAN, SCANConfig, SCANEnsemble
 from .sgraf import SGRAF, SGRAFConfig, SGRAFEnsemble, SGRAFSimilarity, build_sgraf_from_official
@@ -25,4 +26,4 @@ register_official_loader("sgraf", _build_official_sgraf)
 register_official_loader("gsmn", _build_official_gsmn)
 
 __all__ = ["SCAN", "SCANConfig", "SCANEnsemble", "SGRAF", "SGRAFConfig", "SGRAFEnsemble", "SGRAFSimilarity",
-           "GSMN", "GSMNEnsemble", "GSMNSimilarity", "ContrastiveLoss", "load_official_checkpoint", "load_checkpoint", "save_checkpoint"]
+           "GSMN", "GSMNConfig", "GSMNEnsemble", "GSMNSimilarity", "ContrastiveLoss", "load_official_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from itm_kernels.node_match import node_match
 
+from .gsmn_config import GSMNConfig
 from .gsmn_geometry import (check_boxes, check_parses, gaussian_kernel_weights, normalize_boxes,
                             official_eval_boxes, pseudo_coordinates, sparse_adjacency, textual_kernel_weights,
                             word_affinity)
@@ -341,7 +342,11 @@ def parse_captions(texts: Sequence[str], *, model: str = "en_core_web_sm") -> li
 class GSMN(nn.Module):
     """GSMN: SCAN's encoders (``img_enc``, ``txt_enc``) and :class:`GSMNSimilarity` (``sim``), with the interface
     of the other models: :meth:`encode_images`, :meth:`encode_captions`, :meth:`sims` (which also takes boxes,
-    image sizes and parses)."""
+    image sizes and parses).
+
+    ``model.config`` is a :class:`itm_models.gsmn_config.GSMNConfig` (built from the arguments, or the one given to
+    :meth:`from_config`), so :func:`itm_models.checkpoints.save_checkpoint` / ``load_checkpoint`` round-trip the
+    model (model type ``"gsmn"``)."""
 
     model_type = "gsmn"
 
@@ -356,6 +361,21 @@ class GSMN(nn.Module):
         self.txt_enc = EncoderText(vocab_size, word_dim, embed_size, num_layers, bi_gru, no_txtnorm)
         self.sim = GSMNSimilarity(variant, lambda_softmax, propagate, embed_size=embed_size, num_block=num_block,
                                   feat_dim=feat_dim, hid_dim=hid_dim, out_dim=out_dim)
+        self.config = GSMNConfig(vocab_size=vocab_size, variant=variant, propagate=propagate, img_dim=img_dim,
+                                 word_dim=word_dim, embed_size=embed_size, num_layers=num_layers, bi_gru=bi_gru,
+                                 no_imgnorm=no_imgnorm, no_txtnorm=no_txtnorm, lambda_softmax=lambda_softmax,
+                                 num_block=num_block, feat_dim=feat_dim, hid_dim=hid_dim, out_dim=out_dim)
+
+    @classmethod
+    def from_config(cls, config: GSMNConfig, backend: str = "auto") -> "GSMN":
+        """Build the model that ``config`` describes and keep ``config`` (training fields included) on
+        ``model.config``. ``backend`` is accepted for the interface of
+        :func:`itm_models.checkpoints.load_checkpoint` and unused (``sims`` takes a backend per call)."""
+        if not isinstance(config, GSMNConfig):
+            raise TypeError(f"config must be a GSMNConfig, got {type(config).__name__}")
+        model = cls(**config.model_kwargs())
+        model.config = config
+        return model
 
     def encode_images(self, images: Tensor) -> Tensor:
         """(N, K, img_dim) precomputed region features -> (N, K, d)."""
@@ -413,7 +433,8 @@ class GSMNEnsemble(nn.Module):
 
 def build_gsmn_from_official(checkpoint: dict, *, propagate: bool = False) -> GSMN:
     """Rebuild an official GSMN model from its checkpoint dict (``opt`` Namespace or dict, ``model`` =
-    [img_enc, txt_enc, i2t_match_G, t2i_match_G]), weights loaded strictly; eval mode."""
+    [img_enc, txt_enc, i2t_match_G, t2i_match_G]), weights loaded strictly; eval mode. The options are kept as a
+    dict on ``model.official_opt`` (its ``batch_size`` decides the released evaluation's box divisions)."""
     opt = checkpoint["opt"]
     opt = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
     model = GSMN(vocab_size=int(opt["vocab_size"]), variant="sparse" if opt.get("is_sparse") else "dense",
@@ -435,4 +456,5 @@ def build_gsmn_from_official(checkpoint: dict, *, propagate: bool = False) -> GS
             module.load_state_dict(sd, strict=True)
         except RuntimeError as exc:
             raise ValueError(f"model list entry {name} does not fit the model built from opt: {exc}") from None
+    model.official_opt = opt
     return model.eval()
