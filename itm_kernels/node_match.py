@@ -44,7 +44,7 @@ DEFAULT_NUM_BLOCKS = 16
 # K x L x 16 tensors of one tile; ~6 of them live at once. 4 MiB each keeps the tile's work in the L2/L3 caches
 # while the block GEMMs keep >= a few hundred rows.
 DEFAULT_TILE_BYTES = 4 << 20
-BACKENDS = ("auto", "cpu", "torch", "reference")
+BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
 # |sum_t a_t e_t,b|^2 = a^T G^b a cancels badly when the context is much shorter than its words and a block has
 # very few features (measured: float32 cosines of 250 at 1 feature per block, 5e-4 excess error at 2). Below this
 # width a tile forms its contexts explicitly (d-sized per pair, which is small exactly then).
@@ -301,6 +301,10 @@ def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_sof
     if backend == "cpu" and num_blocks == CPU_NUM_BLOCKS and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
         return node_match_cpu(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
                               max_tile_bytes=max_tile_bytes or None)
+    if backend == "triton" and images.dtype != torch.float64:
+        from .triton_node_match import node_match_triton
+
+        return node_match_triton(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks)
     if backend == "reference":
         with torch.no_grad():
             region, word = node_match_reference(images, captions, cap_lens, lambda_softmax=lambda_softmax,
@@ -398,6 +402,13 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     if backend == "cpu" and (images.device.type != "cpu" or not _have_cpu_kernel()):
         raise ValueError("backend 'cpu' needs CPU tensors and the compiled extension (itm_kernels._C)")
+    if backend == "triton":
+        from .backends import available_backends
+
+        if "triton" not in available_backends(images.device):
+            raise ValueError(f"backend 'triton' is not available for {images.device.type} tensors here: it needs "
+                             "triton and a CUDA device, or TRITON_INTERPRET=1 (set before triton is first "
+                             "imported) for CPU tensors")
     name = backend
     if backend == "auto":
         name = "cpu" if images.device.type == "cpu" and _have_cpu_kernel() else "torch"
