@@ -22,9 +22,11 @@ for the other direction). Everything per pair is K x L x 16-sized; nothing d-siz
 Tiles: captions are visited in length order and padded only to the longest of their tile; one tile holds a few
 images x a few captions, sized so that its K x L x 16 tensors stay under ``max_tile_bytes``.
 
-Backends: "cpu" runs the per-block score GEMMs in torch and each pair's attentions and cosines in a C++ epilogue
-(``csrc/cpu/node_match_cpu.cpp``, block axis innermost: one SIMD vector); "torch" runs the same algebra as torch
-ops on whole tiles; "reference" is the spec. No Triton or CUDA kernel of this op is written yet.
+Backends: "cpu" is one fused C++ kernel per caption range (``csrc/cpu/node_match_cpu.cpp``): per pair, the block
+scores as a register-tiled product with the 16 blocks as the lanes of one SIMD vector, then both attentions and
+the Gram-form cosines in cache (16 blocks of >= 16 features; other shapes run on "torch"); "triton"
+(``triton_node_match.py``, GPU, or CPU tensors under ``TRITON_INTERPRET=1``) forms the contexts in registers;
+"torch" runs the Gram-form algebra as torch ops on whole tiles; "reference" is the spec.
 
 Autograd: a registered backward op (``itm_kernels::node_match_backward``) recomputes each tile under
 ``torch.func.vjp`` (checkpointing per tile), so it needs the memory of one tile's forward graph, never the
@@ -372,7 +374,8 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
         cap_lens: (N_cap,) integer lengths in 1..L_max (tensor, list or array).
         lambda_softmax: attention temperature of both directions (GSMN: 20 Flickr30K, 10 COCO).
         num_blocks: number of equal slices of d compared by cosine (GSMN ``num_block`` = 16); must divide d.
-        backend: "auto" (= "torch"), "torch" (tiled, bounded memory) or "reference" (the readable spec).
+        backend: "auto" ("cpu" for CPU tensors when the extension is built, else "torch"), "cpu", "triton",
+            "torch" (tiled, bounded memory) or "reference" (the readable spec).
         max_tile_bytes: cap on one tile's (K x L x blocks) tensors (default 4 MiB).
 
     Returns:
@@ -385,8 +388,11 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
     Autograd: differentiable w.r.t. images and captions; the backward recomputes one tile at a time and saves only
     the inputs.
 
-    Memory: the outputs (N_img N_cap (K + L_max) num_blocks values: call it on blocks of pairs) plus one tile of at
-    most about 6 x ``max_tile_bytes``; no (pairs x K x d) context is ever formed ("reference" excepted).
+    Memory: the outputs (N_img N_cap (K + L_max) num_blocks values: call it on blocks of pairs), plus for "cpu"
+    a float32 block-interleaved copy of the images with their per-block Gram matrices (N_img K (d + 16 K) values)
+    and one caption range of at most ``max_tile_bytes`` (default 8 MiB) of words with theirs, and per thread a
+    (K x L x 16) scratch; for "torch", one tile of at most about 6 x ``max_tile_bytes``. No (pairs x K x d) context
+    is ever formed ("reference" excepted).
     """
     check_feature_pair(images, captions)
     cap_lens = check_lengths("cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
@@ -395,7 +401,7 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
             or images.shape[2] % num_blocks:
         raise ValueError(f"num_blocks must be a positive int that divides d={images.shape[2]}, got {num_blocks!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (no compiled kernels of node_match yet), got "
+        raise ValueError(f"backend must be one of {BACKENDS}, got "
                          f"{backend!r}")
     if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
                                        or max_tile_bytes <= 0):
