@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA kernels without a GPU.
 #
-#   1. nvcc -std=c++17 for sm_80 and sm_90 (one invocation) of csrc/cuda/compile_check.cu, which instantiates every
-#      dtype x direction variant of csrc/cuda/xattn_sim_kernel.cuh; prints registers / spills / stack per kernel
-#      (ptxas -v) and one summary line per arch;
+#   1. nvcc -std=c++17 for sm_80 and sm_90 (one invocation per check file): csrc/cuda/compile_check.cu instantiates
+#      every dtype x direction variant of csrc/cuda/xattn_sim_kernel.cuh, csrc/cuda/node_match_compile_check.cu every
+#      dtype of csrc/cuda/node_match_kernel.cuh; prints registers / spills / stack per kernel (ptxas -v) and one
+#      summary line per arch ("sm_80: OK ..." for xattn_sim, "node_match sm_80: OK ..." for node_match);
 #   2. g++ -fsyntax-only of csrc/xattn_math.h alone (the header the CPU kernel shares);
-#   3. g++ build of the host emulation csrc/cuda/xattn_sim_emulate.cpp (AddressSanitizer + UBSan), which runs the
-#      kernels' block code on the CPU; prints the launch plan (dynamic shared memory) for typical and maximal shapes;
-#   4. with --binding: nvcc -c of the torch binding csrc/cuda/xattn_sim_cuda.cu against the installed torch's
-#      headers (about 40 s; works with a CPU-only torch too, the object is not linked).
+#   3. g++ builds of the host emulations csrc/cuda/xattn_sim_emulate.cpp and csrc/cuda/node_match_emulate.cpp
+#      (AddressSanitizer + UBSan), which run the kernels' block code on the CPU; prints the launch plans (dynamic
+#      shared memory) for typical and maximal shapes;
+#   4. with --binding: nvcc -c of the torch bindings csrc/cuda/xattn_sim_cuda.cu and node_match_cuda.cu against the
+#      installed torch's headers (about 40 s each; works with a CPU-only torch too, the objects are not linked).
 #
-# Usage: tools/compile_check_cuda.sh [--emulator PATH] [--binding]
-#   --emulator PATH  keep the emulator binary at PATH (tests/test_cuda_compile.py runs it)
+# Usage: tools/compile_check_cuda.sh [--only xattn|node_match] [--emulator PATH] [--node-match-emulator PATH]
+#                                    [--binding]
+#   --only KERNEL              check one kernel's files only (default: both)
+#   --emulator PATH            keep the xattn_sim emulator binary at PATH (tests/test_cuda_compile.py runs it)
+#   --node-match-emulator PATH keep the node_match emulator binary at PATH (tests/test_cuda_node_match.py runs it)
 # Environment: NVCC (default nvcc), CXX (default g++), CUDA_HOME (default: from nvcc), PYTHON (for --binding).
 # Exits non-zero on the first failing step.
 set -euo pipefail
@@ -20,15 +25,25 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NVCC="${NVCC:-nvcc}"
 CXX="${CXX:-g++}"
 emulator=""
+nm_emulator=""
 binding=0
+only=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --emulator) emulator="$2"; shift 2 ;;
+    --node-match-emulator) nm_emulator="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
     --binding) binding=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
+case "$only" in
+  "") do_xattn=1; do_nm=1 ;;
+  xattn) do_xattn=1; do_nm=0 ;;
+  node_match) do_xattn=0; do_nm=1 ;;
+  *) echo "--only takes xattn or node_match, got: $only" >&2; exit 2 ;;
+esac
 
 command -v "$NVCC" >/dev/null || { echo "nvcc not found (set NVCC)" >&2; exit 127; }
 if [[ -z "${CUDA_HOME:-}" ]]; then
@@ -44,62 +59,82 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 demangle() { if command -v c++filt >/dev/null; then c++filt; else cat; fi; }
 
-# --- 1. nvcc, both architectures in one invocation ----------------------------------------------------------------
+# --- 1. nvcc, both architectures in one invocation per check file -------------------------------------------------
 # The -D__CUDA_NO_* flags are those torch's cpp_extension passes: the kernels must not rely on implicit half
 # conversions.
 nvcc_flags=(-std=c++17 -O3 -Xptxas -v --threads 2
   -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__ -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -I "$root/csrc")
-start=$SECONDS
-if ! "$NVCC" "${nvcc_flags[@]}" -c "$root/csrc/cuda/compile_check.cu" -o "$work/compile_check.o" >"$work/nvcc.log" 2>&1; then
-  grep -v '^ptxas info' "$work/nvcc.log" >&2 || true
-  echo "FAIL nvcc: csrc/cuda/compile_check.cu (sm_80, sm_90)" >&2
-  exit 1
-fi
-nvcc_s=$((SECONDS - start))
-# ptxas -v prints, per kernel: "Compiling entry function 'NAME' for 'sm_XX'", "... N bytes stack frame, S bytes
-# spill stores, L bytes spill loads", "Used R registers, ...".
-awk '
-  /Compiling entry function/ { match($0, /function .[^'"'"']*/); fn = substr($0, RSTART + 10, RLENGTH - 10);
-                               match($0, /for .sm_[0-9]+/); arch = substr($0, RSTART + 5, RLENGTH - 5) }
-  /bytes stack frame/        { stack = $1; spill = $5 + $9 }
-  /Used [0-9]+ registers/    { match($0, /Used [0-9]+/); regs = substr($0, RSTART + 5, RLENGTH - 5);
-                               print arch, regs, spill, stack, fn }
-' "$work/nvcc.log" > "$work/kernels.txt"
-[[ -s "$work/kernels.txt" ]] || { cat "$work/nvcc.log" >&2; echo "FAIL: no ptxas report" >&2; exit 1; }
-printf '%-6s %5s %11s %11s  %s\n' arch regs spill_bytes stack_bytes kernel
-sort -k1,1 -k5 "$work/kernels.txt" | while read -r arch regs spill stack fn; do
-  printf '%-6s %5s %11s %11s  %s\n' "$arch" "$regs" "$spill" "$stack" "$(echo "$fn" | demangle)"
-done
-for arch in sm_80 sm_90; do
-  awk -v a="$arch" '$1 == a { n++; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2; sp += $3;
-                              if ($4 > st) st = $4 }
-    END { if (n == 0) { print a ": FAIL no kernels"; exit 1 }
-          printf "%s: OK %d kernels, %d-%d registers, %d bytes spilled in total, stack <= %d bytes\n", a, n, min, max, sp, st }' \
-    "$work/kernels.txt"
-done
-echo "nvcc: ${nvcc_s}s for both architectures"
+# nvcc_check FILE PREFIX: compile csrc/cuda/FILE, print the per-kernel table and "<PREFIX>sm_XX: OK ..." lines.
+nvcc_check() {
+  local file="$1" prefix="$2" tag
+  tag="${file%.cu}"
+  local start=$SECONDS
+  if ! "$NVCC" "${nvcc_flags[@]}" -c "$root/csrc/cuda/$file" -o "$work/$tag.o" >"$work/$tag.nvcc.log" 2>&1; then
+    grep -v '^ptxas info' "$work/$tag.nvcc.log" >&2 || true
+    echo "FAIL nvcc: csrc/cuda/$file (sm_80, sm_90)" >&2
+    exit 1
+  fi
+  local nvcc_s=$((SECONDS - start))
+  # ptxas -v prints, per kernel: "Compiling entry function 'NAME' for 'sm_XX'", "... N bytes stack frame, S bytes
+  # spill stores, L bytes spill loads", "Used R registers, ...".
+  awk '
+    /Compiling entry function/ { match($0, /function .[^'"'"']*/); fn = substr($0, RSTART + 10, RLENGTH - 10);
+                                 match($0, /for .sm_[0-9]+/); arch = substr($0, RSTART + 5, RLENGTH - 5) }
+    /bytes stack frame/        { stack = $1; spill = $5 + $9 }
+    /Used [0-9]+ registers/    { match($0, /Used [0-9]+/); regs = substr($0, RSTART + 5, RLENGTH - 5);
+                                 print arch, regs, spill, stack, fn }
+  ' "$work/$tag.nvcc.log" > "$work/$tag.kernels.txt"
+  [[ -s "$work/$tag.kernels.txt" ]] || { cat "$work/$tag.nvcc.log" >&2; echo "FAIL: no ptxas report for $file" >&2; exit 1; }
+  printf '%-6s %5s %11s %11s  %s\n' arch regs spill_bytes stack_bytes kernel
+  sort -k1,1 -k5 "$work/$tag.kernels.txt" | while read -r arch regs spill stack fn; do
+    printf '%-6s %5s %11s %11s  %s\n' "$arch" "$regs" "$spill" "$stack" "$(echo "$fn" | demangle)"
+  done
+  for arch in sm_80 sm_90; do
+    awk -v a="$arch" -v p="$prefix" '$1 == a { n++; if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2; sp += $3;
+                                if ($4 > st) st = $4 }
+      END { if (n == 0) { print p a ": FAIL no kernels"; exit 1 }
+            printf "%s%s: OK %d kernels, %d-%d registers, %d bytes spilled in total, stack <= %d bytes\n", p, a, n, min, max, sp, st }' \
+      "$work/$tag.kernels.txt"
+  done
+  echo "${prefix}nvcc: ${nvcc_s}s for both architectures"
+}
+[[ $do_xattn == 1 ]] && nvcc_check compile_check.cu ""
+[[ $do_nm == 1 ]] && nvcc_check node_match_compile_check.cu "node_match "
 
 # --- 2. the shared math header alone under g++ --------------------------------------------------------------------
 echo '#include "xattn_math.h"' | "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -I "$root/csrc" -x c++ -
 echo "g++: csrc/xattn_math.h compiles alone"
 
 # --- 3. host emulation ---------------------------------------------------------------------------------------------
-emu="${emulator:-$work/xattn_sim_emulate}"
-mkdir -p "$(dirname "$emu")"
 emu_flags=(-std=c++17 -O1 -g -Wall -Wextra -Werror -I "$root/csrc" -I "$CUDA_INC")
 sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
-if "$CXX" "${emu_flags[@]}" "${sanitize[@]}" "$root/csrc/cuda/xattn_sim_emulate.cpp" -o "$emu" 2> "$work/emu.log"; then
-  echo "g++: host emulation built with ASan/UBSan (${emu})"
-elif "$CXX" "${emu_flags[@]}" "$root/csrc/cuda/xattn_sim_emulate.cpp" -o "$emu"; then
-  echo "g++: host emulation built WITHOUT sanitizers (${emu}); with them: $(head -n1 "$work/emu.log")"
-else
-  echo "FAIL g++: csrc/cuda/xattn_sim_emulate.cpp" >&2
-  exit 1
+# build_emulator SOURCE OUT: g++ with the sanitizers where the toolchain has them, without otherwise.
+build_emulator() {
+  local src="$1" out="$2"
+  mkdir -p "$(dirname "$out")"
+  if "$CXX" "${emu_flags[@]}" "${sanitize[@]}" "$root/csrc/cuda/$src" -o "$out" 2> "$work/emu.log"; then
+    echo "g++: host emulation built with ASan/UBSan (${out})"
+  elif "$CXX" "${emu_flags[@]}" "$root/csrc/cuda/$src" -o "$out"; then
+    echo "g++: host emulation built WITHOUT sanitizers (${out}); with them: $(head -n1 "$work/emu.log")"
+  else
+    echo "FAIL g++: csrc/cuda/$src" >&2
+    exit 1
+  fi
+}
+if [[ $do_xattn == 1 ]]; then
+  emu="${emulator:-$work/xattn_sim_emulate}"
+  build_emulator xattn_sim_emulate.cpp "$emu"
+  "$emu" --plan 36 32 1024
+  "$emu" --plan 64 128 1024
 fi
-"$emu" --plan 36 32 1024
-"$emu" --plan 64 128 1024
+if [[ $do_nm == 1 ]]; then
+  nm_emu="${nm_emulator:-$work/node_match_emulate}"
+  build_emulator node_match_emulate.cpp "$nm_emu"
+  "$nm_emu" --plan 36 32 1024 16
+  "$nm_emu" --plan 64 128 1024 16
+fi
 
 # --- 4. torch binding (optional) -----------------------------------------------------------------------------------
 if [[ $binding == 1 ]]; then
@@ -110,12 +145,17 @@ if [[ $binding == 1 ]]; then
   # A CPU-only torch ships c10/cuda headers but not the generated cuda_cmake_macros.h.
   extra=()
   [[ -f "${torch_inc[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]] || extra+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-  start=$SECONDS
-  "$NVCC" -std=c++20 -O2 -gencode arch=compute_80,code=sm_80 --expt-relaxed-constexpr -Xcompiler -fPIC \
-    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-    -D__CUDA_NO_HALF2_OPERATORS__ "${extra[@]}" -I "$root/csrc" "${inc_flags[@]}" \
-    -c "$root/csrc/cuda/xattn_sim_cuda.cu" -o "$work/xattn_sim_cuda.o" 2> "$work/binding.log" || {
-      cat "$work/binding.log" >&2; echo "FAIL nvcc: csrc/cuda/xattn_sim_cuda.cu" >&2; exit 1; }
-  echo "nvcc: torch binding compiles against $("$PYTHON" -c 'import torch; print(torch.__version__)') headers ($((SECONDS - start))s)"
+  bindings=()
+  [[ $do_xattn == 1 ]] && bindings+=(xattn_sim_cuda.cu)
+  [[ $do_nm == 1 ]] && bindings+=(node_match_cuda.cu)
+  for file in "${bindings[@]}"; do
+    start=$SECONDS
+    "$NVCC" -std=c++20 -O2 -gencode arch=compute_80,code=sm_80 --expt-relaxed-constexpr -Xcompiler -fPIC \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ "${extra[@]}" -I "$root/csrc" "${inc_flags[@]}" \
+      -c "$root/csrc/cuda/$file" -o "$work/${file%.cu}.o" 2> "$work/binding.log" || {
+        cat "$work/binding.log" >&2; echo "FAIL nvcc: csrc/cuda/$file" >&2; exit 1; }
+    echo "nvcc: torch binding $file compiles against $("$PYTHON" -c 'import torch; print(torch.__version__)') headers ($((SECONDS - start))s)"
+  done
 fi
 echo "compile check passed"
