@@ -25,7 +25,8 @@ images x a few captions, sized so that its K x L x 16 tensors stay under ``max_t
 Backends: "cpu" is one fused C++ kernel per caption range (``csrc/cpu/node_match_cpu.cpp``): per pair, the block
 scores as a register-tiled product with the 16 blocks as the lanes of one SIMD vector, then both attentions and
 the Gram-form cosines in cache (16 blocks of >= 16 features; other shapes run on "torch"); "triton"
-(``triton_node_match.py``, GPU, or CPU tensors under ``TRITON_INTERPRET=1``) forms the contexts in registers;
+(``triton_node_match.py``, GPU, or CPU tensors under ``TRITON_INTERPRET=1``) and "cuda"
+(``csrc/cuda/node_match_kernel.cuh``: one thread block per pair, K <= 64, L <= 128) form the contexts on chip;
 "torch" runs the Gram-form algebra as torch ops on whole tiles; "reference" is the spec.
 
 Autograd: a registered backward op (``itm_kernels::node_match_backward``) recomputes each tile under
@@ -46,7 +47,9 @@ DEFAULT_NUM_BLOCKS = 16
 # K x L x 16 tensors of one tile; ~6 of them live at once. 4 MiB each keeps the tile's work in the L2/L3 caches
 # while the block GEMMs keep >= a few hundred rows.
 DEFAULT_TILE_BYTES = 4 << 20
-BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "reference")
+# Limits of the CUDA kernel (csrc/cuda/node_match_kernel.cuh); larger problems run on "torch".
+CUDA_MAX_K, CUDA_MAX_L = 64, 128
 # |sum_t a_t e_t,b|^2 = a^T G^b a cancels badly when the context is much shorter than its words and a block has
 # very few features (measured: float32 cosines of 250 at 1 feature per block, 5e-4 excess error at 2). Below this
 # width a tile forms its contexts explicitly (d-sized per pair, which is small exactly then).
@@ -59,6 +62,12 @@ def _have_cpu_kernel() -> bool:
     from .backends import available_backends
 
     return "cpu" in available_backends() and hasattr(torch.ops.itm_kernels, "node_match_fused_")
+
+
+def _have_cuda_kernel() -> bool:
+    from .backends import has_cuda_kernels
+
+    return has_cuda_kernels() and hasattr(torch.ops.itm_kernels, "node_match_cuda")
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -303,6 +312,10 @@ def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_sof
     if backend == "cpu" and num_blocks == CPU_NUM_BLOCKS and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
         return node_match_cpu(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
                               max_tile_bytes=max_tile_bytes or None)
+    if backend == "cuda" and images.shape[1] <= CUDA_MAX_K and captions.shape[1] <= CUDA_MAX_L and \
+            (images.dtype != torch.float64 or images.shape[1] * captions.shape[1] <= 64 * 64):
+        return torch.ops.itm_kernels.node_match_cuda(images, captions, cap_lens, float(lambda_softmax),
+                                                     int(num_blocks))
     if backend == "triton" and images.dtype != torch.float64:
         from .triton_node_match import node_match_triton
 
@@ -374,8 +387,10 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
         cap_lens: (N_cap,) integer lengths in 1..L_max (tensor, list or array).
         lambda_softmax: attention temperature of both directions (GSMN: 20 Flickr30K, 10 COCO).
         num_blocks: number of equal slices of d compared by cosine (GSMN ``num_block`` = 16); must divide d.
-        backend: "auto" ("cpu" for CPU tensors when the extension is built, else "torch"), "cpu", "triton",
-            "torch" (tiled, bounded memory) or "reference" (the readable spec).
+        backend: "auto" ("cpu" for CPU tensors when the extension is built, else "torch"), "cpu", "cuda",
+            "triton", "torch" (tiled, bounded memory) or "reference" (the readable spec). The CUDA and Triton
+            kernels have been compiled and run in emulation / the interpreter but never on a GPU, so "auto" does
+            not pick them yet: name them to use them (problems beyond their limits run on "torch").
         max_tile_bytes: cap on one tile's (K x L x blocks) tensors (default 4 MiB).
 
     Returns:
@@ -408,6 +423,9 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     if backend == "cpu" and (images.device.type != "cpu" or not _have_cpu_kernel()):
         raise ValueError("backend 'cpu' needs CPU tensors and the compiled extension (itm_kernels._C)")
+    if backend == "cuda" and (images.device.type != "cuda" or not _have_cuda_kernel()):
+        raise ValueError("backend 'cuda' needs CUDA tensors and the extension built with CUDA "
+                         "(torch.ops.itm_kernels.node_match_cuda)")
     if backend == "triton":
         from .backends import available_backends
 

@@ -32,8 +32,8 @@ def compile_check(tmp_path_factory):
     if shutil.which("nvcc") is None or shutil.which("g++") is None:
         pytest.skip("needs nvcc and g++")
     emulator = tmp_path_factory.mktemp("cuda") / "xattn_sim_emulate"
-    proc = subprocess.run(["bash", str(SCRIPT), "--emulator", str(emulator)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(["bash", str(SCRIPT), "--only", "xattn", "--emulator", str(emulator)], capture_output=True,
+                          text=True, timeout=600)
     return proc, emulator
 
 
