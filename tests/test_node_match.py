@@ -346,7 +346,7 @@ def _good():
     (dict(lambda_softmax=float("nan")), ValueError, "lambda_softmax must be finite"),
     (dict(lambda_softmax=float("inf")), ValueError, "lambda_softmax must be finite"),
     (dict(lambda_softmax="20"), TypeError, "lambda_softmax must be a real number"),
-    (dict(backend="cuda"), ValueError, "backend .cuda. needs CUDA tensors"),
+    (dict(backend="cuda"), ValueError, "backend 'cuda' needs CUDA tensors"),
     (dict(backend="numpy"), ValueError, "backend must be one of"),
     (dict(max_tile_bytes=0), ValueError, "max_tile_bytes must be a positive int"),
     (dict(max_tile_bytes=-5), ValueError, "max_tile_bytes must be a positive int"),
