@@ -17,7 +17,9 @@ matrices, so it can beat that limit.)
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,8 +66,11 @@ def run_gsmn(n_img: int, n_cap: int, official_subset=(100, 100), repeats: int = 
         for label, dtype, limit in (("fp32", torch.float32, bare), ("bf16", torch.bfloat16, bare_bf16)):
             def ours():
                 return head.sims(images, captions, lens, boxes, sizes, parses, dtype=dtype, progress=True)
-            scores, mem = peak_extra_memory(ours)
-            t = median_time(ours, repeats=repeats, warmup=0)
+            start = time.perf_counter()
+            scores, mem = peak_extra_memory(ours)                       # the first timed run
+            times = [time.perf_counter() - start] + [median_time(ours, repeats=1, warmup=0)
+                                                     for _ in range(repeats - 1)]
+            t = statistics.median(times)
             diff = (scores[:sub_img, :sub_cap] - off_scores).abs().max().item()
             totals[label] += t
             rows.append([variant, label, f"~{official:.1f}", f"{t:.2f}", f"{official / t:.1f}x", f"{t / limit:.2f}",

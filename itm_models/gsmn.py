@@ -279,7 +279,8 @@ class GSMNSimilarity(nn.Module):
             parses: the sparse variant's dependency parses, one list of [governor, dependent] per caption (CoreNLP
                 layout: 1-based tokens, first edge = ROOT, skipped).
             dtype: embedding dtype for the matching kernel (default: the input's); scores are float32 (float64
-                for float64).
+                for float64). The CPU kernel computes in float32 for bfloat16/float16 inputs, so on the CPU a low
+                precision only rounds the embeddings (no speed-up); the GPU kernels multiply in it.
             return_parts: also return the visual and textual parts: (visual, textual), each (N_img, N_cap).
             block_pairs: pairs per ``node_match`` call.
 
