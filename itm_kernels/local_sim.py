@@ -143,6 +143,13 @@ def _gram(images, cdtype):
     return torch.bmm(v, v.transpose(1, 2))                                                        # (N_img, K, K)
 
 
+def local_sim_gram(images: Tensor, cdtype: torch.dtype | None = None) -> Tensor:
+    """The per-image Gram matrices V V^T (N_img, K, K) in ``cdtype`` (default: float32, float64 for float64) that
+    :func:`local_sim_torch` needs; callers that score one image against many caption blocks compute them once and
+    pass them as ``gram``."""
+    return _gram(images, cdtype or _out_dtype(images.dtype))
+
+
 def _packed_words(captions, cap_lens_t, lens, c0, c1, mm, n_rows=None):
     """The real words of captions c0..c1 packed: (longest, valid (nc, longest), e (W, d), seg (W,) caption of each
     row). With ``n_rows`` > W, zero rows are appended with seg = nc, a spare slot that no output reads."""
@@ -158,8 +165,13 @@ def _packed_words(captions, cap_lens_t, lens, c0, c1, mm, n_rows=None):
 
 
 def local_sim_torch(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Tensor, bias: Tensor, *,
-                    lambda_softmax: float, max_tile_bytes: int | None = None) -> Tensor:
+                    lambda_softmax: float, max_tile_bytes: int | None = None, out: Tensor | None = None,
+                    gram: Tensor | None = None) -> Tensor:
     """Chunked forward on validated inputs; see :func:`local_sim`. No autograd.
+
+    ``out``: optional (N_img, N_cap, L, s) destination of any floating dtype, strided views included (e.g. the
+    word nodes of a larger node tensor); the float32/float64 rows are cast into it on the way (one rounding).
+    ``gram``: optional precomputed :func:`local_sim_gram` of ``images`` (same values as computed here).
 
     Memory: the output, the per-image Gram matrices (N_img x K x K), one scratch of at most ``max_tile_bytes``
     (default 8 MiB) for the attended vectors, and K-sized/s-sized per-tile tensors (K/d and s/d of the scratch).
@@ -168,8 +180,15 @@ def local_sim_torch(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: 
     n_img, _, d = images.shape
     n_cap, L, s_dim = captions.shape[0], captions.shape[1], weight.shape[0]
     cdtype, mm = _out_dtype(images.dtype), _mm_dtype(images.dtype)
-    v_mm, gram, w_mm, b_mm = images.to(mm), _gram(images, cdtype), weight.to(mm), bias.to(mm)
-    out = torch.empty(n_img, n_cap, L, s_dim, dtype=cdtype, device=images.device)
+    v_mm, w_mm, b_mm = images.to(mm), weight.to(mm), bias.to(mm)
+    if gram is None:
+        gram = _gram(images, cdtype)
+    elif gram.shape != (n_img, images.shape[1], images.shape[1]) or gram.dtype != cdtype:
+        raise ValueError(f"gram must be ({n_img}, K, K) {cdtype}, got {tuple(gram.shape)} {gram.dtype}")
+    if out is None:
+        out = torch.empty(n_img, n_cap, L, s_dim, dtype=cdtype, device=images.device)
+    elif out.shape != (n_img, n_cap, L, s_dim):
+        raise ValueError(f"out must be {(n_img, n_cap, L, s_dim)}, got {tuple(out.shape)}")
     lens = cap_lens.tolist()
     elem = torch.finfo(mm).bits // 8
     bucket = LOW_PRECISION_ROW_BUCKET if mm in (torch.bfloat16, torch.float16) else 1
@@ -192,9 +211,9 @@ def local_sim_torch(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: 
         y = torch.addmm(b_mm, diff.view(ni * words, d), w_t).to(cdtype)                          # (ni W, s)
         y = y / (torch.linalg.vector_norm(y, dim=1, keepdim=True) + EPS)
         region = out[i0:i1, c0:c1, :longest]
-        region[:, valid] = y.view(ni, words, s_dim)[:, :real]
+        region[:, valid] = y.view(ni, words, s_dim)[:, :real].to(out.dtype)
         if pad_c.numel():                                   # zero only the padding rows (index_put, not a full pass)
-            region[:, pad_c, pad_t] = torch.zeros((), dtype=cdtype, device=out.device)
+            region[:, pad_c, pad_t] = torch.zeros((), dtype=out.dtype, device=out.device)
         out[i0:i1, c0:c1, longest:] = 0
     return out
 

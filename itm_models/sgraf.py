@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from itm_kernels.local_sim import local_sim
+from itm_kernels.local_sim import local_sim, local_sim_gram, local_sim_torch
 
 from .checkpoints import register_model_type
 
@@ -204,7 +204,7 @@ class SGRAFSimilarity(nn.Module):
         return lens
 
     def _weights(self, dtype: torch.dtype, mm_dtype: torch.dtype) -> dict:
-        """The head's weights in the compute dtype, plus per SGR step P = W_q^T W_k, c = b_q W_k and [P | W_g^T].
+        """The head's weights in the compute dtype, plus per SGR step P = W_q^T W_k, c = b_q W_k and W_g^T.
 
         Differentiable (used by forward() too); for float32 the products are formed in float64 first when no
         gradient is needed, so that P carries no more rounding than the official Q K^T.
@@ -220,9 +220,8 @@ class SGRAFSimilarity(nn.Module):
                 wq, wk = m.graph_query_w.weight.to(pdt), m.graph_key_w.weight.to(pdt)
                 p, c = wq.t() @ wk, m.graph_query_w.bias.to(pdt) @ wk
                 g_w_t = m.sim_graph_w.weight.to(pdt).t()
-                steps.append(dict(p=p.to(mm_dtype), c=c.to(mm_dtype), g_w_t=g_w_t.to(mm_dtype),
-                                  g_b=m.sim_graph_w.bias.to(mm_dtype),
-                                  pu=torch.cat([p, g_w_t], 1).to(mm_dtype)))
+                steps.append(dict(p=p.to(mm_dtype), c=c.to(mm_dtype), g_w_t=g_w_t.to(mm_dtype).contiguous(),
+                                  g_b=m.sim_graph_w.bias.to(mm_dtype)))
             w["steps"] = steps
         else:
             saf = self.SAF_module
@@ -242,6 +241,16 @@ class SGRAFSimilarity(nn.Module):
         return l2norm(y)
 
     @staticmethod
+    def _global_sims_block(img_glo: Tensor, cap_glo: Tensor, w_mm: Tensor, b: Tensor, out: Tensor) -> None:
+        """The global nodes of an evaluation block as the official code computes them, l2norm(W (x_i - y_c)^2
+        + b), into ``out`` (Ni, Nc, s): the (Ni Nc, d) squared differences (a few MiB per block) and one GEMM
+        in ``w_mm``'s dtype (float32 accumulation), bias and l2norm in float32/64."""
+        ni, nc, d = img_glo.shape[0], cap_glo.shape[0], img_glo.shape[1]
+        diff = torch.sub(img_glo[:, None, :], cap_glo[None, :, :]).square_().view(ni * nc, d)
+        y = torch.mm(diff.to(w_mm.dtype), w_mm.t()).to(b.dtype).add_(b)
+        out.copy_(l2norm(y).view(ni, nc, -1))
+
+    @staticmethod
     def _sgr(x: Tensor, node_valid: Tensor, w: dict) -> Tensor:
         """SGR on nodes x (P, n, s) in the matmul dtype (node 0 global; invalid nodes are never read as keys or
         values) -> sim_vec (P, s) in the compute dtype. Matrix products in x's dtype, softmaxes in float32/64."""
@@ -254,11 +263,15 @@ class SGRAFSimilarity(nn.Module):
             # because every row of A sums to 1.
             # The query bias c enters as the per-key term c . X_j (no broadcast copy of a bias into the GEMM).
             flat = x.view(P * n, s)
-            yu = torch.mm(flat, st["pu"]).view(P, n, 2 * s)
+            # Y and U as two GEMMs with contiguous results: the batched products below read them without the
+            # copies that the strided halves of one (P n, 2 s) product cost.
+            y = torch.mm(flat, st["p"]).view(P, n, s)
+            u = torch.mm(flat, st["g_w_t"]).view(P, n, s)
             key_term = torch.mv(flat, st["c"]).view(P, 1, n)
-            logits = torch.baddbmm(key_term, yu[:, :, :s], x.transpose(1, 2)).to(cdtype)
+            logits = torch.baddbmm(key_term, y, x.transpose(1, 2)).to(cdtype)
+            del y
             attn = torch.softmax(logits.masked_fill_(key_mask, float("-inf")), dim=-1).to(x.dtype)
-            x = torch.baddbmm(st["g_b"], attn, yu[:, :, s:]).relu_()        # (P, n, s)
+            x = torch.baddbmm(st["g_b"], attn, u).relu_()                   # (P, n, s)
         st = steps[-1]                                                       # the global node only
         y0 = torch.addmm(st["c"], x[:, 0], st["p"])                          # (P, s)
         logits = torch.bmm(x, y0[:, :, None]).squeeze(2).to(cdtype)          # (P, n)
@@ -329,8 +342,14 @@ class SGRAFSimilarity(nn.Module):
             x = torch.empty(ni, nc, n_nodes, s, dtype=x_dtype, device=sim_loc.device)
             torch.cat([sim_glo[:, :, None], sim_loc.to(sim_glo.dtype)], dim=2, out=x[:, :, : lc + 1])
             x[:, :, lc + 1:] = 0
-        x = x.view(ni * nc, n_nodes, s)
         del sim_loc                                                          # the caller holds no reference
+        return self._score_nodes(x, lens, w, train_stats)
+
+    def _score_nodes(self, x: Tensor, lens: Tensor, w: dict, train_stats: list | None = None) -> Tensor:
+        """Scores of a block from its node tensor x (Ni, Nc, n_nodes, s): node 0 global, nodes 1..L_c the words,
+        the rest zero (never read as keys) -> (Ni, Nc)."""
+        ni, nc, n_nodes, s = x.shape
+        x = x.view(ni * nc, n_nodes, s)
         node_valid = (torch.arange(n_nodes, device=lens.device)[None, :] <= lens[:, None])    # (Nc, n)
         node_valid = node_valid[None].expand(ni, nc, n_nodes).reshape(ni * nc, n_nodes)
         if self.module_name == "SGR":
@@ -393,19 +412,28 @@ class SGRAFSimilarity(nn.Module):
             w = self._weights(cdtype, mm_dtype)
             loc_w, loc_b = self.sim_tranloc_w.weight.to(cdtype), self.sim_tranloc_w.bias.to(cdtype)
             img_mm, cap_mm = img_emb.to(mm_dtype), cap_emb.to(mm_dtype)
+            gram = local_sim_gram(img_mm, cdtype)                            # per image, once (not per block)
             out = torch.empty(n_img, n_cap, dtype=cdtype, device=img_emb.device)
+            x_dtype = mm_dtype if self.module_name == "SGR" else cdtype
+            glo_w_mm, glo_b_mm = w["glo_w"].to(mm_dtype), w["glo_b"].to(cdtype)
             bucket = NODE_BUCKET_LOW_PRECISION if mm_dtype in (torch.bfloat16, torch.float16) else 1
             nodes_per_image = max(1, block_rows // min(n_img, 16))
             for idx, n_nodes, nominal in _pair_chunks(lens, nodes_per_image, bucket):
                 lens_c = lens[idx]
                 cap_c = cap_mm[idx, : int(lens_c.max())]
                 img_chunk = max(1, block_rows // (nominal * n_nodes))
+                lc, cap_glo_c = cap_c.shape[1], cap_glo[idx]
                 for i0 in range(0, n_img, img_chunk):
                     i1 = min(n_img, i0 + img_chunk)
-                    glo = self._global_sims(img_glo[i0:i1], cap_glo[idx], w["glo_w"], w["glo_b"], mm_dtype)
-                    out[i0:i1, idx] = self._score_block(
-                        glo, local_sim(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
-                                       max_tile_bytes=max_tile_bytes), lens_c, w, mm_dtype, n_nodes=n_nodes)
+                    # The block's node tensor is written in place: the global node by one GEMM, the word nodes
+                    # by local_sim straight into their rows (cast once), the bucket's spare nodes zeroed.
+                    x = torch.empty(i1 - i0, len(idx), n_nodes, self.sim_dim, dtype=x_dtype, device=out.device)
+                    self._global_sims_block(img_glo[i0:i1], cap_glo_c, glo_w_mm, glo_b_mm, out=x[:, :, 0])
+                    local_sim_torch(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
+                                    max_tile_bytes=max_tile_bytes, out=x[:, :, 1:lc + 1], gram=gram[i0:i1])
+                    if n_nodes > lc + 1:
+                        x[:, :, lc + 1:] = 0
+                    out[i0:i1, idx] = self._score_nodes(x, lens_c, w)
         finally:
             self.train(was_training)
         return out
