@@ -166,3 +166,24 @@ def test_torch_compile_fullgraph():
     assert_close_report(out, ref, atol=1e-12, rtol=0, what="compiled value")
     for a, b in zip(leaves, ref_leaves):
         assert_close_report(a.grad, b.grad, atol=1e-12, rtol=0, what="compiled gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_into_strided_out_with_gram(dtype):
+    """local_sim_torch(out=, gram=) (what SGRAFSimilarity.sims uses): rows written into a strided view of a larger
+    node tensor in another dtype equal local_sim's rows cast once; padding rows zeroed; the rest untouched."""
+    from itm_kernels.local_sim import local_sim_gram, local_sim_torch
+
+    images, captions, lens, weight, bias = problem(3, n_img=3, n_cap=4, K=5, L=6, d=17, s=8, dtype=dtype)
+    want = local_sim(images, captions, lens, weight, bias, max_tile_bytes=600)
+    for node_dtype in (torch.float32, torch.bfloat16):
+        nodes = torch.full((3, 4, 9, 8), 5.0, dtype=node_dtype)                # node 0 and nodes 7, 8 are not ours
+        local_sim_torch(images, captions, lens, weight, bias, lambda_softmax=9.0, max_tile_bytes=600,
+                        out=nodes[:, :, 1:7], gram=local_sim_gram(images))
+        assert torch.equal(nodes[:, :, 1:7], want.to(node_dtype))
+        assert (nodes[:, :, 0] == 5).all() and (nodes[:, :, 7:] == 5).all()
+    with pytest.raises(ValueError, match="out must be"):
+        local_sim_torch(images, captions, lens, weight, bias, lambda_softmax=9.0, out=nodes[:, :, 1:6])
+    with pytest.raises(ValueError, match="gram must be"):
+        local_sim_torch(images, captions, lens, weight, bias, lambda_softmax=9.0,
+                        gram=local_sim_gram(images)[:2])
