@@ -22,7 +22,7 @@ robust per-core measurement.
 
 Per-pair dense-layer FLOPs (L + 1 nodes): official: 2 d s (L + 1) (W_loc on every word + W_glo) +
 3 steps x 3 x 2 s^2 (L + 1) (SGR); ours: the same W_loc/W_glo + 2 steps x 2 x 2 s^2 (L + 1) (first two SGR steps:
-one (s x 2s) GEMM each, query-key folded) + 2 x 2 s^2 (last step, global node only); SAF adds 2 s (L + 1) to both. Peak memory: the rise of the
+two (s x s) GEMMs each, query-key folded) + 2 x 2 s^2 (last step, global node only); SAF adds 2 s (L + 1) to both. Peak memory: the rise of the
 process's resident high-water mark (/proc/self/clear_refs + VmHWM, after glibc malloc_trim) while ``sims`` runs,
 output included.
 K = 36, d = 1024, s = 256, unit-norm embeddings, caption lengths uniform 8..20 (mean 14).

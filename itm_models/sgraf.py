@@ -24,8 +24,10 @@ official code to float32 rounding):
 - Rows of A sum to 1, so W_g (A X) + b_g = A (X W_g^T) + b_g: with the previous rule, one (s x 2s) GEMM
   X [W_q^T W_k | W_g^T] per step gives both the logit queries and the values.
 - The last SGR step is needed for the global node only (one row per pair instead of L + 1).
-- W (x - y)^2 = W x^2 - 2 (W diag(x)) y + W y^2 for the global branch: per image a (s, d) matrix times the
-  caption globals, so the all-pairs global term is one GEMM without any per-pair d-sized temporary.
+- W (x - y)^2 = W x^2 - 2 (W diag(x)) y + W y^2 for the global branch of a training batch (``forward``): per image
+  a (s, d) matrix times the caption globals, one GEMM without any per-pair d-sized temporary to keep for backward.
+  ``sims`` uses the official per-pair form instead (the block's (pairs, d) squared differences and one GEMM): no
+  cancellation, and no (images, s, d) product rebuilt for every caption chunk.
 """
 from __future__ import annotations
 
@@ -374,9 +376,9 @@ class SGRAFSimilarity(nn.Module):
             img_emb: (N_img, 36, d) region embeddings. cap_emb: (N_cap, L_max, d) word embeddings, right-padded
                 (padding never read). cap_lens: (N_cap,) lengths in 1..L_max.
             dtype: dtype of the matrix products (default: img_emb's): float32 (the official evaluation's),
-                float64, or bfloat16/float16 (autocast-style: the per-pair matrix products in that dtype; the
-                global vectors, the global branch, softmaxes, normalisations, the SAF gate and the score in
-                float32).
+                float64, or bfloat16/float16 (autocast-style: the per-pair matrix products, W_glo's included, in
+                that dtype with float32 accumulation; the global vectors, the squared differences, softmaxes,
+                normalisations, the SAF gate and the score in float32).
             block_rows: graph nodes (pairs x (L + 1)) per block. max_tile_bytes: local_sim's scratch cap.
         Returns:
             (N_img, N_cap) scores, float64 for float64, float32 otherwise.
@@ -384,14 +386,15 @@ class SGRAFSimilarity(nn.Module):
         Work: the global vectors once per image and once per caption; captions grouped by length (by exact
         length in float32/float64: no padding; by L + 1 rounded up to a multiple of 4 in bfloat16/float16, which
         bounds the number of distinct GEMM shapes and so oneDNN's per-shape memory) and cut into chunks; per
-        block of (images x caption chunk) pairs, the global term as one GEMM, :func:`itm_kernels.local_sim.local_sim`
-        for the local vectors (W_loc on every word of every pair as large GEMMs) and SGR/SAF with every per-pair
-        dense layer as one GEMM over the block.
+        block of (images x caption chunk) pairs, one node tensor written in place: the global nodes as one GEMM
+        over the block's squared differences, the word nodes by :func:`itm_kernels.local_sim.local_sim_torch`
+        straight into their rows (W_loc on every word of every pair as large GEMMs; the per-image Gram matrices
+        computed once), then SGR/SAF with every per-pair dense layer as one GEMM over the block.
 
         Peak memory beyond inputs and output: a matmul-dtype copy of the inputs when ``dtype`` differs from
         theirs, the global vectors (N_img + N_cap) x d (computed 64 items at a time), and per block about 5 node
-        tensors of block_rows x s values (SGR's, one of them 2 s wide; SAF needs 2) + up to 16 x s x d (the
-        global term of up to 16 images) + ``max_tile_bytes`` (local_sim's scratch, 8 MiB): about 70 MB in float32
+        tensors of block_rows x s values (SGR's; SAF needs 2) + the block's squared global differences (pairs x d,
+        2-16 MiB in float32) + ``max_tile_bytes`` (local_sim's scratch, 8 MiB): about 70 MB in float32
         at the defaults (d = 1024, s = 256, block_rows = 8192), independent of N_img and N_cap (measured 60-100
         MiB float32, 70-150 MiB bfloat16 at 200 x 1000: benchmarks/bench_sgraf.py). In bfloat16, oneDNN also
         keeps about 0.3-0.5 MiB per distinct GEMM shape for the life of the process; the shape bucketing above
