@@ -31,7 +31,7 @@ template <class T>
 void run_node_match(const at::Tensor& images, const at::Tensor& captions, const at::Tensor& cap_lens,
                     at::Tensor& region, at::Tensor& word, double lambda_softmax, int64_t num_blocks,
                     const itm::cuda::nm::NodePlan& plan) {
-  using A = itm::cuda::nm::acc_t<T>;
+  using A = itm::cuda::acc_t<T>;
   itm::cuda::nm::NodeProblem<T> p{};
   p.images = static_cast<const T*>(images.data_ptr());
   p.captions = static_cast<const T*>(captions.data_ptr());

@@ -30,6 +30,7 @@
 
 namespace {
 
+using namespace itm::cuda;
 using namespace itm::cuda::nm;
 
 template <class A> struct HostExec {
