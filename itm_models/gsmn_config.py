@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoints import register_model_type
+from .opt_fields import opt_fields
 
 __all__ = ["GSMNConfig", "recipe", "RECIPES", "VARIANTS"]
 
@@ -136,14 +137,11 @@ class GSMNConfig:
         """Build from an official ``argparse.Namespace`` (or dict): ``is_sparse`` gives ``variant``, the fields
         above are taken, the rest (paths, workers, logging) ignored; ``bi_gru`` / ``max_violation`` / ``is_sparse``
         missing from ``opt`` are False (the official parser's defaults). ``vocab_size`` is required."""
-        d = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
-        if "vocab_size" not in d:
-            raise ValueError("opt has no 'vocab_size' (the official train.py sets opt.vocab_size = len(vocab))")
-        names = {f.name for f in dataclasses.fields(cls)} - {"variant", "propagate"}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = opt_fields(cls, opt, exclude=("variant", "propagate"))
         kwargs.setdefault("bi_gru", False)
         kwargs.setdefault("max_violation", False)
-        return cls(variant="sparse" if d.get("is_sparse") else "dense", propagate=propagate, **kwargs)
+        is_sparse = opt.get("is_sparse") if isinstance(opt, dict) else getattr(opt, "is_sparse", False)
+        return cls(variant="sparse" if is_sparse else "dense", propagate=propagate, **kwargs)
 
     def model_kwargs(self) -> dict:
         """The keyword arguments of :class:`itm_models.GSMN` that this config describes."""

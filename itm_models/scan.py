@@ -19,6 +19,7 @@ from torch import nn
 import itm_kernels
 
 from .encoders import IMAGE_ENCODER_TYPES, EncoderText, build_image_encoder
+from .opt_fields import opt_fields
 
 __all__ = ["SCANConfig", "SCAN", "SCANEnsemble", "encode_and_score", "AGG_FUNCS", "RAW_FEATURE_NORMS",
            "CROSS_ATTN"]
@@ -109,11 +110,7 @@ class SCANConfig:
         """Build from an official ``argparse.Namespace`` (or a dict): the fields above are taken, the rest
         (paths, logging, workers, ...) ignored. ``vocab_size`` is required; any other missing field keeps its
         official default (older SCAN versions lacked e.g. ``bi_gru``)."""
-        d = dict(vars(opt)) if not isinstance(opt, dict) else dict(opt)
-        if "vocab_size" not in d:
-            raise ValueError("opt has no 'vocab_size' (the official train.py sets opt.vocab_size = len(vocab))")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**opt_fields(cls, opt))
 
     def to_dict(self) -> dict:
         """Plain-data dict of every field (``dataclasses.asdict``)."""

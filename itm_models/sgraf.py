@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from itm_kernels.local_sim import local_sim, local_sim_gram, local_sim_torch
 
 from .checkpoints import register_model_type
+from .opt_fields import opt_fields
 
 EPS = 1e-8
 DROPOUT = 0.4
@@ -654,11 +655,7 @@ class SGRAFConfig:
     def from_opt(cls, opt) -> "SGRAFConfig":
         """Build from an official ``argparse.Namespace`` (or dict): the fields above are taken, the rest (paths,
         workers, logging) ignored. ``vocab_size`` is required."""
-        d = dict(opt) if isinstance(opt, dict) else dict(vars(opt))
-        if "vocab_size" not in d:
-            raise ValueError("opt has no 'vocab_size' (the official train.py sets opt.vocab_size = len(vocab))")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**opt_fields(cls, opt))
 
     def to_dict(self) -> dict:
         """Plain-data dict of every field (``dataclasses.asdict``)."""
