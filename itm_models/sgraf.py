@@ -223,8 +223,12 @@ class SGRAFSimilarity(nn.Module):
                 wq, wk = m.graph_query_w.weight.to(pdt), m.graph_key_w.weight.to(pdt)
                 p, c = wq.t() @ wk, m.graph_query_w.bias.to(pdt) @ wk
                 g_w_t = m.sim_graph_w.weight.to(pdt).t()
-                steps.append(dict(p=p.to(mm_dtype), c=c.to(mm_dtype), g_w_t=g_w_t.to(mm_dtype).contiguous(),
-                                  g_b=m.sim_graph_w.bias.to(mm_dtype)))
+                step = dict(p=p.to(mm_dtype), c=c.to(mm_dtype), g_w_t=g_w_t.to(mm_dtype).contiguous(),
+                            g_b=m.sim_graph_w.bias.to(mm_dtype))
+                if not grad:                                                 # the fused step's operands
+                    step.update(pg=torch.cat([p, g_w_t], dim=1).to(mm_dtype).contiguous(),
+                                c_f32=c.float().contiguous(), g_b_f32=m.sim_graph_w.bias.float().contiguous())
+                steps.append(step)
             w["steps"] = steps
         else:
             saf = self.SAF_module
@@ -261,6 +265,19 @@ class SGRAFSimilarity(nn.Module):
         P, n, s = x.shape
         key_mask = ~node_valid[:, None, :]                                   # (P, 1, n)
         steps = w["steps"]
+        if len(steps) > 1 and _fused_step_applies(x, steps[0]):
+            counts = node_valid.sum(1)
+            # [Y | U] of a block is 2x the node tensor (16 MiB at the default block in float32): one buffer for the
+            # whole evaluation, as a fresh allocation of that size costs as much in page faults as the GEMM itself.
+            buf = w.get("yu_buffer")
+            if buf is None or buf.numel() < P * n * 2 * s or buf.dtype != x.dtype:
+                buf = w["yu_buffer"] = torch.empty(P * n * 2 * s, dtype=x.dtype, device=x.device)
+            yu = buf[: P * n * 2 * s].view(P * n, 2 * s)
+            for st in steps[:-1]:
+                # [Y | U] = X [W_q^T W_k | W_g^T] as one GEMM; the kernel does the rest of the step in place.
+                torch.mm(x.view(P * n, s), st["pg"], out=yu)
+                torch.ops.itm_kernels.sgr_step_(x, yu.view(P, n, 2 * s), st["c_f32"], st["g_b_f32"], counts)
+            steps = steps[-1:]
         for st in steps[:-1]:
             # [Y | U] = X [W_q^T W_k | W_g^T]; logits (Y + b_q W_k) X^T; X' = ReLU(A U + b_g) = ReLU(W_g (A X) + b_g)
             # because every row of A sums to 1.
@@ -483,6 +500,20 @@ class SGRAFSimilarity(nn.Module):
         return lambda *args: torch.func.functional_call(
             module, {k: v.to(dtype) if v.is_floating_point() else v
                      for k, v in list(module.named_parameters()) + list(module.named_buffers())}, args)
+
+
+def _fused_step_applies(x: Tensor, step: dict) -> bool:
+    """Whether :meth:`SGRAFSimilarity._sgr` can run its non-last steps with the fused CPU kernel
+    (``torch.ops.itm_kernels.sgr_step_``, csrc/cpu/sgr_cpu.cpp): inference (no autograd), a contiguous float32 or
+    bfloat16 CPU node tensor with s a multiple of 16, and the compiled extension loaded."""
+    return (not torch.is_grad_enabled() and "pg" in step and x.device.type == "cpu" and x.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 16 == 0 and _has_sgr_kernel())
+
+
+def _has_sgr_kernel() -> bool:
+    from itm_kernels.backends import load_extension
+
+    return load_extension() is not None and hasattr(torch.ops.itm_kernels, "sgr_step_")
 
 
 def _pair_chunks(lens: Tensor, nodes_per_chunk: int, bucket: int):
