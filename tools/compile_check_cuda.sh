@@ -3,20 +3,24 @@
 #
 #   1. nvcc -std=c++17 for sm_80 and sm_90 (one invocation per check file): csrc/cuda/compile_check.cu instantiates
 #      every dtype x direction variant of csrc/cuda/xattn_sim_kernel.cuh, csrc/cuda/node_match_compile_check.cu every
-#      dtype of csrc/cuda/node_match_kernel.cuh; prints registers / spills / stack per kernel (ptxas -v) and one
-#      summary line per arch ("sm_80: OK ..." for xattn_sim, "node_match sm_80: OK ..." for node_match);
+#      dtype of csrc/cuda/node_match_kernel.cuh, csrc/cuda/local_sim_compile_check.cu every dtype of
+#      csrc/cuda/local_sim_kernel.cuh; prints registers / spills / stack per kernel (ptxas -v) and one summary line
+#      per arch ("sm_80: OK ..." for xattn_sim, "node_match sm_80: OK ..." and "local_sim sm_80: OK ..." for the
+#      others);
 #   2. g++ -fsyntax-only of csrc/xattn_math.h alone (the header the CPU kernel shares);
-#   3. g++ builds of the host emulations csrc/cuda/xattn_sim_emulate.cpp and csrc/cuda/node_match_emulate.cpp
-#      (AddressSanitizer + UBSan), which run the kernels' block code on the CPU; prints the launch plans (dynamic
-#      shared memory) for typical and maximal shapes;
-#   4. with --binding: nvcc -c of the torch bindings csrc/cuda/xattn_sim_cuda.cu and node_match_cuda.cu against the
-#      installed torch's headers (about 40 s each; works with a CPU-only torch too, the objects are not linked).
+#   3. g++ builds of the host emulations csrc/cuda/xattn_sim_emulate.cpp, node_match_emulate.cpp and
+#      local_sim_emulate.cpp (AddressSanitizer + UBSan), which run the kernels' block code on the CPU; prints the
+#      launch plans (dynamic shared memory) for typical and maximal shapes;
+#   4. with --binding: nvcc -c of the torch bindings csrc/cuda/xattn_sim_cuda.cu, node_match_cuda.cu and
+#      local_sim_cuda.cu against the installed torch's headers (about 40 s each; works with a CPU-only torch too,
+#      the objects are not linked).
 #
-# Usage: tools/compile_check_cuda.sh [--only xattn|node_match] [--emulator PATH] [--node-match-emulator PATH]
-#                                    [--binding]
-#   --only KERNEL              check one kernel's files only (default: both)
+# Usage: tools/compile_check_cuda.sh [--only xattn|node_match|local_sim] [--emulator PATH]
+#                                    [--node-match-emulator PATH] [--local-sim-emulator PATH] [--binding]
+#   --only KERNEL              check one kernel's files only (default: all three)
 #   --emulator PATH            keep the xattn_sim emulator binary at PATH (tests/test_cuda_compile.py runs it)
 #   --node-match-emulator PATH keep the node_match emulator binary at PATH (tests/test_cuda_node_match.py runs it)
+#   --local-sim-emulator PATH  keep the local_sim emulator binary at PATH (tests/test_cuda_local_sim.py runs it)
 # Environment: NVCC (default nvcc), CXX (default g++), CUDA_HOME (default: from nvcc), PYTHON (for --binding).
 # Exits non-zero on the first failing step.
 set -euo pipefail
@@ -26,23 +30,26 @@ NVCC="${NVCC:-nvcc}"
 CXX="${CXX:-g++}"
 emulator=""
 nm_emulator=""
+ls_emulator=""
 binding=0
 only=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --emulator) emulator="$2"; shift 2 ;;
     --node-match-emulator) nm_emulator="$2"; shift 2 ;;
+    --local-sim-emulator) ls_emulator="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
     --binding) binding=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 case "$only" in
-  "") do_xattn=1; do_nm=1 ;;
-  xattn) do_xattn=1; do_nm=0 ;;
-  node_match) do_xattn=0; do_nm=1 ;;
-  *) echo "--only takes xattn or node_match, got: $only" >&2; exit 2 ;;
+  "") do_xattn=1; do_nm=1; do_ls=1 ;;
+  xattn) do_xattn=1; do_nm=0; do_ls=0 ;;
+  node_match) do_xattn=0; do_nm=1; do_ls=0 ;;
+  local_sim) do_xattn=0; do_nm=0; do_ls=1 ;;
+  *) echo "--only takes xattn, node_match or local_sim, got: $only" >&2; exit 2 ;;
 esac
 
 command -v "$NVCC" >/dev/null || { echo "nvcc not found (set NVCC)" >&2; exit 127; }
@@ -102,6 +109,7 @@ nvcc_check() {
 }
 [[ $do_xattn == 1 ]] && nvcc_check compile_check.cu ""
 [[ $do_nm == 1 ]] && nvcc_check node_match_compile_check.cu "node_match "
+[[ $do_ls == 1 ]] && nvcc_check local_sim_compile_check.cu "local_sim "
 
 # --- 2. the shared math header alone under g++ --------------------------------------------------------------------
 echo '#include "xattn_math.h"' | "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -I "$root/csrc" -x c++ -
@@ -135,6 +143,12 @@ if [[ $do_nm == 1 ]]; then
   "$nm_emu" --plan 36 32 1024 16
   "$nm_emu" --plan 64 128 1024 16
 fi
+if [[ $do_ls == 1 ]]; then
+  ls_emu="${ls_emulator:-$work/local_sim_emulate}"
+  build_emulator local_sim_emulate.cpp "$ls_emu"
+  "$ls_emu" --plan 36 32 1024 256
+  "$ls_emu" --plan 64 128 1024 1024
+fi
 
 # --- 4. torch binding (optional) -----------------------------------------------------------------------------------
 if [[ $binding == 1 ]]; then
@@ -148,6 +162,7 @@ if [[ $binding == 1 ]]; then
   bindings=()
   [[ $do_xattn == 1 ]] && bindings+=(xattn_sim_cuda.cu)
   [[ $do_nm == 1 ]] && bindings+=(node_match_cuda.cu)
+  [[ $do_ls == 1 ]] && bindings+=(local_sim_cuda.cu)
   for file in "${bindings[@]}"; do
     start=$SECONDS
     "$NVCC" -std=c++20 -O2 -gencode arch=compute_80,code=sm_80 --expt-relaxed-constexpr -Xcompiler -fPIC \
