@@ -265,18 +265,11 @@ class SGRAFSimilarity(nn.Module):
         P, n, s = x.shape
         key_mask = ~node_valid[:, None, :]                                   # (P, 1, n)
         steps = w["steps"]
-        if len(steps) > 1 and _fused_step_applies(x, steps[0]):
+        fused = _fused_step_applies(x, steps[0])
+        if fused:
             counts = node_valid.sum(1)
-            # [Y | U] of a block is 2x the node tensor (16 MiB at the default block in float32): one buffer for the
-            # whole evaluation, as a fresh allocation of that size costs as much in page faults as the GEMM itself.
-            buf = w.get("yu_buffer")
-            if buf is None or buf.numel() < P * n * 2 * s or buf.dtype != x.dtype:
-                buf = w["yu_buffer"] = torch.empty(P * n * 2 * s, dtype=x.dtype, device=x.device)
-            yu = buf[: P * n * 2 * s].view(P * n, 2 * s)
-            for st in steps[:-1]:
-                # [Y | U] = X [W_q^T W_k | W_g^T] as one GEMM; the kernel does the rest of the step in place.
-                torch.mm(x.view(P * n, s), st["pg"], out=yu)
-                torch.ops.itm_kernels.sgr_step_(x, yu.view(P, n, 2 * s), st["c_f32"], st["g_b_f32"], counts)
+            for st in steps[:-1]:                                        # [Y | U] GEMM and the step, in place
+                torch.ops.itm_kernels.sgr_step_(x, st["pg"], st["c_f32"], st["g_b_f32"], counts)
             steps = steps[-1:]
         for st in steps[:-1]:
             # [Y | U] = X [W_q^T W_k | W_g^T]; logits (Y + b_q W_k) X^T; X' = ReLU(A U + b_g) = ReLU(W_g (A X) + b_g)
@@ -294,6 +287,9 @@ class SGRAFSimilarity(nn.Module):
             x = torch.baddbmm(st["g_b"], attn, u).relu_()                   # (P, n, s)
         st = steps[-1]                                                       # the global node only
         y0 = torch.addmm(st["c"], x[:, 0], st["p"])                          # (P, s)
+        if fused:                                                            # z0 in float32 by the C++ kernel
+            z0 = torch.ops.itm_kernels.sgr_global_attend(x, y0.float(), counts).to(x.dtype)
+            return torch.addmm(st["g_b"], z0, st["g_w_t"]).relu_().to(cdtype)
         logits = torch.bmm(x, y0[:, :, None]).squeeze(2).to(cdtype)          # (P, n)
         attn = torch.softmax(logits.masked_fill(~node_valid, float("-inf")), dim=-1).to(x.dtype)
         z0 = torch.bmm(attn[:, None, :], x).squeeze(1)                       # (P, s)
@@ -503,11 +499,11 @@ class SGRAFSimilarity(nn.Module):
 
 
 def _fused_step_applies(x: Tensor, step: dict) -> bool:
-    """Whether :meth:`SGRAFSimilarity._sgr` can run its non-last steps with the fused CPU kernel
-    (``torch.ops.itm_kernels.sgr_step_``, csrc/cpu/sgr_cpu.cpp): inference (no autograd), a contiguous float32 or
-    bfloat16 CPU node tensor with s a multiple of 16, and the compiled extension loaded."""
+    """Whether :meth:`SGRAFSimilarity._sgr` can run with the fused CPU kernels of csrc/cpu/sgr_cpu.cpp (``sgr_step_``
+    for the steps before the last, ``sgr_global_attend`` for the last step's global node): inference (no autograd), a
+    contiguous float32 or bfloat16 CPU node tensor with s a multiple of 16, and the compiled extension loaded."""
     return (not torch.is_grad_enabled() and "pg" in step and x.device.type == "cpu" and x.is_contiguous()
-            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 16 == 0 and _has_sgr_kernel())
+            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 64 == 0 and _has_sgr_kernel())
 
 
 def _has_sgr_kernel() -> bool:

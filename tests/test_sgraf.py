@@ -115,13 +115,15 @@ def test_sims_match_official_style_float64(module, steps):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_sgr_step_matches_unfused_path(monkeypatch, dtype):
-    """The fused CPU step (``sgr_step_``: one [Y | U] GEMM, then logits, softmax and A U per pair in C++) against
+    """The fused CPU steps (``sgr_step_``: per chunk of pairs one [Y | U] brgemm, then logits, softmax and A U per
+    pair in C++; the last
+    step's global-node attention by ``sgr_global_attend``) against
     the unfused torch step and the float64 official-style loop. float32: 1e-6 of the official-style scores;
     bfloat16: the fused step accumulates the logits and A U in float32 where the unfused one rounds them to
     bfloat16, so both are held to 2e-2 of float64 and to 1e-2 of each other."""
     import itm_models.sgraf as sgraf
 
-    head = random_head("SGR", 5, d=32, s=32).eval()
+    head = random_head("SGR", 5, d=32, s=64).eval()
     img, cap, lens = random_embeddings(6, n_img=6, n_cap=9, L=11)
     with torch.no_grad():
         expected = official_style_forward(head, img, cap, lens)
@@ -130,8 +132,12 @@ def test_fused_sgr_step_matches_unfused_path(monkeypatch, dtype):
     real = torch.ops.itm_kernels.sgr_step_
     monkeypatch.setattr(torch.ops.itm_kernels, "sgr_step_", lambda *a: (calls.append(1), real(*a))[1],
                         raising=False)
+    fused_last, real_last = [], torch.ops.itm_kernels.sgr_global_attend
+    monkeypatch.setattr(torch.ops.itm_kernels, "sgr_global_attend",
+                        lambda *a: (fused_last.append(1), real_last(*a))[1], raising=False)
     fused = head.sims(img.float(), cap.float(), lens, dtype=dtype, block_rows=50)
     assert len(calls) >= 2 * 2, "the fused step did not run (2 steps x at least 2 blocks expected)"
+    assert fused_last, "the fused last step did not run"
     monkeypatch.setattr(sgraf, "_fused_step_applies", lambda x, step: False)
     unfused = head.sims(img.float(), cap.float(), lens, dtype=dtype, block_rows=50)
     tol = 1e-6 if dtype == torch.float32 else 2e-2
@@ -140,26 +146,35 @@ def test_fused_sgr_step_matches_unfused_path(monkeypatch, dtype):
     assert_close_report(fused, unfused, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0, what="fused/unfused")
 
 
-def test_sgr_step_kernel_checks_its_inputs():
-    """The C++ boundary: every malformed argument is a RuntimeError naming it, never a crash."""
-    P, n, s = 3, 5, 16
-    x, yu = torch.zeros(P, n, s), torch.zeros(P, n, 2 * s)
+def test_sgr_kernels_check_their_inputs():
+    """The C++ boundary of sgr_step_ and sgr_global_attend: every malformed argument is a RuntimeError naming it, never a crash."""
+    P, n, s = 3, 5, 64
+    x, pg = torch.zeros(P, n, s), torch.zeros(s, 2 * s)
     c, b, counts = torch.zeros(s), torch.zeros(s), torch.full((P,), n)
     op = torch.ops.itm_kernels.sgr_step_
-    op(x, yu, c, b, counts)                                          # well-formed: runs
-    cases = [((torch.zeros(P, n, 8), torch.zeros(P, n, 16), torch.zeros(8), torch.zeros(8), counts), "multiple of 16"),
-             ((x.double(), yu.double(), c, b, counts), "float32 or bfloat16"),
-             ((x, torch.zeros(P, n, s), c, b, counts), "yu must be"),
-             ((x, yu.bfloat16(), c, b, counts), "yu must be"),
-             ((x, yu, torch.zeros(s + 1), b, counts), "c must be"),
-             ((x, yu, c, b.double(), counts), "bias must be"),
-             ((x, yu, c, b, counts.int()), "node_counts must be"),
-             ((x, yu, c, b, torch.tensor([1, n + 1, 2])), "outside 1.."),
-             ((x, yu, c, b, torch.tensor([1, 0, 2])), "outside 1.."),
-             ((x.transpose(1, 2).contiguous().transpose(1, 2), yu, c, b, counts), "contiguous")]
+    op(x, pg, c, b, counts)                                          # well-formed: runs
+    cases = [((torch.zeros(P, n, 16), torch.zeros(16, 32), torch.zeros(16), torch.zeros(16), counts),
+              "multiple of 64"),
+             ((x.double(), pg.double(), c, b, counts), "float32 or bfloat16"),
+             ((x, torch.zeros(s, s), c, b, counts), "pg must be"),
+             ((x, pg.bfloat16(), c, b, counts), "pg must be"),
+             ((x, pg, torch.zeros(s + 1), b, counts), "c must be"),
+             ((x, pg, c, b.double(), counts), "bias must be"),
+             ((x, pg, c, b, counts.int()), "node_counts must be"),
+             ((x, pg, c, b, torch.tensor([1, n + 1, 2])), "outside 1.."),
+             ((x, pg, c, b, torch.tensor([1, 0, 2])), "outside 1.."),
+             ((x.transpose(1, 2).contiguous().transpose(1, 2), pg, c, b, counts), "contiguous")]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             op(*args)
+    attend = torch.ops.itm_kernels.sgr_global_attend
+    assert attend(x, torch.zeros(P, s), counts).shape == (P, s)
+    for args, message in [((x, torch.zeros(P, s + 16), counts), "y0 must be"),
+                          ((x, torch.zeros(P, s).double(), counts), "y0 must be"),
+                          ((x, torch.zeros(P, s), torch.tensor([1, 9, 1])), "outside 1.."),
+                          ((x.double(), torch.zeros(P, s), counts), "float32 or bfloat16")]:
+        with pytest.raises(RuntimeError, match=message):
+            attend(*args)
 
 
 def _no_dropout(head):
