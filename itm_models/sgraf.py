@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from itm_kernels.fast_mm import mm_float_out
 from itm_kernels.local_sim import local_sim, local_sim_gram, local_sim_torch
 
 from .checkpoints import register_model_type
@@ -248,14 +249,15 @@ class SGRAFSimilarity(nn.Module):
         return l2norm(y)
 
     @staticmethod
-    def _global_sims_block(img_glo: Tensor, cap_glo: Tensor, w_mm: Tensor, b: Tensor, out: Tensor) -> None:
+    def _global_sims_block(img_glo: Tensor, cap_glo: Tensor, w_t: Tensor, b: Tensor, out: Tensor) -> None:
         """The global nodes of an evaluation block as the official code computes them, l2norm(W (x_i - y_c)^2
-        + b), into ``out`` (Ni, Nc, s): the (Ni Nc, d) squared differences (a few MiB per block) and one GEMM
-        in ``w_mm``'s dtype (float32 accumulation), bias and l2norm in float32/64."""
+        + b), into ``out`` (Ni, Nc, s): the (Ni Nc, d) squared differences (a few MiB per block) and one GEMM with
+        ``w_t`` = W^T (d, s) in its dtype (float32 accumulation; brgemm via ``mm_float_out`` for a float32 ``b``),
+        bias and l2norm in float32/64."""
         ni, nc, d = img_glo.shape[0], cap_glo.shape[0], img_glo.shape[1]
-        diff = torch.sub(img_glo[:, None, :], cap_glo[None, :, :]).square_().view(ni * nc, d)
-        y = torch.mm(diff.to(w_mm.dtype), w_mm.t()).to(b.dtype).add_(b)
-        out.copy_(l2norm(y).view(ni, nc, -1))
+        diff = torch.sub(img_glo[:, None, :], cap_glo[None, :, :]).square_().view(ni * nc, d).to(w_t.dtype)
+        y = mm_float_out(diff, w_t) if b.dtype == torch.float32 else torch.mm(diff, w_t).to(b.dtype)
+        out.copy_(l2norm(y.add_(b)).view(ni, nc, -1))
 
     @staticmethod
     def _sgr(x: Tensor, node_valid: Tensor, w: dict) -> Tensor:
@@ -432,7 +434,7 @@ class SGRAFSimilarity(nn.Module):
             gram = local_sim_gram(img_mm, cdtype)                            # per image, once (not per block)
             out = torch.empty(n_img, n_cap, dtype=cdtype, device=img_emb.device)
             x_dtype = mm_dtype if self.module_name == "SGR" else cdtype
-            glo_w_mm, glo_b_mm = w["glo_w"].to(mm_dtype), w["glo_b"].to(cdtype)
+            glo_w_t, glo_b_mm = w["glo_w"].to(mm_dtype).t().contiguous(), w["glo_b"].to(cdtype)
             bucket = NODE_BUCKET_LOW_PRECISION if mm_dtype in (torch.bfloat16, torch.float16) else 1
             nodes_per_image = max(1, block_rows // min(n_img, 16))
             for idx, n_nodes, nominal in _pair_chunks(lens, nodes_per_image, bucket):
@@ -445,7 +447,7 @@ class SGRAFSimilarity(nn.Module):
                     # The block's node tensor is written in place: the global node by one GEMM, the word nodes
                     # by local_sim straight into their rows (cast once), the bucket's spare nodes zeroed.
                     x = torch.empty(i1 - i0, len(idx), n_nodes, self.sim_dim, dtype=x_dtype, device=out.device)
-                    self._global_sims_block(img_glo[i0:i1], cap_glo_c, glo_w_mm, glo_b_mm, out=x[:, :, 0])
+                    self._global_sims_block(img_glo[i0:i1], cap_glo_c, glo_w_t, glo_b_mm, out=x[:, :, 0])
                     local_sim_torch(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
                                     max_tile_bytes=max_tile_bytes, out=x[:, :, 1:lc + 1], gram=gram[i0:i1])
                     if n_nodes > lc + 1:
