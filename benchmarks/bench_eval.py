@@ -26,7 +26,8 @@ L + 1 graph nodes): the t2i attention 4 K L d (scores and attended vectors), W_l
 global node 2 d s n, then SGR: per step 3 x 2 s^2 n (query, key, W_g) + 2 x 2 n^2 s (Q K^T, A X); or SAF: 4 s n
 (gate, weighted sum); plus the score 2 s. Summed over all pairs with their real lengths; at L = 12 that is the
 24.4 (SGR) and 8.6 (SAF) MFLOP per pair of SEMANTICS.md. The bare-GEMM time is those FLOPs divided by the rate of
-a plain ``torch.mm`` (8192 x d) @ (d x s) in the same dtype (the shape of W_loc, the dominant layer), timed in the
+the faster of ``torch.mm`` and oneDNN brgemm (``itm_kernels.fast_mm``; 2x MKL's float32 rate on AMD CPUs, where
+torch.mm runs MKL's AVX2 code) on (8192 x d) @ (d x s) in the same dtype (the shape of W_loc), timed in the
 same run; the fraction is bare-GEMM time / ours (1.0 = as fast as if all the work were one large GEMM). Our SGR
 path does fewer FLOPs than the model defines (query and key folded into one s x s product; the last step on the
 global node only), printed below the table, so its fraction can exceed 1.
@@ -49,7 +50,7 @@ from itm_models.losses import ContrastiveLoss  # noqa: E402
 from itm_models.metrics import format_metrics_table, recall  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity, official_style_sims  # noqa: E402
 from bench_sgraf import trim_heap  # noqa: E402
-from common import (bare_product_time, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
+from common import (bare_gemm_rate, bare_product_time, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
                     print_table)
 
 LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
@@ -116,12 +117,9 @@ def sgraf_flops(lens: torch.Tensor, n_img: int, module: str, steps: int = SGR_ST
 
 
 def gemm_flop_rate(dtype: torch.dtype, device) -> float:
-    """FLOP/s of a plain torch.mm (8192 x D) @ (D x S) in ``dtype`` on ``device`` (median of 3, after warm-up)."""
-    a = torch.randn(8192, D, device=device).to(dtype)
-    b = torch.randn(D, S, device=device).to(dtype)
-    out = torch.empty(8192, S, dtype=dtype, device=device)
-    seconds = median_time(lambda: [torch.mm(a, b, out=out) for _ in range(8)], repeats=3, warmup=1)
-    return 8 * 2 * 8192 * D * S / seconds
+    """FLOP/s of the faster of torch.mm and brgemm on (8192 x D) @ (D x S) in ``dtype`` on ``device``
+    (``common.bare_gemm_rate``)."""
+    return bare_gemm_rate(dtype, device, 8192, D, S)
 
 
 def train_sgraf_head(module: str, *, steps: int, batch: int, seed: int = 0, device="cpu"):
