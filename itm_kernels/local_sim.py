@@ -23,14 +23,14 @@ one.) Per pair and word the FLOPs are the
 official ones: 4 K d for the scores and the attended vector, 2 d s for the projection, which dominates (s = 256).
 
 The compiled CPU kernel (backend "cpu", :func:`local_sim_cpu`, ``csrc/cpu/local_sim_cpu.cpp``) runs the same
-algebra fused per work item (a caption block of <= 128 packed words x a range of images, one per thread at a time,
-scratch sized for the L2 cache): per group of 4 images one score GEMM, then per image the K-sized epilogue (LeakyReLU,
+algebra fused per work item (a caption block of <= 256 packed words x a range of images, one per thread at a time,
+in a scratch of about the L2 cache): per group of 4 images one score GEMM, then per image the K-sized epilogue (LeakyReLU,
 per-caption l2 norm, softmax, |a|^2 by the Gram matrix) in SIMD C++ on the (K x words) tile, and over feature chunks
 of 256: A = P V (P = alpha / (|a| + eps)) into float scratch, (A - e)^2 in the GEMM input dtype, Y += that W^T; then
 bias, the row l2norm and the store into the output rows (any strides, cast once). Its GEMMs are oneDNN's brgemm
 (float32; bfloat16 with VNNI-packed operands and float32 accumulation), single-threaded per item; float64 uses
 at::mm; float16 runs on "torch". Its memory: the output, the Gram matrices, W^T packed once per call (d x s) and per
-thread about 1 MiB of scratch (``max_tile_bytes``).
+thread one scratch of at most ``max_tile_bytes`` (default 2 MiB; 1.4 MiB in bfloat16 at d = 1024, s = 256).
 
 The backward is analytic and recomputes each tile (:func:`local_sim_backward_torch`): autograd saves only the
 inputs; it is the same for every forward backend. Triton and CUDA kernels of this op are not written yet:
@@ -51,8 +51,6 @@ DEFAULT_LAMBDA_SOFTMAX = 9.0
 # stay large enough (>= 1,000 rows) to run near their peak; measured on 2 Zen cores, 4-16 MiB are equivalent.
 DEFAULT_TILE_BYTES = 8 << 20
 BACKENDS = ("auto", "cpu", "torch", "reference")
-# Scratch of one thread of the C++ kernel (csrc/cpu/local_sim_cpu.cpp): the L2 cache of one core.
-CPU_TILE_BYTES = 1 << 20
 # Low-precision GEMMs go through oneDNN, which keeps per-shape state (primitives, JIT kernels: measured ~0.3-0.5
 # MiB per new shape, never released), so a long evaluation with ever-new tile shapes grows without bound. Tiles in
 # bfloat16/float16 are padded to a multiple of this many words, which bounds the number of distinct shapes.
@@ -250,7 +248,7 @@ def local_sim_cpu(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Te
 
     float32 / bfloat16 / float64 features run in C++ (bfloat16: the three products in bfloat16 with float32
     accumulation, everything else float32); float16 features, non-CPU tensors or a build without the extension run
-    :func:`local_sim_torch`. ``max_tile_bytes`` caps the per-thread scratch (default 1 MiB, the L2 cache of a core).
+    :func:`local_sim_torch`. ``max_tile_bytes`` caps the per-thread scratch (default 2 MiB).
 
     Memory: the output, the Gram matrices (unless given), W^T packed once (d x s in the features' dtype) and per
     thread one scratch of at most ``max_tile_bytes`` (more only for a caption longer than that allows).
@@ -426,7 +424,7 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
             kernel; float16 features run on "torch"), "torch" (chunked torch ops, bounded memory) or "reference"
             (the readable spec).
         max_tile_bytes: cap on the scratch: "torch": the one tile of attended vectors (default 8 MiB); "cpu": each
-            thread's work item (default 1 MiB).
+            thread's work item (default 2 MiB).
 
     Returns:
         (N_img, N_cap, L_max, s): row [i, c, t] = l2norm(W (a^_t - e_t)^2 + b) for the pair (image i, caption c)

@@ -204,14 +204,16 @@ def test_op_boundary_errors(change, match):
         torch.ops.itm_kernels.local_sim_cpu_(**op_args(**change))
 
 
-def test_bfloat16_without_vnni_brgemm():
-    """Where brgemm has no bfloat16 VNNI path (forced off here), bfloat16 features run as float32 products of the
-    same values: still within the bfloat16 rule."""
+@pytest.mark.parametrize("env_var", ["ITM_CPU_BF16_VNNI", "ITM_CPU_LS_NATIVE_BF16"])
+def test_bfloat16_fallback_paths(env_var):
+    """The bfloat16 code paths this machine would not take, forced: without brgemm's VNNI path, bfloat16 features
+    run as float32 products of the same values; without AVX512-BF16, (a^ - e)^2 is rounded by portable vector
+    code. Both within the bfloat16 rule (in a subprocess: the choices are made once per process)."""
     code = ("import sys, torch; sys.path.insert(0, 'tests'); "
             "from test_local_sim import problem; from test_local_sim_cpu import assert_matches_reference; "
             "from itm_kernels.local_sim import local_sim_cpu; "
             "a = problem(5, n_img=3, n_cap=6, K=7, L=9, d=65, s=12, dtype=torch.bfloat16); "
             "assert_matches_reference(local_sim_cpu(*a, lambda_softmax=9.0), *a); print('ok')")
-    env = dict(os.environ, ITM_CPU_BF16_VNNI="0", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{env_var: "0"})
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -12,7 +12,7 @@
 // then over chunks of `kc` features: A = P V (one GEMM, float scratch), X = (A - E)^2 in the GEMM input dtype (one
 // fused pass), Y += X W^T (one GEMM accumulating over the chunks); finally bias, the row l2norm and the store into
 // `out` (any row strides, float32 / float64 / bfloat16, cast once), padding rows zeroed. Nothing of size
-// (pairs x words x d) exists: per thread, scratch of about (d + 2 kc + s) words (default budget 1 MiB).
+// (pairs x words x d) exists: per thread, one scratch (default budget 2 MiB: 1.4 MiB in bfloat16 at d = 1024).
 //
 // GEMMs: oneDNN brgemm through ATen's cpublas, single-threaded per work item (float32, and bfloat16 with the B
 // operands packed in the VNNI layout: pairs of features interleaved), at::mm for float64. Row counts are split
@@ -27,6 +27,10 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -97,7 +101,8 @@ template <class E> ITM_INLINE Acc<E> widen(E x) { return static_cast<Acc<E>>(x);
 
 // B[k][n] = cols[n][k] for k < src_len, 0 beyond or where cols[n] is null (a padding column).
 template <class E>
-void pack_cols(E* out, const E* const* cols, int64_t n_cols, int64_t src_len, int64_t kdim, int64_t nb) {
+ITM_INLINE void pack_cols_impl(E* out, const E* const* cols, int64_t n_cols, int64_t src_len, int64_t kdim,
+                               int64_t nb) {
   constexpr int64_t kNB = 16, kKB = 64;
   for (int64_t j0 = 0; j0 < n_cols; j0 += nb) {
     const int64_t w = std::min(nb, n_cols - j0);
@@ -134,9 +139,23 @@ void pack_cols(E* out, const E* const* cols, int64_t n_cols, int64_t src_len, in
   }
 }
 
+// out[2 n] = a[n], out[2 n + 1] = b[n] for n < 32 (16-bit elements).
+ITM_INLINE void interleave32(const bf16* a, const bf16* b, bf16* out) {
+  typedef uint16_t U16x32 __attribute__((vector_size(64)));
+  U16x32 x, y;
+  std::memcpy(&x, a, sizeof(x));
+  std::memcpy(&y, b, sizeof(y));
+  const U16x32 lo = __builtin_shufflevector(x, y, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9,
+                                            41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47);
+  const U16x32 hi = __builtin_shufflevector(x, y, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                            24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
+  std::memcpy(out, &lo, sizeof(lo));
+  std::memcpy(out + 32, &hi, sizeof(hi));
+}
+
 // B[k][n] = rows[k][n] for n < src_len, 0 beyond or where rows[k] is null (a padding row).
 template <class E>
-void pack_rows(E* out, const E* const* rows, int64_t kdim, int64_t src_len, int64_t N, int64_t nb) {
+ITM_INLINE void pack_rows_impl(E* out, const E* const* rows, int64_t kdim, int64_t src_len, int64_t N, int64_t nb) {
   for (int64_t j0 = 0; j0 < N; j0 += nb) {
     const int64_t w = std::min(nb, N - j0);
     const int64_t valid = std::max<int64_t>(0, std::min(w, src_len - j0));
@@ -146,7 +165,10 @@ void pack_rows(E* out, const E* const* rows, int64_t kdim, int64_t src_len, int6
         const E* r0 = rows[2 * p];
         const E* r1 = rows[2 * p + 1];
         E* dst = o + p * w * 2;
-        for (int64_t n = 0; n < valid; ++n) {
+        int64_t n = 0;
+        if (r0 && r1)
+          for (; n + 32 <= valid; n += 32) interleave32(r0 + j0 + n, r1 + j0 + n, dst + 2 * n);
+        for (; n < valid; ++n) {
           dst[2 * n] = r0 ? r0[j0 + n] : E(0);
           dst[2 * n + 1] = r1 ? r1[j0 + n] : E(0);
         }
@@ -162,6 +184,20 @@ void pack_rows(E* out, const E* const* rows, int64_t kdim, int64_t src_len, int6
     }
   }
 }
+
+#define ITM_LS_PACK_CLONES(E)                                                                                        \
+  ITM_SIMD_CLONES void pack_cols(E* out, const E* const* cols, int64_t n_cols, int64_t src_len, int64_t kdim,      \
+                                 int64_t nb) {                                                                       \
+    pack_cols_impl<E>(out, cols, n_cols, src_len, kdim, nb);                                                         \
+  }                                                                                                                  \
+  ITM_SIMD_CLONES void pack_rows(E* out, const E* const* rows, int64_t kdim, int64_t src_len, int64_t N,            \
+                                 int64_t nb) {                                                                       \
+    pack_rows_impl<E>(out, rows, kdim, src_len, N, nb);                                                              \
+  }
+ITM_LS_PACK_CLONES(float)
+ITM_LS_PACK_CLONES(bf16)
+ITM_LS_PACK_CLONES(double)
+#undef ITM_LS_PACK_CLONES
 
 // C (M x N, ldc) (+)= A (M x Kd, lda) B (Kd x N, row stride N; VNNI for bfloat16). brgemm is called on a multiple
 // of 16 rows plus a tail, so that the per-shape kernels stay few whatever the ragged row counts.
@@ -281,9 +317,10 @@ ITM_INLINE void attention_impl(T* S, int64_t ld, int64_t K, int64_t K2, int64_t 
     }
     const V inv = vsplat<T>(T(1)) / (vsqrt(vmax(a2, zero)) + T(kEps));
     const int64_t nt = std::min<int64_t>(N, W - j);
-    for (int64_t k = 0; k < K; ++k) {
-      const V p = vload(S + k * ld + j) * inv;
-      for (int64_t l = 0; l < nt; ++l) Pt[(j + l) * K2 + k] = E(p[l]);
+    for (int64_t k = 0; k < K; ++k) {  // transposed store: the vector converted at once, then its lanes
+      E p[N];
+      vstore_as(p, vload(S + k * ld + j) * inv);
+      for (int64_t l = 0; l < nt; ++l) Pt[(j + l) * K2 + k] = p[l];
     }
     for (int64_t k = K; k < K2; ++k)
       for (int64_t l = 0; l < nt; ++l) Pt[(j + l) * K2 + k] = E(0);
@@ -355,6 +392,42 @@ ITM_INLINE void store_rows_impl(T* Y, int64_t ldy, int64_t W, const T* b, int64_
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && !defined(ITM_SIMD_ONLY)
+#define ITM_LS_NATIVE_BF16 1
+// diff_sq for bfloat16 on cores with AVX512-BF16: vcvtneps2bf16 rounds 16 floats to nearest-even in one instruction
+// (as c10::BFloat16 except that float denormals, irrelevant here, become zero).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void diff_sq_avx512bf16(
+    const float* A, int64_t lda, const bf16* const* rows, int64_t k0, int64_t kc, int64_t d, bf16* X, int64_t ldx,
+    int64_t W) {
+  const int64_t ne = std::max<int64_t>(0, std::min(kc, d - k0));
+  for (int64_t t = 0; t < W; ++t) {
+    const bf16* e = rows[t] + k0;
+    const float* a = A + t * lda;
+    bf16* x = X + t * ldx;
+    int64_t j = 0;
+    for (; j + 16 <= ne; j += 16) {
+      const Vec<float>::V v = vload(a + j) - vload_as(e + j);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), (__m256i)_mm512_cvtneps_pbh((__m512)(v * v)));
+    }
+    for (; j < ne; ++j) {
+      const float v = a[j] - static_cast<float>(e[j]);
+      x[j] = bf16(v * v);
+    }
+    for (; j < kc; ++j) x[j] = bf16(a[j] * a[j]);
+  }
+}
+
+bool native_bf16() {
+  static const bool ok = [] {
+    const char* env = std::getenv("ITM_CPU_LS_NATIVE_BF16");
+    if (env && std::strcmp(env, "0") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return ok;
+}
+#endif
+
 #define ITM_LS_CLONES(T, E)                                                                                          \
   ITM_SIMD_CLONES void attention(T* S, int64_t ld, int64_t K, int64_t K2, int64_t W, const int64_t* seg_off,       \
                                  const int64_t* seg_len, int64_t nseg, const T* G, T lam, E* Pt) {                   \
@@ -368,6 +441,19 @@ ITM_LS_CLONES(float, float)
 ITM_LS_CLONES(float, bf16)
 ITM_LS_CLONES(double, double)
 #undef ITM_LS_CLONES
+
+ITM_INLINE void diff_sq_any(const float* A, int64_t lda, const bf16* const* rows, int64_t k0, int64_t kc, int64_t d,
+                            bf16* X, int64_t ldx, int64_t W) {
+#if defined(ITM_LS_NATIVE_BF16)
+  if (native_bf16()) return diff_sq_avx512bf16(A, lda, rows, k0, kc, d, X, ldx, W);
+#endif
+  diff_sq(A, lda, rows, k0, kc, d, X, ldx, W);
+}
+template <class T, class E>
+ITM_INLINE void diff_sq_any(const T* A, int64_t lda, const E* const* rows, int64_t k0, int64_t kc, int64_t d, E* X,
+                            int64_t ldx, int64_t W) {
+  diff_sq(A, lda, rows, k0, kc, d, X, ldx, W);
+}
 ITM_SIMD_CLONES void store_rows(float* Y, int64_t ldy, int64_t W, const float* b, int64_t s, void* const* rows,
                                 int kind) {
   store_rows_impl<float>(Y, ldy, W, b, s, rows, kind);
@@ -498,7 +584,7 @@ template <class E> void run_item(const Problem<E>& P, int64_t b, int64_t i0, int
       for (int64_t k0 = 0; k0 < d2; k0 += P.kc) {
         const int64_t kc = std::min(P.kc, d2 - k0);
         gemm_packed(W, s.Pt, K2, s.Vp, K2, d2, nb, k0, k0 + kc, 0, K2, s.A, kc, false);
-        diff_sq(s.A, kc, s.cols, k0, kc, d, s.X, kc, W);
+        diff_sq_any(s.A, kc, s.cols, k0, kc, d, s.X, kc, W);
         gemm_packed(W, s.X, kc, P.wpk, d2, P.s, nb, 0, P.s, k0, kc, s.Y, P.s, k0 > 0);
       }
       char* out_i = P.out + i * P.os0 * P.out_elem;
@@ -521,14 +607,18 @@ int64_t env_int(const char* name, int64_t fallback) {
   return (end && *end == '\0' && x > 0) ? static_cast<int64_t>(x) : fallback;
 }
 
-// Default tile: caption blocks of up to 128 words, score GEMMs over groups of 4 images, feature chunks of 256, all
-// within a 1 MiB scratch per thread (bfloat16: ~0.75 MiB at d = 1024, s = 256; float32 shrinks to 64 words).
+// Default tile: caption blocks of up to 256 words, score GEMMs over groups of 4 images, feature chunks of 256, within
+// a 2 MiB scratch per thread (bfloat16 at d = 1024, s = 256: 1.4 MiB; float32 shrinks to 128 words). Measured on
+// one Zen 5 core (60 x 300, d = 1024, s = 256, lengths 8..20): bfloat16 256 words x 256 features 409 GFLOP/s,
+// 128 x 256 400, 128 x 128 382, 512 x 128 380, 256 x 64 384; groups of 2..8 images within 3%; float32 flat at
+// 211-216 from 64 to 256 words. Although the 256-word scratch exceeds the 1 MiB L2, its parts are live at
+// different times (the packed words during the score GEMM; A, X and Y per image).
 // ITM_CPU_LS_WORDS / _GROUP / _KC override them (tuning only).
-constexpr int64_t kDefaultWords = 128;
+constexpr int64_t kDefaultWords = 256;
 constexpr int64_t kDefaultGroup = 4;
 constexpr int64_t kDefaultChunk = 256;
 constexpr int64_t kBlock = 64;  // columns per packed B block
-constexpr int64_t kDefaultTileBytes = 1 << 20;
+constexpr int64_t kDefaultTileBytes = 2 << 20;
 
 template <class E> void choose_tiles(Problem<E>& P, int64_t max_tile_bytes) {
   int64_t longest = 1;
@@ -539,7 +629,7 @@ template <class E> void choose_tiles(Problem<E>& P, int64_t max_tile_bytes) {
   int64_t kc = round_up(std::min(env_int("ITM_CPU_LS_KC", kDefaultChunk), P.d2), P.nb);
   const int64_t budget = max_tile_bytes > 0 ? max_tile_bytes : kDefaultTileBytes;
   while (scratch_plan(P, W, g, kc).total() > budget) {
-    if (W > std::max<int64_t>(longest, 64)) W = std::max<int64_t>({longest, 64, W / 2});
+    if (W > std::max<int64_t>(longest, 128)) W = std::max<int64_t>({longest, 128, W / 2});
     else if (g > 1) g /= 2;
     else if (kc > P.nb) kc = std::max(P.nb, round_up(kc / 2, P.nb));
     else if (W > longest) W = std::max(longest, W / 2);
@@ -563,13 +653,15 @@ template <class E> void choose_tiles(Problem<E>& P, int64_t max_tile_bytes) {
 template <class E> void run_all(Problem<E>& P) {
   const int64_t n_blocks = static_cast<int64_t>(P.cap_block.size()) - 1;
   const int64_t threads = std::max(1, at::get_num_threads());
-  // Enough items for dynamic balancing: the images are split when there are few caption blocks (each part packs
-  // its block's words again).
-  const int64_t splits = std::min(P.NI, std::max<int64_t>(1, (4 * threads + n_blocks - 1) / n_blocks));
+  // Enough items for dynamic balancing (16 per thread): the images are split when there are few caption blocks
+  // (each part packs its block's words again), in multiples of the score group where possible.
+  const int64_t want = threads > 1 ? 16 * threads : 1;
+  const int64_t splits = std::min((P.NI + P.g - 1) / P.g, std::max<int64_t>(1, (want + n_blocks - 1) / n_blocks));
   std::vector<int64_t> items;  // (block, i0, i1) triples
   for (int64_t b = 0; b < n_blocks; ++b)
     for (int64_t q = 0; q < splits; ++q) {
-      const int64_t lo = P.NI * q / splits, hi = P.NI * (q + 1) / splits;
+      const int64_t groups = (P.NI + P.g - 1) / P.g;
+      const int64_t lo = std::min(P.NI, groups * q / splits * P.g), hi = std::min(P.NI, groups * (q + 1) / splits * P.g);
       if (hi > lo) items.insert(items.end(), {b, lo, hi});
     }
   const int64_t n_items = static_cast<int64_t>(items.size()) / 3;
@@ -638,7 +730,7 @@ void check_dtype(const at::Tensor& t, const char* name, at::ScalarType want) {
 // out (N_img, N_cap, L, s): float32, float64 or bfloat16, any strides with the last one 1; every row written.
 // images (N_img, K, d), captions (N_cap, L, d): float32, bfloat16 or float64, contiguous; cap_lens (N_cap,) int64 in
 // 1..L; weight (s, d) in the features' dtype; bias (s,) and gram (N_img, K, K) (= V V^T per image) in float32
-// (float64 for float64 features). max_tile_bytes: per-thread scratch budget, 0 = default (1 MiB).
+// (float64 for float64 features). max_tile_bytes: per-thread scratch budget, 0 = default (2 MiB).
 void local_sim_cpu_(at::Tensor out, const at::Tensor& images, const at::Tensor& captions, const at::Tensor& cap_lens,
                     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gram, double lambda_softmax,
                     int64_t max_tile_bytes) {
