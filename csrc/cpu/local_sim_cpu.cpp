@@ -15,10 +15,18 @@
 // (pairs x words x d) exists: per thread, one scratch (default budget 2 MiB: 1.4 MiB in bfloat16 at d = 1024).
 //
 // GEMMs: oneDNN brgemm through ATen's cpublas, single-threaded per work item (float32, and bfloat16 with the B
-// operands packed in the VNNI layout: pairs of features interleaved), at::mm for float64. Row counts are split
-// into a multiple of 16 plus a tail, which bounds the number of distinct brgemm shapes (each JIT kernel is
-// ~20 KiB, cached per thread for the life of the process). The element-wise parts use 64-byte GCC vectors,
-// compiled for AVX-512 / AVX2 / baseline (simd_clones.h).
+// operands packed in the VNNI layout: pairs of features interleaved, float32 accumulation), at::mm for float64.
+// Where brgemm has no bfloat16 VNNI path (checked once at load), bfloat16 runs as float32 products of the same
+// values. Row counts are split into a multiple of 16 plus a tail, which bounds the number of distinct brgemm shapes
+// (each JIT kernel is ~20 KiB, cached per thread for the life of the process; measured: the resident set settles
+// 9 MiB above the first call per thread over 600 calls of random shapes). The element-wise parts use 64-byte GCC
+// vectors compiled for AVX-512 / AVX2 / baseline (simd_clones.h); bfloat16 rounding of (A - E)^2 uses
+// AVX512-BF16's vcvtneps2bf16 where the core has it.
+//
+// Measured on one Zen 5 core (60 images x 300 captions, d = 1024, s = 256, K = 36, lengths 8..20): bfloat16
+// 409 GFLOP/s = 0.87 of a bare bfloat16 torch.mm (4096 x 1024) @ (1024 x 256) (the GEMMs run at ~510 GFLOP/s and
+// take 80% of the time; the (A - E)^2 pass 7%, the output rows 6%, the attention epilogue 3%); float32 218 GFLOP/s
+// (brgemm's AVX-512 float32 kernels, 2.3x MKL's sgemm on this AMD core).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
