@@ -665,11 +665,12 @@ template <class E> void run_all(Problem<E>& P) {
   // (each part packs its block's words again), in multiples of the score group where possible.
   const int64_t want = threads > 1 ? 16 * threads : 1;
   const int64_t splits = std::min((P.NI + P.g - 1) / P.g, std::max<int64_t>(1, (want + n_blocks - 1) / n_blocks));
+  const int64_t groups = (P.NI + P.g - 1) / P.g;
   std::vector<int64_t> items;  // (block, i0, i1) triples
   for (int64_t b = 0; b < n_blocks; ++b)
     for (int64_t q = 0; q < splits; ++q) {
-      const int64_t groups = (P.NI + P.g - 1) / P.g;
-      const int64_t lo = std::min(P.NI, groups * q / splits * P.g), hi = std::min(P.NI, groups * (q + 1) / splits * P.g);
+      const int64_t lo = std::min(P.NI, groups * q / splits * P.g);
+      const int64_t hi = std::min(P.NI, groups * (q + 1) / splits * P.g);
       if (hi > lo) items.insert(items.end(), {b, lo, hi});
     }
   const int64_t n_items = static_cast<int64_t>(items.size()) / 3;
