@@ -269,7 +269,8 @@ def local_sim_cpu(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Te
         out = torch.empty(n_img, n_cap, L, s_dim, dtype=cdtype, device=images.device)
     elif out.shape != (n_img, n_cap, L, s_dim):
         raise ValueError(f"out must be {(n_img, n_cap, L, s_dim)}, got {tuple(out.shape)}")
-    direct = out.dtype in _CPU_OUT_DTYPES and (out.stride(-1) == 1 or s_dim == 1) and min(out.stride()) >= 0
+    direct = out.dtype in _CPU_OUT_DTYPES and (out.stride(-1) == 1 or s_dim == 1) and \
+        torch._debug_has_internal_overlap(out) != 1                     # not an expanded tensor
     target = out if direct else torch.empty(out.shape, dtype=cdtype, device=out.device)
     torch.ops.itm_kernels.local_sim_cpu_(target, images.contiguous(), captions.contiguous(),
                                          cap_lens.to(torch.long).contiguous(),

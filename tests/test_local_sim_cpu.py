@@ -196,6 +196,7 @@ def op_args(**change):
     (dict(out=torch.empty(2, 3, 5, 4, dtype=torch.float16)), "out must be float32, float64 or bfloat16"),
     (dict(out=torch.empty(2, 3, 4, 4)), r"out must be \(N_img, N_cap, L, s\) = \(2, 3, 5, 4\)"),
     (dict(out=torch.empty(2, 3, 4, 5).transpose(2, 3)), "last stride 1"),
+    (dict(out=torch.empty(2, 1, 5, 4).expand(2, 3, 5, 4)), "out must not have elements sharing memory"),
     (dict(lambda_softmax=float("nan")), "lambda_softmax must be finite"),
     (dict(max_tile_bytes=-1), "max_tile_bytes must be >= 0"),
 ])

@@ -27,6 +27,7 @@
 // 409 GFLOP/s = 0.87 of a bare bfloat16 torch.mm (4096 x 1024) @ (1024 x 256) (the GEMMs run at ~510 GFLOP/s and
 // take 80% of the time; the (A - E)^2 pass 7%, the output rows 6%, the attention epilogue 3%); float32 218 GFLOP/s
 // (brgemm's AVX-512 float32 kernels, 2.3x MKL's sgemm on this AMD core).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
@@ -778,8 +779,8 @@ void local_sim_cpu_(at::Tensor out, const at::Tensor& images, const at::Tensor& 
               "(N_img, N_cap, L, s) = (", NI, ", ", NC, ", ", L, ", ", s, "), got ", out.sizes());
   TORCH_CHECK(out.stride(3) == 1 || s == 1, "local_sim_cpu_: out's rows must be contiguous (last stride 1), got "
               "strides ", out.strides());
-  TORCH_CHECK(out.stride(0) >= 0 && out.stride(1) >= 0 && out.stride(2) >= 0, "local_sim_cpu_: out must have "
-              "non-negative strides, got ", out.strides());
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, "local_sim_cpu_: out must not have elements "
+              "sharing memory (an expanded tensor), got strides ", out.strides());
   TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "local_sim_cpu_: lambda_softmax must be finite "
               "and >= 0, got ", lambda_softmax);
   TORCH_CHECK(max_tile_bytes >= 0, "local_sim_cpu_: max_tile_bytes must be >= 0 (0: default), got ", max_tile_bytes);
