@@ -647,10 +647,20 @@ template <class E> void choose_tiles(Problem<E>& P, int64_t max_tile_bytes) {
   P.W = W;
   P.g = std::max<int64_t>(1, g);
   P.kc = kc;
+  // Caption blocks of about equal size: as few as W allows, more (of >= 64 words) when blocks x image groups would
+  // give the threads fewer than 4 items each; each block is filled up to `target` words (at least one caption).
+  int64_t total = 0;
+  for (int64_t c = 0; c < P.NC; ++c) total += P.lens[c];
+  int64_t n_blocks = (total + W - 1) / W;
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = (P.NI + P.g - 1) / P.g;
+  if (threads > 1 && n_blocks * groups < 4 * threads)
+    n_blocks = std::max(n_blocks, std::min((4 * threads + groups - 1) / groups, (total + 63) / 64));
+  const int64_t target = std::max<int64_t>(1, (total + n_blocks - 1) / n_blocks);
   P.cap_block.assign(1, 0);
   int64_t words = 0;
   for (int64_t c = 0; c < P.NC; ++c) {
-    if (words > 0 && words + P.lens[c] > W) {
+    if (words > 0 && words + P.lens[c] > target) {
       P.cap_block.push_back(c);
       words = 0;
     }
