@@ -32,7 +32,7 @@ the row l2norm and the store into the output rows (any strides, cast once). Its 
 at::mm; float16 runs on "torch". Its memory: the output, the Gram matrices, W^T packed once per call (d x s) and per
 thread one scratch of at most ``max_tile_bytes`` (default 2 MiB; 1.4 MiB in bfloat16 at d = 1024, s = 256).
 Measured on one Zen 5 core (60 x 300 pairs, ``benchmarks/bench_local_sim.py``): bfloat16 0.87 of the bare
-bfloat16 GEMM rate (1.5x "torch"), float32 2.6x "torch".
+bfloat16 GEMM rate (1.5x "torch"), float32 2.5x "torch".
 
 The backward is analytic and recomputes each tile (:func:`local_sim_backward_torch`): autograd saves only the
 inputs; it is the same for every forward backend. Triton and CUDA kernels of this op are not written yet:
