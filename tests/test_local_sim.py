@@ -1,6 +1,7 @@
-"""local_sim (SGRAF's fused local similarity vectors): chunked torch implementation against the reference spec over
-ragged sizes and dtypes, float64 gradcheck, float32 gradients against the reference's autograd, opcheck,
-padding independence and argument checks."""
+"""local_sim (SGRAF's fused local similarity vectors): the chunked torch implementation and the C++ "cpu" backend
+(where built; tests/test_local_sim_cpu.py has its own) against the reference spec over ragged sizes and dtypes,
+float64 gradcheck, float32 gradients against the reference's autograd, opcheck, padding independence and argument
+checks. Tests without a backend argument run "auto" ("cpu" where the extension is built)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from itm_kernels.local_sim import local_sim, local_sim_backward_op, local_sim_op, local_sim_reference
+from itm_kernels.local_sim import _have_cpu_kernel, local_sim, local_sim_backward_op, local_sim_op, local_sim_reference
 from conftest import assert_close_report
+
+FORWARD_BACKENDS = ["torch"] + (["cpu"] if _have_cpu_kernel() else [])
 
 
 def problem(seed, n_img=3, n_cap=4, K=5, L=6, d=17, s=8, dtype=torch.float64):
@@ -45,43 +48,52 @@ def test_matches_reference(seed, n_img, n_cap, K, L, d, s, dtype, tile, lam):
     dtype (PyTorch's own error), plus 2e-6 / 2e-3, both against the float64 reference on the same rounded inputs.
     Outputs are unit vectors, so these are absolute errors on values in [-1, 1]."""
     images, captions, lens, weight, bias = problem(seed, n_img, n_cap, K, L, d, s, dtype)
-    out = local_sim(images, captions, lens, weight, bias, lambda_softmax=lam, max_tile_bytes=tile or None)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert out.shape == (n_img, n_cap, L, s)
     exact = local_sim_reference(images.double(), captions.double(), lens, weight.double(), bias.double(),
                                 lambda_softmax=lam)
     pad = torch.arange(L)[None, :] >= lens[:, None]
-    assert out[:, pad].abs().max().item() == 0 if pad.any() else True
-    if dtype == torch.float64:
-        assert_close_report(out, exact, atol=1e-12, rtol=0, what="float64")
-        return
-    own = local_sim_reference(images, captions, lens, weight, bias, lambda_softmax=lam, compute_dtype=dtype)
-    floor = 2e-6 if dtype == torch.float32 else 2e-3
-    allowed = 2 * max_err(own, exact) + floor
-    assert_close_report(out, exact, atol=allowed, rtol=0,
-                        what=f"{dtype} (PyTorch's own error {max_err(own, exact):.2e})")
+    own = None
+    for backend in FORWARD_BACKENDS:
+        out = local_sim(images, captions, lens, weight, bias, lambda_softmax=lam, max_tile_bytes=tile or None,
+                        backend=backend)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert out.shape == (n_img, n_cap, L, s)
+        assert out[:, pad].abs().max().item() == 0 if pad.any() else True
+        if dtype == torch.float64:
+            assert_close_report(out, exact, atol=1e-12, rtol=0, what=f"{backend} float64")
+            continue
+        if own is None:
+            own = local_sim_reference(images, captions, lens, weight, bias, lambda_softmax=lam, compute_dtype=dtype)
+        floor = 2e-6 if dtype == torch.float32 else 2e-3
+        allowed = 2 * max_err(own, exact) + floor
+        assert_close_report(out, exact, atol=allowed, rtol=0,
+                            what=f"{backend} {dtype} (PyTorch's own error {max_err(own, exact):.2e})")
 
 
-def test_awkward_sizes_against_reference():
+@pytest.mark.parametrize("backend", FORWARD_BACKENDS)
+def test_awkward_sizes_against_reference(backend):
     """SGRAF's K = 36 with odd d, s and lengths up to 33, several tiles."""
     images, captions, lens, weight, bias = problem(3, n_img=3, n_cap=5, K=36, L=33, d=111, s=37)
-    out = local_sim(images, captions, lens, weight, bias, max_tile_bytes=20_000)
+    out = local_sim(images, captions, lens, weight, bias, max_tile_bytes=20_000, backend=backend)
     assert_close_report(out, local_sim_reference(images, captions, lens, weight, bias), atol=1e-12, rtol=0,
                         what="K=36 d=111 s=37")
 
 
-def test_padding_content_is_never_read():
+@pytest.mark.parametrize("backend", FORWARD_BACKENDS)
+def test_padding_content_is_never_read(backend):
     images, captions, lens, weight, bias = problem(11)
     other = captions.clone()
     pad = torch.arange(captions.shape[1])[None, :] >= lens[:, None]
     other[pad] = 0.0
-    assert torch.equal(local_sim(images, captions, lens, weight, bias), local_sim(images, other, lens, weight, bias))
+    assert torch.equal(local_sim(images, captions, lens, weight, bias, backend=backend),
+                       local_sim(images, other, lens, weight, bias, backend=backend))
 
 
 def test_backend_reference_and_auto_agree():
     images, captions, lens, weight, bias = problem(5)
-    assert_close_report(local_sim(images, captions, lens, weight, bias, backend="reference"),
-                        local_sim(images, captions, lens, weight, bias), atol=1e-12, rtol=0, what="backends")
+    for backend in ["auto"] + FORWARD_BACKENDS:
+        assert_close_report(local_sim(images, captions, lens, weight, bias, backend="reference"),
+                            local_sim(images, captions, lens, weight, bias, backend=backend), atol=1e-12, rtol=0,
+                            what=f"reference vs {backend}")
 
 
 @pytest.mark.parametrize("tile", [None, 200])
@@ -175,7 +187,7 @@ def test_torch_into_strided_out_with_gram(dtype):
     from itm_kernels.local_sim import local_sim_gram, local_sim_torch
 
     images, captions, lens, weight, bias = problem(3, n_img=3, n_cap=4, K=5, L=6, d=17, s=8, dtype=dtype)
-    want = local_sim(images, captions, lens, weight, bias, max_tile_bytes=600)
+    want = local_sim(images, captions, lens, weight, bias, max_tile_bytes=600, backend="torch")
     for node_dtype in (torch.float32, torch.bfloat16):
         nodes = torch.full((3, 4, 9, 8), 5.0, dtype=node_dtype)                # node 0 and nodes 7, 8 are not ours
         local_sim_torch(images, captions, lens, weight, bias, lambda_softmax=9.0, max_tile_bytes=600,
