@@ -34,10 +34,14 @@ thread one scratch of at most ``max_tile_bytes`` (default 2 MiB; 1.4 MiB in bflo
 Measured on one Zen 5 core (60 x 300 pairs, ``benchmarks/bench_local_sim.py``): bfloat16 0.87 of the bare
 bfloat16 GEMM rate (1.5x "torch"), float32 2.5x "torch".
 
+GPU kernels: "triton" (``itm_kernels/triton_local_sim.py``: one program per (image, caption, word block), the
+per-image Gram matrix computed once, a^ formed per feature chunk and contracted with W at once) and "cuda"
+(``csrc/cuda/local_sim_kernel.cuh``: one thread block per pair, K <= 64, L_max <= 128, s <= 1024). Neither has run
+on a GPU yet (they are tested under the Triton interpreter and a host emulation of the CUDA block code), so "auto"
+never picks them: on CUDA tensors it runs "torch".
+
 The backward is analytic and recomputes each tile (:func:`local_sim_backward_torch`): autograd saves only the
-inputs; it is the same for every forward backend. Triton and CUDA kernels of this op are not written yet:
-``backend`` accepts "auto" ("cpu" for CPU tensors when the extension is built, else "torch"), "cpu", "torch" and
-"reference".
+inputs; it is the same for every forward backend.
 """
 from __future__ import annotations
 
@@ -52,7 +56,9 @@ DEFAULT_LAMBDA_SOFTMAX = 9.0
 # Scratch of the d-sized tile: a few MiB keeps the element-wise pass in the L2/L3 caches while the GEMMs
 # stay large enough (>= 1,000 rows) to run near their peak; measured on 2 Zen cores, 4-16 MiB are equivalent.
 DEFAULT_TILE_BYTES = 8 << 20
-BACKENDS = ("auto", "cpu", "torch", "reference")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "reference")
+# Limits of the CUDA kernel (csrc/cuda/local_sim_kernel.cuh).
+CUDA_MAX_K, CUDA_MAX_L, CUDA_MAX_S = 64, 128, 1024
 # Low-precision GEMMs go through oneDNN, which keeps per-shape state (primitives, JIT kernels: measured ~0.3-0.5
 # MiB per new shape, never released), so a long evaluation with ever-new tile shapes grows without bound. Tiles in
 # bfloat16/float16 are padded to a multiple of this many words, which bounds the number of distinct shapes.
@@ -363,6 +369,12 @@ def local_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Ten
     elif backend == "cpu":
         out = local_sim_cpu(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                             max_tile_bytes=max_tile_bytes or None)
+    elif backend == "cuda":
+        out = torch.ops.itm_kernels.local_sim_cuda(images, captions, cap_lens, weight, bias, float(lambda_softmax))
+    elif backend == "triton":
+        from .triton_local_sim import local_sim_triton
+
+        out = local_sim_triton(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax)
     else:
         out = local_sim_torch(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                               max_tile_bytes=max_tile_bytes or None)
@@ -411,6 +423,29 @@ local_sim_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # --------------------------------------------------------------------------------------------------------------
 
+def _check_cuda_backend(images: Tensor, captions: Tensor, weight: Tensor) -> None:
+    from .backends import has_cuda_kernels
+
+    if images.device.type != "cuda" or not has_cuda_kernels() or not hasattr(torch.ops.itm_kernels, "local_sim_cuda"):
+        raise ValueError("backend 'cuda' needs CUDA tensors and the extension built with CUDA "
+                         "(torch.ops.itm_kernels.local_sim_cuda)")
+    K, L, s = images.shape[1], captions.shape[1], weight.shape[0]
+    if K > CUDA_MAX_K or L > CUDA_MAX_L or s > CUDA_MAX_S:
+        raise ValueError(f"backend 'cuda' supports K <= {CUDA_MAX_K}, L_max <= {CUDA_MAX_L} and s <= {CUDA_MAX_S}, "
+                         f"got K={K}, L_max={L}, s={s}; use backend 'torch'")
+
+
+def _check_triton_backend(images: Tensor) -> None:
+    from .backends import available_backends
+
+    if "triton" not in available_backends(images.device):
+        raise ValueError(f"backend 'triton' is not available for {images.device.type} tensors here: it needs triton "
+                         "and a CUDA device, or TRITON_INTERPRET=1 (set before triton is first imported) for CPU "
+                         "tensors")
+    if images.dtype == torch.float64:
+        raise ValueError("backend 'triton' does not take float64 inputs; the 'torch' backend handles float64")
+
+
 def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: Tensor, *,
               lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX, backend: str = "auto",
               max_tile_bytes: int | None = None) -> Tensor:
@@ -424,8 +459,9 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
         weight: (s, d) and bias: (s,): ``sim_tranloc_w`` (any float dtype; cast to the matmul dtype).
         lambda_softmax: the attention temperature (SGRAF: 9).
         backend: "auto" ("cpu" for CPU tensors when the extension is built, else "torch"), "cpu" (the fused C++
-            kernel; float16 features run on "torch"), "torch" (chunked torch ops, bounded memory) or "reference"
-            (the readable spec).
+            kernel; float16 features run on "torch"), "cuda" (fused CUDA kernel: K <= 64, L_max <= 128,
+            s <= 1024), "triton" (fused Triton kernel; no float64), "torch" (chunked torch ops, bounded memory) or
+            "reference" (the readable spec). "cuda" and "triton" have not run on a GPU yet; "auto" never picks them.
         max_tile_bytes: cap on the scratch: "torch": the one tile of attended vectors (default 8 MiB); "cpu": each
             thread's work item (default 2 MiB).
 
@@ -461,6 +497,10 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     if backend == "cpu" and (images.device.type != "cpu" or not _have_cpu_kernel()):
         raise ValueError("backend 'cpu' needs CPU tensors and the compiled extension (itm_kernels._C)")
+    if backend == "cuda":
+        _check_cuda_backend(images, captions, weight)
+    if backend == "triton":
+        _check_triton_backend(images)
     name = backend
     if backend == "auto":
         name = "cpu" if images.device.type == "cpu" and _have_cpu_kernel() else "torch"

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from itm_kernels.fast_mm import mm_float_out
-from itm_kernels.local_sim import local_sim, local_sim_gram, local_sim_torch
+from itm_kernels.local_sim import local_sim, local_sim_cpu, local_sim_gram
 
 from .checkpoints import register_model_type
 from .opt_fields import opt_fields
@@ -403,18 +403,21 @@ class SGRAFSimilarity(nn.Module):
         length in float32/float64: no padding; by L + 1 rounded up to a multiple of 4 in bfloat16/float16, which
         bounds the number of distinct GEMM shapes and so oneDNN's per-shape memory) and cut into chunks; per
         block of (images x caption chunk) pairs, one node tensor written in place: the global nodes as one GEMM
-        over the block's squared differences, the word nodes by :func:`itm_kernels.local_sim.local_sim_torch`
-        straight into their rows (W_loc on every word of every pair as large GEMMs; the per-image Gram matrices
-        computed once), then SGR/SAF with every per-pair dense layer as one GEMM over the block.
+        over the block's squared differences, the word nodes by :func:`itm_kernels.local_sim.local_sim_cpu` (the
+        fused C++ kernel on CPU tensors, the chunked torch path elsewhere) straight into their rows (the per-image
+        Gram matrices computed once), then SGR/SAF. On the CPU in float32/bfloat16 each SGR step but the last is
+        one fused kernel per chunk of pairs (``sgr_step_``: the [Y | U] brgemm and the per-pair attention, in place)
+        and the last step's global-node attention another (``sgr_global_attend``); elsewhere every per-pair dense
+        layer is one torch GEMM over the block.
 
         Peak memory beyond inputs and output: a matmul-dtype copy of the inputs when ``dtype`` differs from
-        theirs, the global vectors (N_img + N_cap) x d (computed 64 items at a time), and per block about 5 node
-        tensors of block_rows x s values (SGR's; SAF needs 2) + the block's squared global differences (pairs x d,
-        2-16 MiB in float32) + ``max_tile_bytes`` (local_sim's scratch, 8 MiB): about 70 MB in float32
-        at the defaults (d = 1024, s = 256, block_rows = 8192), independent of N_img and N_cap (measured 60-100
-        MiB float32, 70-150 MiB bfloat16 at 200 x 1000: benchmarks/bench_sgraf.py). In bfloat16, oneDNN also
-        keeps about 0.3-0.5 MiB per distinct GEMM shape for the life of the process; the shape bucketing above
-        bounds that for one evaluation (a few hundred shapes).
+        theirs, the global vectors (N_img + N_cap) x d (computed 64 items at a time), the Gram matrices
+        (N_img x 36 x 36), and per block the node tensor (block_rows x s values; the unfused torch SGR path keeps
+        about 5 such tensors) + the block's squared global differences (pairs x d, 2-16 MiB in float32) + per
+        thread local_sim's scratch (``max_tile_bytes``, default 2 MiB) and the SGR kernel's [Y | U] tile (512 KiB):
+        tens of MiB at the defaults (d = 1024, s = 256, block_rows = 8192), independent of N_img and N_cap
+        (measured: benchmarks/bench_sgraf.py). In bfloat16, oneDNN also keeps about 0.3-0.5 MiB per distinct
+        torch GEMM shape for the life of the process; the shape bucketing above bounds that for one evaluation.
         """
         lens = self._check(img_emb, cap_emb, cap_lens)
         mm_dtype = dtype or img_emb.dtype
@@ -448,8 +451,8 @@ class SGRAFSimilarity(nn.Module):
                     # by local_sim straight into their rows (cast once), the bucket's spare nodes zeroed.
                     x = torch.empty(i1 - i0, len(idx), n_nodes, self.sim_dim, dtype=x_dtype, device=out.device)
                     self._global_sims_block(img_glo[i0:i1], cap_glo_c, glo_w_t, glo_b_mm, out=x[:, :, 0])
-                    local_sim_torch(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
-                                    max_tile_bytes=max_tile_bytes, out=x[:, :, 1:lc + 1], gram=gram[i0:i1])
+                    local_sim_cpu(img_mm[i0:i1], cap_c, lens_c, loc_w, loc_b, lambda_softmax=LAMBDA_SOFTMAX,
+                                  max_tile_bytes=max_tile_bytes, out=x[:, :, 1:lc + 1], gram=gram[i0:i1])
                     if n_nodes > lc + 1:
                         x[:, :, lc + 1:] = 0
                     out[i0:i1, idx] = self._score_nodes(x, lens_c, w)

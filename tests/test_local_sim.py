@@ -199,3 +199,16 @@ def test_torch_into_strided_out_with_gram(dtype):
     with pytest.raises(ValueError, match="gram must be"):
         local_sim_torch(images, captions, lens, weight, bias, lambda_softmax=9.0,
                         gram=local_sim_gram(images)[:2])
+
+
+def test_gpu_backends_refuse_cpu_tensors_clearly():
+    """backend="cuda" on CPU tensors (or without a CUDA build) is a ValueError naming what is missing; so is
+    "triton" where triton cannot run on the tensors' device."""
+    images, captions, lens, weight, bias = problem(2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        local_sim(images, captions, lens, weight, bias, backend="cuda")
+    from itm_kernels.backends import available_backends
+
+    if "triton" not in available_backends("cpu"):
+        with pytest.raises(ValueError, match="backend 'triton' is not available"):
+            local_sim(images, captions, lens, weight, bias, backend="triton")

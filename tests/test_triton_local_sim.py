@@ -284,3 +284,41 @@ def test_kernel_tests_in_fresh_interpreter_process():
 def test_kernel_tests_on_gpu_in_fresh_process():
     """The kernel tests, SGRAF size included, compiled and run on the GPU."""
     _run_kernel_tests_in_child("0", "not slow")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The kernel behind the public API: local_sim(backend="triton")
+# ------------------------------------------------------------------------------------------------------------------
+
+@needs_kernels
+def test_public_api_backend_triton_and_its_gradients():
+    """local_sim(backend="triton") returns the kernel's output, and autograd through it (the shared analytic
+    backward) gives the gradients of backend="torch" on the same inputs."""
+    from itm_kernels.local_sim import local_sim
+
+    images, captions, lens, clean, weight, bias = make_inputs(2, 3, 5, 6, 16, 8, [6, 2, 1], seed=7)
+    args = [t.float().to(DEVICE) for t in (images, clean, lens, weight, bias)]
+    args[2] = lens.to(DEVICE)
+    direct = local_sim_triton(*args, lambda_softmax=9.0)
+    leaves = [t.clone().requires_grad_(True) for t in (args[0], args[1])]
+    got = local_sim(leaves[0], leaves[1], args[2], args[3], args[4], backend="triton")
+    assert torch.equal(got.detach(), direct)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got.backward(grad)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (args[0], args[1])]
+    local_sim(ref_leaves[0], ref_leaves[1], args[2], args[3], args[4], backend="torch").backward(grad)
+    for a, b in zip(leaves, ref_leaves):
+        assert_close_report(a.grad, b.grad, atol=1e-5, rtol=0, what="gradient through backend='triton'")
+
+
+@needs_kernels
+def test_public_api_rejects_float64_and_auto_never_picks_triton(monkeypatch):
+    import importlib
+
+    local_sim_module = importlib.import_module("itm_kernels.local_sim")   # the package exports the function
+    images, captions, lens, clean, weight, bias = make_inputs(1, 2, 3, 4, 16, 8, [4, 1])
+    with pytest.raises(ValueError, match="float64"):
+        local_sim_module.local_sim(images.to(DEVICE), clean.to(DEVICE), lens.to(DEVICE), weight.to(DEVICE),
+                                   bias.to(DEVICE), backend="triton")
+    monkeypatch.setattr(triton_local_sim, "local_sim_triton", lambda *a, **k: pytest.fail("auto picked triton"))
+    local_sim_module.local_sim(images.float(), clean.float(), lens, weight.float(), bias.float())
