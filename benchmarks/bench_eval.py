@@ -49,9 +49,8 @@ from itm_kernels import reference  # noqa: E402
 from itm_models.losses import ContrastiveLoss  # noqa: E402
 from itm_models.metrics import format_metrics_table, recall  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity, official_style_sims  # noqa: E402
-from bench_sgraf import trim_heap  # noqa: E402
-from common import (bare_gemm_rate, bare_product_time, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
-                    print_table)
+from common import (bare_gemm_rate, bare_product_time, machine_line, matched_features, median_time,  # noqa: E402
+                    peak_extra_memory, print_table, trim_heap)
 
 LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
 SGRAF_HEADS = {"sgr": "SGR", "saf": "SAF"}

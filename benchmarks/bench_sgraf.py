@@ -31,7 +31,6 @@ K = 36, d = 1024, s = 256, unit-norm embeddings, caption lengths uniform 8..20 (
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -42,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bare_gemm_rate, machine_line, matched_features, median_time, peak_extra_memory, print_table  # noqa: E402
+from common import (bare_gemm_rate, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
+                    print_table, trim_heap)
 from itm_models.sgraf import SGRAFSimilarity, official_style_sims  # noqa: E402
 
 D, S = 1024, 256
@@ -64,15 +64,6 @@ def dense_flops(lens: torch.Tensor, n_img: int, module: str, steps: int = 3) -> 
 def gemm_rate(dtype: torch.dtype) -> float:
     """FLOP/s of the faster of torch.mm and brgemm on (8192 x d) @ (d x s) in ``dtype`` (median over repeats)."""
     return bare_gemm_rate(dtype, "cpu", 8192, D, S)
-
-
-def trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc malloc_trim), so that the next VmHWM rise counts this run's own
-    memory rather than hiding in pages a previous run left resident."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def make_head(module: str, seed: int = 0) -> SGRAFSimilarity:

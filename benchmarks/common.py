@@ -1,6 +1,7 @@
 """Shared benchmark helpers: timing (median of repeats after warm-up), peak memory, inputs, table printing."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -102,6 +103,15 @@ def bare_gemm_rate(dtype: torch.dtype, device="cpu", m: int = 8192, k: int = 102
     if torch.device(device).type == "cpu" and brgemm_available(dtype):
         seconds = min(seconds, median_time(lambda: [mm_float_out(a, b) for _ in range(8)], repeats=3, warmup=1))
     return 8 * 2 * m * k * n / seconds
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim), so that the next VmHWM rise counts this run's own
+    memory rather than hiding in pages a previous run left resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def machine_line() -> str:
