@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from itm_kernels.fast_mm import mm_float_out
+from itm_kernels.fast_mm import brgemm_available, mm_float_out
 from itm_kernels.local_sim import local_sim, local_sim_cpu, local_sim_gram
 
 from .checkpoints import register_model_type
@@ -506,9 +506,11 @@ class SGRAFSimilarity(nn.Module):
 def _fused_step_applies(x: Tensor, step: dict) -> bool:
     """Whether :meth:`SGRAFSimilarity._sgr` can run with the fused CPU kernels of csrc/cpu/sgr_cpu.cpp (``sgr_step_``
     for the steps before the last, ``sgr_global_attend`` for the last step's global node): inference (no autograd), a
-    contiguous float32 or bfloat16 CPU node tensor with s a multiple of 16, and the compiled extension loaded."""
+    contiguous float32 or bfloat16 CPU node tensor with s a multiple of 64, the compiled extension loaded, and for
+    bfloat16 a CPU whose brgemm reads VNNI-packed bfloat16 (AVX-512-BF16; elsewhere the torch path runs)."""
     return (not torch.is_grad_enabled() and "pg" in step and x.device.type == "cpu" and x.is_contiguous()
-            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 64 == 0 and _has_sgr_kernel())
+            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 64 == 0 and _has_sgr_kernel()
+            and brgemm_available(x.dtype))
 
 
 def _has_sgr_kernel() -> bool:

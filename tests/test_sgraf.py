@@ -146,6 +146,23 @@ def test_fused_sgr_step_matches_unfused_path(monkeypatch, dtype):
     assert_close_report(fused, unfused, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0, what="fused/unfused")
 
 
+def test_bfloat16_without_vnni_brgemm_runs_the_torch_steps(monkeypatch):
+    """On a CPU whose brgemm cannot read VNNI-packed bfloat16 (no AVX-512-BF16), bfloat16 SGR runs the torch steps
+    instead of calling sgr_step_ (which refuses that machine), with the same scores to bfloat16 rounding."""
+    import itm_models.sgraf as sgraf
+
+    head = random_head("SGR", 7, d=32, s=64).eval().float()
+    img, cap, lens = random_embeddings(7, n_img=4, n_cap=6, L=9)
+    with torch.no_grad():
+        fused = head.sims(img.float(), cap.float(), lens, dtype=torch.bfloat16)
+    monkeypatch.setattr(sgraf, "brgemm_available", lambda dtype: dtype != torch.bfloat16)
+    monkeypatch.setattr(torch.ops.itm_kernels, "sgr_step_", lambda *a: pytest.fail("sgr_step_ was called"),
+                        raising=False)
+    with torch.no_grad():
+        fallback = head.sims(img.float(), cap.float(), lens, dtype=torch.bfloat16)
+    assert_close_report(fallback, fused, atol=1e-2, rtol=0, what="torch steps vs fused, bfloat16")
+
+
 def test_sgr_kernels_check_their_inputs():
     """The C++ boundary of sgr_step_ and sgr_global_attend: every malformed argument is a RuntimeError naming it, never a crash."""
     P, n, s = 3, 5, 64
