@@ -1,8 +1,8 @@
 // SGRAF graph reasoning (SGR) on the CPU, fused, for inference:
 //
 // itm_kernels::sgr_step_: one whole SGR step in place, for every pair p (a graph of n node slots, the first m_p of
-// them valid). Per chunk of pairs (about 256 node rows) one single-threaded GEMM [Y | U] = X [W_q^T W_k | W_g^T]
-// into a float32 scratch that stays in L2, then per pair:
+// them valid). Per chunk of pairs (about 256 valid node rows, copied together; padding slots never multiplied) one
+// single-threaded GEMM [Y | U] = X [W_q^T W_k | W_g^T] into a float32 scratch that stays in L2, then per pair:
 //   logits_ij = (Y_i + c) . X_j               (j < m_p; c = b_q W_k, the query bias folded onto the keys)
 //   A_i       = softmax_j(logits_i)
 //   X'_i      = ReLU(sum_j A_ij U_j + b_g)     (i < m_p; rows i >= m_p are set to zero)
@@ -294,16 +294,31 @@ void sgr_step_cpu(at::Tensor x, const at::Tensor& pg, const at::Tensor& c, const
   const int64_t* counts = node_counts.data_ptr<int64_t>();
   const float* cp = c.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  // Pairs per GEMM: about 256 node rows, so that [Y | U] (256 x 2 s float32, 512 KiB at s = 256) stays in L2.
-  const int64_t chunk = std::max<int64_t>(1, kChunkRows / n);
+  // Chunks of consecutive pairs with about 256 valid node rows in all, so that [Y | U] (256 x 2 s float32, 512 KiB
+  // at s = 256) stays in L2; only valid rows enter the GEMM (bucketed node slots beyond a pair's count are skipped).
+  std::vector<int64_t> starts{0}, rows_before(P + 1, 0);
+  for (int64_t p = 0, rows = 0; p < P; ++p) {
+    if (rows > 0 && rows + counts[p] > kChunkRows) {
+      starts.push_back(p);
+      rows = 0;
+    }
+    rows += counts[p];
+    rows_before[p + 1] = rows_before[p] + counts[p];
+  }
+  starts.push_back(P);
+  const int64_t max_rows = std::max<int64_t>(kChunkRows, n);
   auto run = [&](auto* xp, const auto& packed) {
-    at::parallel_for(0, (P + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-      Scratch w(n, s, chunk * n);
+    using T = std::remove_pointer_t<decltype(xp)>;
+    at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+      Scratch w(n, s, max_rows);
+      std::vector<T> stage(max_rows * s);
       for (int64_t q = c0; q < c1; ++q) {
-        const int64_t p0 = q * chunk, p1 = std::min(P, p0 + chunk);
-        chunk_gemm(xp + p0 * n * s, packed.data(), (p1 - p0) * n, s, w.yu.data());
+        const int64_t p0 = starts[q], p1 = starts[q + 1], base = rows_before[p0];
+        for (int64_t p = p0; p < p1; ++p)            // the chunk's valid rows, contiguous
+          std::memcpy(stage.data() + (rows_before[p] - base) * s, xp + p * n * s, counts[p] * s * sizeof(T));
+        chunk_gemm(stage.data(), packed.data(), rows_before[p1] - base, s, w.yu.data());
         for (int64_t p = p0; p < p1; ++p)
-          sgr_pair(xp + p * n * s, w.yu.data() + (p - p0) * n * 2 * s, n, counts[p], s, cp, bp, w);
+          sgr_pair(xp + p * n * s, w.yu.data() + (rows_before[p] - base) * 2 * s, n, counts[p], s, cp, bp, w);
       }
       if (x.scalar_type() == at::kBFloat16) at::native::cpublas::brgemm_release(true);
     });
