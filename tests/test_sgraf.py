@@ -9,6 +9,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import itm_models.sgraf as sgraf
+from itm_kernels.fast_mm import brgemm_available
 
 from itm_models.sgraf import SGRAFSimilarity, build_sgraf_from_official, official_style_forward, official_style_sims
 from conftest import assert_close_report, golden_path
@@ -144,6 +149,42 @@ def test_fused_sgr_step_matches_unfused_path(monkeypatch, dtype):
     assert_close_report(fused, expected, atol=tol, rtol=0, what=f"fused {dtype}")
     assert_close_report(unfused, expected, atol=tol, rtol=0, what=f"unfused {dtype}")
     assert_close_report(fused, unfused, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0, what="fused/unfused")
+
+
+def _sgr_step_reference(x, pg, c, bias, counts):
+    """One SGR step as sgr_step_ defines it, in float64: logits (X_i P + c) . X_j over the pair's valid nodes j,
+    softmax, X'_i = ReLU(sum_j A_ij (X_j W_g^T) + b_g) for valid i; other rows zero."""
+    x64, s = x.double(), x.shape[2]
+    p, g_w_t = pg.double()[:, :s], pg.double()[:, s:]
+    out = torch.zeros_like(x64)
+    for q, m in enumerate(counts.tolist()):
+        xv = x64[q, :m]
+        attn = torch.softmax((xv @ p + c.double()) @ xv.t(), dim=-1)
+        out[q, :m] = torch.relu(attn @ (xv @ g_w_t) + bias.double())
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(pairs=st.integers(1, 40), n=st.one_of(st.integers(1, 24), st.just(300)), s=st.sampled_from([64, 128]),
+       bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_sgr_step_kernel_matches_its_definition(pairs, n, s, bf16, seed):
+    """sgr_step_ in place over ragged node counts (padding slots, chunks of ~256 valid rows, one pair with more rows
+    than a chunk) against the step's float64 definition. Tolerance: float32 2e-5 absolute; bfloat16 the output's
+    own rounding (2^-8 relative) plus the rounded [P | W_g^T] products, 3e-2."""
+    if not sgraf._has_sgr_kernel() or (bf16 and not brgemm_available(torch.bfloat16)):
+        pytest.skip("the fused SGR kernel for this dtype is not available on this machine")
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    counts = torch.randint(1, n + 1, (pairs,), generator=g)
+    x = torch.randn(pairs, n, s, generator=g) / s ** 0.5
+    x[torch.arange(n)[None, :] >= counts[:, None]] = float("nan")       # padding slots are never read
+    pg = (torch.randn(s, 2 * s, generator=g) / s ** 0.5).to(dtype)
+    c, bias = torch.randn(s, generator=g) * 0.1, torch.randn(s, generator=g) * 0.1
+    x = x.to(dtype)
+    expected = _sgr_step_reference(torch.nan_to_num(x.float(), nan=0.0), pg.float(), c, bias, counts)
+    torch.ops.itm_kernels.sgr_step_(x, pg, c, bias, counts)
+    assert_close_report(x.double(), expected, atol=2e-5 if not bf16 else 3e-2, rtol=0 if not bf16 else 1e-2,
+                        what=f"sgr_step_ {dtype}")
 
 
 def test_bfloat16_without_vnni_brgemm_runs_the_torch_steps(monkeypatch):
