@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from itm_kernels._validation import FLOAT_DTYPES, check_features, check_lengths
 from itm_kernels.fast_mm import brgemm_available, mm_float_out
 from itm_kernels.local_sim import local_sim, local_sim_cpu, local_sim_gram
 
@@ -193,19 +194,19 @@ class SGRAFSimilarity(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
 
     def _check(self, img_emb: Tensor, cap_emb: Tensor, cap_lens) -> Tensor:
-        if not isinstance(img_emb, Tensor) or img_emb.dim() != 3 or img_emb.shape[1] != NUM_REGIONS \
-                or img_emb.shape[2] != self.embed_size:
-            raise ValueError(f"img_emb must be (N_img, {NUM_REGIONS}, {self.embed_size}), got "
-                             f"{tuple(img_emb.shape) if isinstance(img_emb, Tensor) else type(img_emb).__name__}")
-        if not isinstance(cap_emb, Tensor) or cap_emb.dim() != 3 or cap_emb.shape[2] != self.embed_size:
-            raise ValueError(f"cap_emb must be (N_cap, L_max, {self.embed_size}), got "
-                             f"{tuple(cap_emb.shape) if isinstance(cap_emb, Tensor) else type(cap_emb).__name__}")
-        lens = torch.as_tensor(cap_lens).to(device=cap_emb.device, dtype=torch.long)
-        if lens.shape != (cap_emb.shape[0],):
-            raise ValueError(f"cap_lens must have shape ({cap_emb.shape[0]},), got {tuple(lens.shape)}")
-        if int(lens.min()) < 1 or int(lens.max()) > cap_emb.shape[1]:
-            raise ValueError(f"cap_lens must lie in 1..{cap_emb.shape[1]}, got {int(lens.min())}..{int(lens.max())}")
-        return lens
+        """Named errors for malformed inputs; returns cap_lens as int64 on cap_emb's device."""
+        check_features("img_emb", img_emb)
+        check_features("cap_emb", cap_emb)
+        if img_emb.shape[1] != NUM_REGIONS or img_emb.shape[2] != self.embed_size:
+            raise ValueError(f"img_emb must be (N_img, {NUM_REGIONS}, {self.embed_size}), got {tuple(img_emb.shape)}")
+        if cap_emb.shape[2] != self.embed_size:
+            raise ValueError(f"cap_emb must be (N_cap, L_max, {self.embed_size}), got {tuple(cap_emb.shape)}")
+        if img_emb.dtype != cap_emb.dtype:
+            raise TypeError(f"img_emb and cap_emb must have the same dtype, got {img_emb.dtype} and {cap_emb.dtype}")
+        if img_emb.device != cap_emb.device:
+            raise ValueError(f"img_emb and cap_emb must be on the same device, got {img_emb.device} and "
+                             f"{cap_emb.device}")
+        return check_lengths("cap_lens", cap_lens, cap_emb.shape[0], cap_emb.shape[1], cap_emb.device)
 
     def _weights(self, dtype: torch.dtype, mm_dtype: torch.dtype) -> dict:
         """The head's weights in the compute dtype, plus per SGR step P = W_q^T W_k, c = b_q W_k and W_g^T.
@@ -288,10 +289,11 @@ class SGRAFSimilarity(nn.Module):
             attn = torch.softmax(logits.masked_fill_(key_mask, float("-inf")), dim=-1).to(x.dtype)
             x = torch.baddbmm(st["g_b"], attn, u).relu_()                   # (P, n, s)
         st = steps[-1]                                                       # the global node only
+        if fused:                 # float32 results (brgemm), z0 in float32 by the C++ kernel
+            y0 = mm_float_out(x[:, 0], st["p"]).add_(st["c_f32"])            # (P, s)
+            z0 = torch.ops.itm_kernels.sgr_global_attend(x, y0, counts).to(x.dtype)
+            return mm_float_out(z0, st["g_w_t"]).add_(st["g_b_f32"]).relu_().to(cdtype)
         y0 = torch.addmm(st["c"], x[:, 0], st["p"])                          # (P, s)
-        if fused:                                                            # z0 in float32 by the C++ kernel
-            z0 = torch.ops.itm_kernels.sgr_global_attend(x, y0.float(), counts).to(x.dtype)
-            return torch.addmm(st["g_b"], z0, st["g_w_t"]).relu_().to(cdtype)
         logits = torch.bmm(x, y0[:, :, None]).squeeze(2).to(cdtype)          # (P, n)
         attn = torch.softmax(logits.masked_fill(~node_valid, float("-inf")), dim=-1).to(x.dtype)
         z0 = torch.bmm(attn[:, None, :], x).squeeze(1)                       # (P, s)
@@ -410,8 +412,8 @@ class SGRAFSimilarity(nn.Module):
         and the last step's global-node attention another (``sgr_global_attend``); elsewhere every per-pair dense
         layer is one torch GEMM over the block.
 
-        Peak memory beyond inputs and output: a matmul-dtype copy of the inputs when ``dtype`` differs from
-        theirs, the global vectors (N_img + N_cap) x d (computed 64 items at a time), the Gram matrices
+        Peak memory beyond inputs and output: a matmul-dtype copy of img_emb when ``dtype`` differs from its
+        dtype (captions are cast one chunk at a time), the global vectors (N_img + N_cap) x d (computed 64 items at a time), the Gram matrices
         (N_img x 36 x 36), and per block the node tensor (block_rows x s values; the unfused torch SGR path keeps
         about 5 such tensors) + the block's squared global differences (pairs x d, 2-16 MiB in float32) + per
         thread local_sim's scratch (``max_tile_bytes``, default 2 MiB) and the SGR kernel's [Y | U] tile (512 KiB):
@@ -420,6 +422,8 @@ class SGRAFSimilarity(nn.Module):
         torch GEMM shape for the life of the process; the shape bucketing above bounds that for one evaluation.
         """
         lens = self._check(img_emb, cap_emb, cap_lens)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype}")
         mm_dtype = dtype or img_emb.dtype
         cdtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
         n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
@@ -433,7 +437,7 @@ class SGRAFSimilarity(nn.Module):
                                  for i in range(0, n_cap, GLOBAL_CHUNK)])
             w = self._weights(cdtype, mm_dtype)
             loc_w, loc_b = self.sim_tranloc_w.weight.to(cdtype), self.sim_tranloc_w.bias.to(cdtype)
-            img_mm, cap_mm = img_emb.to(mm_dtype), cap_emb.to(mm_dtype)
+            img_mm = img_emb.to(mm_dtype)                                   # captions: per chunk, below
             gram = local_sim_gram(img_mm, cdtype)                            # per image, once (not per block)
             out = torch.empty(n_img, n_cap, dtype=cdtype, device=img_emb.device)
             x_dtype = mm_dtype if self.module_name == "SGR" else cdtype
@@ -442,7 +446,7 @@ class SGRAFSimilarity(nn.Module):
             nodes_per_image = max(1, block_rows // min(n_img, 16))
             for idx, n_nodes, nominal in _pair_chunks(lens, nodes_per_image, bucket):
                 lens_c = lens[idx]
-                cap_c = cap_mm[idx, : int(lens_c.max())]
+                cap_c = cap_emb[idx, : int(lens_c.max())].to(mm_dtype)
                 img_chunk = max(1, block_rows // (nominal * n_nodes))
                 lc, cap_glo_c = cap_c.shape[1], cap_glo[idx]
                 for i0 in range(0, n_img, img_chunk):

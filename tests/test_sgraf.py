@@ -5,6 +5,7 @@ end (encoders, sims, metrics)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -345,3 +346,29 @@ def test_official_checkpoint_training_step():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("call", ["sims", "forward"])
+def test_bad_inputs_are_named_errors(call):
+    """Every malformed argument of sims/forward is a clear error naming it, before any kernel runs."""
+    head = random_head("SGR", 11).eval()
+    img, cap, lens = random_embeddings(11)
+    run = (lambda *a, **k: head.sims(*a, **k)) if call == "sims" else (lambda *a, **k: head(*a))
+    cases = [
+        ((img[:0], cap, lens), ValueError, "img_emb must not be empty"),
+        ((img, cap[:0], lens[:0]), ValueError, "cap_emb must not be empty"),
+        ((img.long(), cap, lens), TypeError, "img_emb must be float16, bfloat16, float32 or float64"),
+        ((img, cap.float(), lens), TypeError, "img_emb and cap_emb must have the same dtype"),
+        ((img[:, :35], cap, lens), ValueError, "img_emb must be (N_img, 36, 32)"),
+        ((img, cap[..., :16], lens), ValueError, "cap_emb must be (N_cap, L_max, 32)"),
+        ((img, cap, lens.double()), TypeError, "cap_lens must hold integers"),
+        ((img, cap, lens[:-1]), ValueError, "cap_lens must have shape (7,)"),
+        ((img, cap, torch.where(lens == 1, 0, lens)), ValueError, "cap_lens must lie in 1..9"),
+        ((img, cap, torch.where(lens == 9, 10, lens)), ValueError, "cap_lens must lie in 1..9"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            run(*args)
+    if call == "sims":
+        with pytest.raises(TypeError, match="dtype must be None or one of"):
+            head.sims(img, cap, lens, dtype=torch.int32)
