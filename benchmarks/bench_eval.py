@@ -17,9 +17,9 @@ Adam steps, well under a minute) on separate synthetic embeddings with a ground 
 region of its image, with a weak signal so that recall is neither chance nor 100), so that scores are spread like
 a trained model's rather than sitting in a random head's narrow band. Then: the official-style loop
 (``itm_models.sgraf.official_style_sims``: one official shard of 100 images x 100 captions spread over the
-gallery, median of 3 runs after a warm-up, extrapolated linearly by pairs, "~"), ours (``SGRAFSimilarity.sims`` with float32 or bfloat16 matrix products, + metrics), the speed-up,
-the fraction of the bare-GEMM limit, peak extra memory, R@1 in both directions and, for bfloat16, its R@1
-difference to float32 (bfloat16 minus float32).
+gallery, median of 3 runs after a warm-up, extrapolated linearly by pairs, "~"), ours (``SGRAFSimilarity.sims``
+with float32 or bfloat16 matrix products, + metrics), the speed-up, the fraction of the bare-GEMM limit, peak
+extra memory, R@1 in both directions and, for bfloat16, its R@1 difference to float32 (bfloat16 minus float32).
 
 "Same FLOPs" for SGRAF: the FLOPs of the computation the model defines, per pair (image, caption of L words, n =
 L + 1 graph nodes): the t2i attention 4 K L d (scores and attended vectors), W_loc on every word and W_glo on the

@@ -412,14 +412,15 @@ class SGRAFSimilarity(nn.Module):
         and the last step's global-node attention another (``sgr_global_attend``); elsewhere every per-pair dense
         layer is one torch GEMM over the block.
 
-        Peak memory beyond inputs and output: a matmul-dtype copy of img_emb when ``dtype`` differs from its
-        dtype (captions are cast one chunk at a time), the global vectors (N_img + N_cap) x d (computed 64 items at a time), the Gram matrices
-        (N_img x 36 x 36), and per block the node tensor (block_rows x s values; the unfused torch SGR path keeps
-        about 5 such tensors) + the block's squared global differences (pairs x d, 2-16 MiB in float32) + per
-        thread local_sim's scratch (``max_tile_bytes``, default 2 MiB) and the SGR kernel's [Y | U] tile (512 KiB):
-        tens of MiB at the defaults (d = 1024, s = 256, block_rows = 8192), independent of N_img and N_cap
-        (measured: benchmarks/bench_sgraf.py). In bfloat16, oneDNN also keeps about 0.3-0.5 MiB per distinct
-        torch GEMM shape for the life of the process; the shape bucketing above bounds that for one evaluation.
+        Peak memory beyond inputs and output: a matmul-dtype copy of img_emb when ``dtype`` differs from its dtype
+        (captions are cast one chunk at a time), the global vectors (N_img + N_cap) x d (computed 64 items at a
+        time), the Gram matrices (N_img x 36 x 36), and per block the node tensor (block_rows x s values; the
+        unfused torch SGR path keeps about 5 such tensors) + the block's squared global differences (pairs x d,
+        2-16 MiB in float32) + per thread local_sim's scratch (``max_tile_bytes``, default 2 MiB) and the SGR
+        kernel's [Y | U] tile (512 KiB): tens of MiB at the defaults (d = 1024, s = 256, block_rows = 8192) beyond
+        the O(N_img + N_cap) items above (measured: benchmarks/bench_sgraf.py, bench_eval.py). In bfloat16, oneDNN
+        also keeps about 0.3-0.5 MiB per distinct torch GEMM shape for the life of the process; the shape
+        bucketing above bounds that for one evaluation.
         """
         lens = self._check(img_emb, cap_emb, cap_lens)
         if dtype is not None and dtype not in FLOAT_DTYPES:
