@@ -317,6 +317,16 @@ class SGRAFSimilarity(nn.Module):
         weights = sigma / (sigma.sum(1, keepdim=True) + EPS)
         return l2norm(torch.matmul(weights[:, None, :], x).squeeze(1))
 
+    def _saf_scores_fused(self, x: Tensor, lens: Tensor, w: dict) -> Tensor:
+        """Eval-mode SAF + score by the C++ kernel (``saf_scores``: one pass over each pair's valid nodes):
+        x (P, n, s) float32 pairs laid out image-major over the captions of ``lens`` -> (P,) float32."""
+        bn = self.SAF_module.bn
+        scale = float(bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))
+        shift = float((w["attn_b"].double() - bn.running_mean.double()) * scale + bn.bias.double())
+        counts = (lens + 1).repeat(x.shape[0] // lens.shape[0])
+        return torch.ops.itm_kernels.saf_scores(x, counts, w["attn_w"].float().reshape(-1).contiguous(), scale, shift,
+                                                w["eval_w"].float().reshape(-1).contiguous(), float(w["eval_b"]))
+
     def _saf_batch_norm_train(self, z: Tensor, node_valid: Tensor, train_stats: list) -> Tensor:
         bn = self.SAF_module.bn
         n_img, n_cap = train_stats[-1]                                      # the block's layout, set by the caller
@@ -374,6 +384,8 @@ class SGRAFSimilarity(nn.Module):
         node_valid = node_valid[None].expand(ni, nc, n_nodes).reshape(ni * nc, n_nodes)
         if self.module_name == "SGR":
             vec = self._sgr(x, node_valid, w)
+        elif train_stats is None and _fused_saf_applies(x):
+            return self._saf_scores_fused(x, lens, w).view(ni, nc)
         else:
             if train_stats is not None:
                 train_stats.append((ni, nc))
@@ -516,6 +528,17 @@ def _fused_step_applies(x: Tensor, step: dict) -> bool:
     return (not torch.is_grad_enabled() and "pg" in step and x.device.type == "cpu" and x.is_contiguous()
             and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 64 == 0 and _has_sgr_kernel()
             and brgemm_available(x.dtype))
+
+
+def _fused_saf_applies(x: Tensor) -> bool:
+    """Whether the eval-mode SAF filtration and score can run as the fused CPU kernel ``saf_scores``
+    (csrc/cpu/saf_cpu.cpp): no autograd, a contiguous float32 CPU node tensor with s a multiple of 16, and the
+    compiled extension loaded (float64 evaluation keeps the torch path)."""
+    from itm_kernels.backends import load_extension
+
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.is_contiguous() and x.shape[-1] % 16 == 0 and load_extension() is not None
+            and hasattr(torch.ops.itm_kernels, "saf_scores"))
 
 
 def _has_sgr_kernel() -> bool:

@@ -372,3 +372,58 @@ def test_bad_inputs_are_named_errors(call):
     if call == "sims":
         with pytest.raises(TypeError, match="dtype must be None or one of"):
             head.sims(img, cap, lens, dtype=torch.int32)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_img=st.integers(1, 5), n_cap=st.integers(1, 7), L=st.integers(1, 12), s=st.sampled_from([16, 48, 64]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_fused_saf_scores_match_the_torch_path( n_img, n_cap, L, s, dtype, seed):
+    """Eval-mode SAF through the fused kernel (saf_scores: gate, l1-normalised pooling, l2norm, score in one pass)
+    against the torch ops it replaces and the float64 official-style loop; ragged lengths, several blocks.
+    Tolerance: 1e-6 absolute in float32 (scores lie in (0, 1)); bfloat16 products: 2e-2 of float64, 1e-6 between
+    the two pooling paths (they share the node tensor)."""
+    import itm_models.sgraf as sgraf
+
+    head = random_head("SAF", seed % 1000, d=32, s=s).eval()
+    img, cap, lens = random_embeddings(seed, n_img=n_img, n_cap=n_cap, L=L)
+    with torch.no_grad():
+        expected = official_style_forward(head, img, cap, lens)
+    head = head.float()
+    calls = []
+    real = torch.ops.itm_kernels.saf_scores
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.itm_kernels, "saf_scores", lambda *a: (calls.append(1), real(*a))[1], raising=False)
+        fused = head.sims(img.float(), cap.float(), lens, dtype=dtype, block_rows=40)
+    assert calls, "the fused SAF kernel did not run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sgraf, "_fused_saf_applies", lambda x: False)
+        unfused = head.sims(img.float(), cap.float(), lens, dtype=dtype, block_rows=40)
+    assert_close_report(fused, unfused, atol=1e-6, rtol=0, what=f"fused vs torch SAF {dtype}")
+    assert_close_report(fused, expected, atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=0,
+                        what=f"fused SAF vs official-style {dtype}")
+
+
+def test_saf_scores_kernel_checks_its_inputs():
+    """The C++ boundary of saf_scores: every malformed argument is a RuntimeError naming it, never a crash; padding
+    slots (NaN here) are never read."""
+    op = torch.ops.itm_kernels.saf_scores
+    P, n, s = 3, 4, 32
+    x, counts, w = torch.randn(P, n, s), torch.tensor([4, 1, 2]), torch.randn(s)
+    x[1, 1:] = float("nan")
+    x[2, 2:] = float("nan")
+    assert torch.isfinite(op(x, counts, w, 1.0, 0.0, w, 0.0)).all()
+    bad = [
+        ((x.double(), counts, w, 1.0, 0.0, w, 0.0), "x must be a contiguous float32"),
+        ((x.transpose(1, 2), counts, w, 1.0, 0.0, w, 0.0), "x must be a contiguous float32"),
+        ((x[..., :24].contiguous(), counts, w[:24], 1.0, 0.0, w[:24], 0.0), "multiple of 16"),
+        ((x, counts.int(), w, 1.0, 0.0, w, 0.0), "node_counts must be a contiguous int64"),
+        ((x, counts[:2], w, 1.0, 0.0, w, 0.0), "node_counts must be a contiguous int64 (3,)"),
+        ((x, torch.tensor([4, 0, 2]), w, 1.0, 0.0, w, 0.0), "node_counts[1] = 0 is outside 1..4"),
+        ((x, torch.tensor([5, 1, 2]), w, 1.0, 0.0, w, 0.0), "node_counts[0] = 5 is outside 1..4"),
+        ((x, counts, w[:16], 1.0, 0.0, w, 0.0), "gate_w must be a contiguous float32 (32,)"),
+        ((x, counts, w, 1.0, 0.0, w.double(), 0.0), "eval_w must be a contiguous float32 (32,)"),
+        ((x, counts, w, float("nan"), 0.0, w, 0.0), "must be finite"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op(*args)
