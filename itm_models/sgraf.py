@@ -526,7 +526,7 @@ def _fused_step_applies(x: Tensor, step: dict) -> bool:
     contiguous float32 or bfloat16 CPU node tensor with s a multiple of 64, the compiled extension loaded, and for
     bfloat16 a CPU whose brgemm reads VNNI-packed bfloat16 (AVX-512-BF16; elsewhere the torch path runs)."""
     return (not torch.is_grad_enabled() and "pg" in step and x.device.type == "cpu" and x.is_contiguous()
-            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 64 == 0 and _has_sgr_kernel()
+            and x.dtype in (torch.float32, torch.bfloat16) and x.shape[2] % 64 == 0 and _has_cpu_op("sgr_step_")
             and brgemm_available(x.dtype))
 
 
@@ -534,17 +534,15 @@ def _fused_saf_applies(x: Tensor) -> bool:
     """Whether the eval-mode SAF filtration and score can run as the fused CPU kernel ``saf_scores``
     (csrc/cpu/saf_cpu.cpp): no autograd, a contiguous float32 CPU node tensor with s a multiple of 16, and the
     compiled extension loaded (float64 evaluation keeps the torch path)."""
-    from itm_kernels.backends import load_extension
-
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.is_contiguous() and x.shape[-1] % 16 == 0 and load_extension() is not None
-            and hasattr(torch.ops.itm_kernels, "saf_scores"))
+            and x.is_contiguous() and x.shape[-1] % 16 == 0 and _has_cpu_op("saf_scores"))
 
 
-def _has_sgr_kernel() -> bool:
+def _has_cpu_op(name: str) -> bool:
+    """Whether the compiled extension is loaded and registers ``torch.ops.itm_kernels.<name>``."""
     from itm_kernels.backends import load_extension
 
-    return load_extension() is not None and hasattr(torch.ops.itm_kernels, "sgr_step_")
+    return load_extension() is not None and hasattr(torch.ops.itm_kernels, name)
 
 
 def _pair_chunks(lens: Tensor, nodes_per_chunk: int, bucket: int):

@@ -172,7 +172,7 @@ def test_sgr_step_kernel_matches_its_definition(pairs, n, s, bf16, seed):
     """sgr_step_ in place over ragged node counts (padding slots, chunks of ~256 valid rows, one pair with more rows
     than a chunk) against the step's float64 definition. Tolerance: float32 2e-5 absolute; bfloat16 the output's
     own rounding (2^-8 relative) plus the rounded [P | W_g^T] products, 3e-2."""
-    if not sgraf._has_sgr_kernel() or (bf16 and not brgemm_available(torch.bfloat16)):
+    if not sgraf._has_cpu_op("sgr_step_") or (bf16 and not brgemm_available(torch.bfloat16)):
         pytest.skip("the fused SGR kernel for this dtype is not available on this machine")
     g = torch.Generator().manual_seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32
