@@ -235,6 +235,13 @@ class SGRAFSimilarity(nn.Module):
         else:
             saf = self.SAF_module
             w.update(attn_w=cast(saf.attn_sim_w.weight), attn_b=cast(saf.attn_sim_w.bias))
+            if not grad:                                                     # the fused saf_scores' operands
+                bn = saf.bn
+                scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                shift = (saf.attn_sim_w.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+                w["saf_fused"] = (saf.attn_sim_w.weight.float().reshape(-1).contiguous(), float(scale), float(shift),
+                                  self.sim_eval_w.weight.float().reshape(-1).contiguous(),
+                                  float(self.sim_eval_w.bias))
         return w
 
     @staticmethod
@@ -317,15 +324,13 @@ class SGRAFSimilarity(nn.Module):
         weights = sigma / (sigma.sum(1, keepdim=True) + EPS)
         return l2norm(torch.matmul(weights[:, None, :], x).squeeze(1))
 
-    def _saf_scores_fused(self, x: Tensor, lens: Tensor, w: dict) -> Tensor:
+    @staticmethod
+    def _saf_scores_fused(x: Tensor, lens: Tensor, w: dict) -> Tensor:
         """Eval-mode SAF + score by the C++ kernel (``saf_scores``: one pass over each pair's valid nodes):
         x (P, n, s) float32 pairs laid out image-major over the captions of ``lens`` -> (P,) float32."""
-        bn = self.SAF_module.bn
-        scale = float(bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))
-        shift = float((w["attn_b"].double() - bn.running_mean.double()) * scale + bn.bias.double())
+        gate_w, scale, shift, eval_w, eval_b = w["saf_fused"]
         counts = (lens + 1).repeat(x.shape[0] // lens.shape[0])
-        return torch.ops.itm_kernels.saf_scores(x, counts, w["attn_w"].float().reshape(-1).contiguous(), scale, shift,
-                                                w["eval_w"].float().reshape(-1).contiguous(), float(w["eval_b"]))
+        return torch.ops.itm_kernels.saf_scores(x, counts, gate_w, scale, shift, eval_w, eval_b)
 
     def _saf_batch_norm_train(self, z: Tensor, node_valid: Tensor, train_stats: list) -> Tensor:
         bn = self.SAF_module.bn
@@ -380,12 +385,12 @@ class SGRAFSimilarity(nn.Module):
         the rest zero (never read as keys) -> (Ni, Nc)."""
         ni, nc, n_nodes, s = x.shape
         x = x.view(ni * nc, n_nodes, s)
+        if self.module_name == "SAF" and train_stats is None and "saf_fused" in w and _fused_saf_applies(x):
+            return self._saf_scores_fused(x, lens, w).view(ni, nc)
         node_valid = (torch.arange(n_nodes, device=lens.device)[None, :] <= lens[:, None])    # (Nc, n)
         node_valid = node_valid[None].expand(ni, nc, n_nodes).reshape(ni * nc, n_nodes)
         if self.module_name == "SGR":
             vec = self._sgr(x, node_valid, w)
-        elif train_stats is None and _fused_saf_applies(x):
-            return self._saf_scores_fused(x, lens, w).view(ni, nc)
         else:
             if train_stats is not None:
                 train_stats.append((ni, nc))
@@ -421,8 +426,9 @@ class SGRAFSimilarity(nn.Module):
         fused C++ kernel on CPU tensors, the chunked torch path elsewhere) straight into their rows (the per-image
         Gram matrices computed once), then SGR/SAF. On the CPU in float32/bfloat16 each SGR step but the last is
         one fused kernel per chunk of pairs (``sgr_step_``: the [Y | U] brgemm and the per-pair attention, in place)
-        and the last step's global-node attention another (``sgr_global_attend``); elsewhere every per-pair dense
-        layer is one torch GEMM over the block.
+        and the last step's global-node attention another (``sgr_global_attend``), and SAF's filtration and score
+        one pass per pair (``saf_scores``, float32 nodes); elsewhere every per-pair dense layer is one torch GEMM
+        over the block.
 
         Peak memory beyond inputs and output: a matmul-dtype copy of img_emb when ``dtype`` differs from its dtype
         (captions are cast one chunk at a time), the global vectors (N_img + N_cap) x d (computed 64 items at a

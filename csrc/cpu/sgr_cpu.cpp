@@ -118,28 +118,13 @@ ITM_INLINE void attend_two_rows(const float* A, int64_t lda, const float* U, int
   }
 }
 
-// Largest lane by halving (4 dependent steps instead of 15).
-ITM_INLINE float hmax_tree(VF v) {
-  typedef float H __attribute__((vector_size(32)));
-  typedef float Q __attribute__((vector_size(16)));
-  H lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  const H m8 = vmax(lo, hi);
-  Q a, b;
-  std::memcpy(&a, &m8, 16);
-  std::memcpy(&b, reinterpret_cast<const char*>(&m8) + 16, 16);
-  const Q m4 = vmax(a, b);
-  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
-}
-
 // Row softmax of logits[i][0..m) in place (ldl >= round_up(m, 16)); padding lanes get weight 0.
 ITM_INLINE void softmax_row(float* row, int64_t m) {
   const int64_t mp = (m + kW - 1) / kW * kW;
   for (int64_t j = m; j < mp; ++j) row[j] = row[0];
   VF mx = vload(row);
   for (int64_t j = kW; j < mp; j += kW) mx = vmax(mx, vload(row + j));
-  const VF vm = vsplat(hmax_tree(mx));
+  const VF vm = vsplat(hmax<float>(mx));
   const auto iota = viota<float>();
   VF sum = vsplat(0.0f);
   for (int64_t j = 0; j < mp; j += kW) {
@@ -149,7 +134,7 @@ ITM_INLINE void softmax_row(float* row, int64_t m) {
     vstore(row + j, e);
     sum += e;
   }
-  const VF inv = vsplat(1.0f / hsum_tree<float>(sum));
+  const VF inv = vsplat(1.0f / hsum<float>(sum));
   for (int64_t j = 0; j < mp; j += kW) vstore(row + j, vload(row + j) * inv);
 }
 
