@@ -5,7 +5,9 @@ Install with the torch that is already in the environment (recommended; an isola
     pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
     python setup.py build_ext --inplace       # development build next to the sources
 
-CUDA sources (csrc/cuda/*.cu) join the build when torch has CUDA and nvcc is found; ITM_KERNELS_WITH_CUDA=1/0
+Sources: csrc/module.cpp (the Python module, build_info) and every op's csrc/<op>/cpu.cpp (each defines its own
+schema); csrc/common/ holds the shared headers. CUDA sources (csrc/<op>/cuda.cu; never the nvcc-only
+compile_check.cu or the host emulate.cpp) join the build when torch has CUDA and nvcc is found; ITM_KERNELS_WITH_CUDA=1/0
 forces either way. Compiler flags: -O3 -g0, OpenMP; no -march=native (the CPU epilogue picks AVX-512, AVX2 or
 baseline code at load time). MAX_JOBS bounds the parallel compile jobs (ninja).
 """
@@ -18,6 +20,8 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = "csrc/*/cpu.cpp"
+CUDA_SOURCES = "csrc/*/cuda.cu"
 
 
 def _rel(pattern: str) -> list[str]:
@@ -26,12 +30,12 @@ def _rel(pattern: str) -> list[str]:
 
 def _want_cuda(torch, cuda_home) -> bool:
     flag = os.environ.get("ITM_KERNELS_WITH_CUDA", "").strip().lower()
-    has_sources = bool(_rel("csrc/cuda/*.cu"))
+    has_sources = bool(_rel(CUDA_SOURCES))
     if flag in ("0", "false", "no", "off"):
         return False
     if flag in ("1", "true", "yes", "on"):
         if not has_sources:
-            raise RuntimeError("ITM_KERNELS_WITH_CUDA=1 but there are no csrc/cuda/*.cu sources")
+            raise RuntimeError(f"ITM_KERNELS_WITH_CUDA=1 but there are no {CUDA_SOURCES} sources")
         if torch.version.cuda is None or cuda_home is None:
             raise RuntimeError("ITM_KERNELS_WITH_CUDA=1 needs a CUDA build of torch and the CUDA toolkit (nvcc); "
                                f"torch {torch.__version__} has CUDA {torch.version.cuda}, CUDA_HOME={cuda_home}")
@@ -46,12 +50,14 @@ def _extensions():
 
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unknown-pragmas", "-Wno-psabi"]
     link = ["-fopenmp"]
-    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp")
+    sources = ["csrc/module.cpp"] + _rel(CPU_SOURCES)
     if _want_cuda(torch, CUDA_HOME):
+        # SASS for sm_80 and sm_90, plus compute_90 PTX that newer GPUs JIT-compile (forward compatibility).
         nvcc = ["-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90,code=sm_90"]
-        # compile_check.cu only instantiates the kernels for nvcc checks (tools/compile_check_cuda.sh).
-        cuda_sources = [s for s in _rel("csrc/cuda/*.cu") if not s.endswith("compile_check.cu")]
+                "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+        # Only csrc/<op>/cuda.cu: compile_check.cu instantiates the kernels for nvcc checks alone
+        # (tools/compile_check_cuda.sh) and emulate.cpp is a host program.
+        cuda_sources = _rel(CUDA_SOURCES)
         ext = CUDAExtension("itm_kernels._C", sources + cuda_sources,
                             include_dirs=[os.path.join(ROOT, "csrc")], define_macros=[("ITM_WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)

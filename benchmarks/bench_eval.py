@@ -16,7 +16,7 @@ SGRAF rows (SGR and SAF heads, d = 1024, s = 256, 3 SGR steps): the head is firs
 Adam steps, well under a minute) on separate synthetic embeddings with a ground truth (each word a noisy copy of a
 region of its image, with a weak signal so that recall is neither chance nor 100), so that scores are spread like
 a trained model's rather than sitting in a random head's narrow band. Then: the official-style loop
-(``itm_models.sgraf.official_style_sims``: one official shard of 100 images x 100 captions spread over the
+(``itm_models.baselines.sgraf.official_style_sims``: one official shard of 100 images x 100 captions spread over the
 gallery, median of 3 runs after a warm-up, extrapolated linearly by pairs, "~"), ours (``SGRAFSimilarity.sims``
 with float32 or bfloat16 matrix products, + metrics), the speed-up, the fraction of the bare-GEMM limit, peak
 extra memory, R@1 in both directions and, for bfloat16, its R@1 difference to float32 (bfloat16 minus float32).
@@ -26,7 +26,7 @@ L + 1 graph nodes): the t2i attention 4 K L d (scores and attended vectors), W_l
 global node 2 d s n, then SGR: per step 3 x 2 s^2 n (query, key, W_g) + 2 x 2 n^2 s (Q K^T, A X); or SAF: 4 s n
 (gate, weighted sum); plus the score 2 s. Summed over all pairs with their real lengths; at L = 12 that is the
 24.4 (SGR) and 8.6 (SAF) MFLOP per pair of SEMANTICS.md. The bare-GEMM time is those FLOPs divided by the rate of
-the faster of ``torch.mm`` and oneDNN brgemm (``itm_kernels.fast_mm``; 2x MKL's float32 rate on AMD CPUs, where
+the faster of ``torch.mm`` and oneDNN brgemm (``itm_kernels._common.fast_mm``; 2x MKL's float32 rate on AMD CPUs, where
 torch.mm runs MKL's AVX2 code) on (8192 x d) @ (d x s) in the same dtype (the shape of W_loc), timed in the
 same run; the fraction is bare-GEMM time / ours (1.0 = as fast as if all the work were one large GEMM). Our SGR
 path does fewer FLOPs than the model defines (query and key folded into one s x s product; the last step on the
@@ -45,10 +45,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
-from itm_kernels import reference  # noqa: E402
+from itm_kernels.xattn_sim import reference  # noqa: E402
+from itm_models.baselines.scan import official_style_sims as scan_official_style_sims  # noqa: E402
 from itm_models.losses import ContrastiveLoss  # noqa: E402
-from itm_models.metrics import format_metrics_table, recall  # noqa: E402
-from itm_models.sgraf import SGRAFSimilarity, official_style_sims  # noqa: E402
+from itm_models.eval.metrics import format_metrics_table, recall  # noqa: E402
+from itm_models.baselines.sgraf import official_style_sims  # noqa: E402
+from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
 from common import (bare_gemm_rate, bare_product_time, machine_line, matched_features, median_time,  # noqa: E402
                     peak_extra_memory, print_table, trim_heap)
 
@@ -75,8 +77,8 @@ def official_seconds(images, captions, lens, direction, max_pairs):
     sub_cap = max(5, min(n_cap, max_pairs // sub_img))
     lam1, lam2 = LAMBDAS[direction]
     t0 = time.perf_counter()
-    reference.official_style_sims(images[:sub_img].float().cpu(), captions[:sub_cap].float().cpu(),
-                                  lens[:sub_cap].cpu(), direction=direction, lambda_softmax=lam1, lambda_lse=lam2)
+    scan_official_style_sims(images[:sub_img].float().cpu(), captions[:sub_cap].float().cpu(),
+                             lens[:sub_cap].cpu(), direction=direction, lambda_softmax=lam1, lambda_lse=lam2)
     return (time.perf_counter() - t0) * n_img * n_cap / (sub_img * sub_cap)
 
 
@@ -325,7 +327,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     n_img = 200 if args.quick else args.n_img
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = itm_kernels.backends.choose_backend("auto", torch.device(device))
+    backend = itm_kernels._common.dispatch.choose_backend("auto", torch.device(device))
     print(f"# bench_eval | backend {backend} | {machine_line()} | load average {os.getloadavg()[0]:.2f} at start",
           flush=True)
     if "scan" in models:

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from itm_models.gsmn import GSMNSimilarity  # noqa: E402
-from itm_models.gsmn_official import official_style_sims  # noqa: E402
-from itm_models.synthetic import synthetic_boxes, synthetic_parses  # noqa: E402
+from itm_models.baselines.gsmn import official_style_sims  # noqa: E402
+from itm_models.data.synthetic import synthetic_boxes, synthetic_parses  # noqa: E402
 from common import (bare_product_time, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
                     print_table)
 

@@ -4,16 +4,16 @@
     python benchmarks/bench_sgraf.py --size 1000x5000       # Flickr30K 1K test size
     python benchmarks/bench_sgraf.py --modules SAF --dtypes float32 --repeats 1
 
-The official-style loop (``itm_models.sgraf.official_style_sims``, the official ``shard_attn_scores`` restated:
-shards of 100 images x 100 captions; per shard the image globals recomputed; per caption its globals, the caption
-repeated once per image, the attended vectors (n_img, L, d) materialised, W_loc on every word, the global branch,
-three SGR steps with separate query/key layers on every node, or SAF) is timed on the first ``--official-captions``
-captions against all images and extrapolated linearly by caption count (marked "~").
+The official-style loop (``itm_models.baselines.sgraf.official_style_sims``, the official ``shard_attn_scores``
+restated: shards of 100 images x 100 captions; per shard the image globals recomputed; per caption its globals, the
+caption repeated once per image, the attended vectors (n_img, L, d) materialised, W_loc on every word, the global
+branch, three SGR steps with separate query/key layers on every node, or SAF) is timed on the first
+``--official-captions`` captions against all images and extrapolated linearly by caption count (marked "~").
 
 Ours runs once per configuration by default (``--repeats``), after a small warm-up call; the peak memory is taken
 on the first timed run. Columns: ours in float32 and in bfloat16 (bf16 matrix products, float32 normalisations),
 the speed-up over the official-style loop, GFLOP/s of our per-pair dense layers, and the fraction of the bare-GEMM
-limit: the time the faster of ``torch.mm`` and oneDNN brgemm (``itm_kernels.fast_mm``; 2x MKL's float32 rate on AMD
+limit: the time the faster of ``torch.mm`` and oneDNN brgemm (``itm_kernels._common.fast_mm``; 2x MKL's float32 rate on AMD
 CPUs) of shape (8192 x d) @ (d x s) in the same dtype, timed in the same run, needs
 for those FLOPs, divided by our time.
 
@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (bare_gemm_rate, machine_line, matched_features, median_time, peak_extra_memory,  # noqa: E402
                     print_table, trim_heap)
-from itm_models.sgraf import SGRAFSimilarity, official_style_sims  # noqa: E402
+from itm_models.baselines.sgraf import official_style_sims  # noqa: E402
+from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
 
 D, S = 1024, 256
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
-from itm_kernels import reference  # noqa: E402
+from itm_kernels.xattn_sim import reference  # noqa: E402
 from itm_models.losses import ContrastiveLoss  # noqa: E402
 from common import machine_line, median_time, peak_extra_memory, print_table, random_features  # noqa: E402
 

@@ -10,7 +10,7 @@ from datetime import date
 
 import torch
 
-from itm_kernels.fast_mm import brgemm_available, mm_float_out
+from itm_kernels._common.fast_mm import brgemm_available, mm_float_out
 
 
 def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
@@ -68,7 +68,7 @@ def random_features(n_img, n_cap, K=36, d=1024, min_len=8, max_len=20, dtype=tor
 def bare_product_time(images, captions, lens, repeats=3, chunk_words=8192) -> float:
     """Time of the irreducible product: packed (N_img K x d) @ (d x sum L) in the inputs' dtype, chunked over words
     into a reused output buffer (same FLOPs, bounded memory), by the faster of torch.mm and oneDNN brgemm
-    (``itm_kernels.fast_mm``: 2x MKL's float32 rate on AMD CPUs, where torch.mm runs MKL's AVX2 code)."""
+    (``itm_kernels._common.fast_mm``: 2x MKL's float32 rate on AMD CPUs, where torch.mm runs MKL's AVX2 code)."""
     a = images.reshape(-1, images.shape[-1])
     mask = torch.arange(captions.shape[1], device=lens.device)[None, :] < lens[:, None]
     words = captions[mask]                                    # (sum L, d)
@@ -94,7 +94,7 @@ def bare_product_time(images, captions, lens, repeats=3, chunk_words=8192) -> fl
 
 
 def bare_gemm_rate(dtype: torch.dtype, device="cpu", m: int = 8192, k: int = 1024, n: int = 256) -> float:
-    """FLOP/s of the faster of torch.mm and brgemm (``itm_kernels.fast_mm``) on (m x k) @ (k x n) in ``dtype``
+    """FLOP/s of the faster of torch.mm and brgemm (``itm_kernels._common.fast_mm``) on (m x k) @ (k x n) in ``dtype``
     (median of 3 runs of 8 products each, after a warm-up)."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)

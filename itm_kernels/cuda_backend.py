@@ -1,49 +1,18 @@
-"""The "cuda" backend: the fused kernel of ``csrc/cuda/xattn_sim_kernel.cuh``, op ``itm_kernels::xattn_sim_fwd``.
+"""Deprecated: ``itm_kernels.cuda_backend`` moved to ``itm_kernels.xattn_sim.cuda``; this shim re-exports it
+for one release."""
+import warnings
 
-One thread block per (image, block of captions) computes the region x word score tile in shared memory with float
-accumulation (double for float64 inputs) and runs the whole SCAN epilogue there, using the Gram identity
-|a|^2 = alpha^T G alpha with a per-image (t2i) or per-caption (i2t) Gram matrix made by a prologue kernel. Limits:
-K <= 64 regions, L_max <= 128 words; the op refuses larger inputs with a message naming the limit.
-"""
-from __future__ import annotations
+warnings.warn("itm_kernels.cuda_backend is deprecated; import from itm_kernels.xattn_sim.cuda instead",
+              DeprecationWarning, stacklevel=2)
 
-import torch
-
-from . import backends
-
-# Integer encodings of the options: must match the enums of csrc/xattn_math.h (tests/test_cuda_compile.py checks).
-DIRECTION_CODES = {"t2i": 0, "i2t": 1}
-NORM_CODES = {"softmax": 0, "l2norm": 1, "clipped_l2norm": 2, "l1norm": 3, "clipped_l1norm": 4, "clipped": 5,
-              "no_norm": 6}
-AGG_CODES = {"lse": 0, "mean": 1, "max": 2, "sum": 3}
-
-# The kernel's limits (kMaxRegions, kMaxWords in csrc/cuda/xattn_sim_kernel.cuh): K and L_max of the inputs.
-MAX_REGIONS = 64
-MAX_WORDS = 128
-
-
-def supports(images: torch.Tensor, captions: torch.Tensor) -> bool:
-    """Whether the kernel takes these shapes (the op refuses others with a message naming the limit)."""
-    return images.shape[1] <= MAX_REGIONS and captions.shape[1] <= MAX_WORDS
-
-
-def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor, img_lens: torch.Tensor, *,
-              direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float,
-              max_tile_bytes: int | None = None) -> torch.Tensor:
-    """All-pairs SCAN similarity on a CUDA device; arguments already validated (see ``itm_kernels.xattn_sim``).
-
-    Args:
-        images: (N_img, K, d) CUDA tensor, float32/float64/float16/bfloat16, contiguous; K <= 64.
-        captions: (N_cap, L_max, d), same dtype and device, contiguous; L_max <= 128.
-        cap_lens, img_lens: (N_cap,), (N_img,) int64 tensors on the same device.
-        max_tile_bytes: cap on the Gram workspace (default 64 MiB); larger inputs run in several launches.
-    Returns:
-        (N_img, N_cap) float32 (float64 for float64 inputs).
-    """
-    if backends.load_extension() is None or not hasattr(torch.ops.itm_kernels, "xattn_sim_fwd"):
-        raise RuntimeError("the cuda backend needs the compiled extension itm_kernels._C built with CUDA "
-                           f"(see itm_kernels.build_info()): {backends.build_info().get('extension_error')}")
-    return torch.ops.itm_kernels.xattn_sim_fwd(
-        images, captions, cap_lens.to(device=images.device, dtype=torch.long).contiguous(),
-        img_lens.to(device=images.device, dtype=torch.long).contiguous(), DIRECTION_CODES[direction],
-        NORM_CODES[norm], float(lambda_softmax), AGG_CODES[agg], float(lambda_lse), int(max_tile_bytes or 0))
+from .xattn_sim.cuda import *  # noqa: F401,F403
+from .xattn_sim.cuda import (  # noqa: F401,E402
+    DIRECTION_CODES,
+    NORM_CODES,
+    AGG_CODES,
+    MAX_REGIONS,
+    MAX_WORDS,
+    supports,
+    xattn_sim,
+    backends,
+)

@@ -1,178 +1,30 @@
-"""The specification: SCAN cross-attention similarity in plain PyTorch.
+"""Deprecated: ``itm_kernels.reference`` moved to ``itm_kernels.xattn_sim.reference``; this shim re-exports it
+for one release."""
+import warnings
 
-Every backend of :func:`itm_kernels.xattn_sim` is tested against :func:`xattn_sim` here. It is written
-for readability, materialises the (N_img, N_cap, K, L) score tensor and is meant for small inputs only.
-:func:`official_style_sims` restates the official evaluation loop and is the benchmark baseline.
+warnings.warn("itm_kernels.reference is deprecated; import from itm_kernels.xattn_sim.reference instead",
+              DeprecationWarning, stacklevel=2)
 
-The semantics are those of the official SCAN code (kuanghuei/SCAN ``func_attention``, ``xattn_score_t2i``,
-``xattn_score_i2t``); see ``shared/reference/SEMANTICS.md``:
-
-- attend(query Q, context C): scores s = C Q^T (context x query); ``norm`` along the QUERY axis separately for
-  each context element; alpha = softmax over the CONTEXT axis of ``lambda_softmax * s_normed``; attended
-  a_q = sum_c alpha_qc C_c; R_q = cosine(Q_q, a_q) = Q_q.a_q / max(|Q_q| |a_q|, 1e-8).
-- t2i: query = the caption's words, context = the image's regions; i2t: query = regions, context = words.
-- aggregation over the query items: lse (1/lambda_lse) log sum exp(lambda_lse R), mean, max or sum.
-"""
-from __future__ import annotations
-
-import torch
-
-NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
-AGGS = ("lse", "mean", "max", "sum")
-DIRECTIONS = ("t2i", "i2t")
-EPS = 1e-8
-LEAKY_SLOPE = 0.1
+from .xattn_sim.reference import *  # noqa: F401,F403
+from .xattn_sim.reference import (  # noqa: F401,E402
+    NORMS,
+    AGGS,
+    DIRECTIONS,
+    EPS,
+    LEAKY_SLOPE,
+    _lengths_mask,
+    normalize_scores,
+    aggregate,
+    attend_all_pairs,
+    xattn_sim,
+)
 
 
-def _lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+def __getattr__(name):
+    # official_style_sims (and its helpers) moved to itm_models.baselines.scan; imported lazily so that importing
+    # the kernels never imports itm_models.
+    if name in ("official_style_sims", "_official_func_attention", "_official_cosine"):
+        from itm_models.baselines import scan
 
-
-def normalize_scores(s: torch.Tensor, valid: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
-    """Apply SCAN's ``raw_feature_norm`` to ``s`` along ``dim`` (the query axis), over ``valid`` entries only.
-
-    ``s`` and ``valid`` broadcast against each other; invalid entries of the result are 0.
-    """
-    zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    if norm in ("clipped_l2norm", "clipped_l1norm", "clipped"):
-        s = torch.nn.functional.leaky_relu(s, LEAKY_SLOPE)
-    s = torch.where(valid, s, zero)
-    if norm == "softmax":
-        s = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=dim)
-        return torch.where(valid, s, zero)
-    if norm in ("l2norm", "clipped_l2norm"):
-        sq = s.pow(2).sum(dim=dim, keepdim=True)
-        # sqrt via where: the same value, but a row of zeros (a padded context item) gets gradient 0, not NaN.
-        return s / (torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() * (sq > 0) + EPS)
-    if norm in ("l1norm", "clipped_l1norm"):
-        return s / (s.abs().sum(dim=dim, keepdim=True) + EPS)
-    if norm in ("clipped", "no_norm"):
-        return s
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-
-
-def aggregate(r: torch.Tensor, valid: torch.Tensor, agg: str, lambda_lse: float) -> torch.Tensor:
-    """Reduce the per-query cosines ``r`` over their last axis, counting ``valid`` entries only."""
-    zero = torch.zeros((), dtype=r.dtype, device=r.device)
-    if agg == "lse":
-        return torch.logsumexp((lambda_lse * r).masked_fill(~valid, float("-inf")), dim=-1) / lambda_lse
-    if agg == "mean":
-        return torch.where(valid, r, zero).sum(-1) / valid.sum(-1).to(r.dtype)
-    if agg == "max":
-        return r.masked_fill(~valid, float("-inf")).amax(-1)
-    if agg == "sum":
-        return torch.where(valid, r, zero).sum(-1)
-    raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
-
-
-def attend_all_pairs(query, query_lens, context, context_lens, *, norm, lambda_softmax):
-    """Cosines R between each query item and its attended context, for every (query set, context set) pair.
-
-    Args:
-        query: (N_q, Lq, d), padded; ``query_lens`` (N_q,) valid lengths.
-        context: (N_c, Lc, d), padded; ``context_lens`` (N_c,) valid lengths.
-    Returns:
-        R (N_c, N_q, Lq) in the input dtype, and the (N_q, Lq) validity mask of the query items.
-        Invalid query positions hold arbitrary finite values.
-    """
-    q_valid = _lengths_mask(query_lens, query.shape[1])            # (N_q, Lq)
-    c_valid = _lengths_mask(context_lens, context.shape[1])        # (N_c, Lc)
-    zero = torch.zeros((), dtype=query.dtype, device=query.device)
-    query = torch.where(q_valid[..., None], query, zero)
-    context = torch.where(c_valid[..., None], context, zero)
-    s = torch.einsum("ckd,qtd->cqkt", context, query)              # (N_c, N_q, Lc, Lq)
-    pair_valid_q = q_valid[None, :, None, :]
-    s_normed = normalize_scores(s, pair_valid_q, norm, dim=3)
-    logits = (lambda_softmax * s_normed).masked_fill(~c_valid[:, None, :, None], float("-inf"))
-    alpha = torch.softmax(logits, dim=2)                            # over the context axis
-    attended = torch.einsum("cqkt,ckd->cqtd", alpha, context)      # (N_c, N_q, Lq, d)
-    dots = (attended * query[None]).sum(-1)
-    norms = attended.norm(dim=-1) * query.norm(dim=-1)[None]
-    r = dots / norms.clamp_min(EPS)
-    return r, q_valid
-
-
-def xattn_sim(images, captions, cap_lens, *, img_lens=None, direction="t2i", norm="clipped_l2norm",
-              lambda_softmax=9.0, agg="lse", lambda_lse=6.0, compute_dtype=None):
-    """Reference all-pairs SCAN similarity.
-
-    Args:
-        images: (N_img, K, d) region features. ``img_lens`` (N_img,) optional valid region counts.
-        captions: (N_cap, L_max, d) word features, padded; ``cap_lens`` (N_cap,) lengths 1..L_max.
-        compute_dtype: dtype of the arithmetic; default the input dtype (so a bfloat16 input is computed in
-            bfloat16: tests use this to measure the error PyTorch itself makes in low precision).
-    Returns:
-        (N_img, N_cap): float64 for float64 inputs, float32 otherwise.
-    Memory: O(N_img * N_cap * max(K, L) * d); for tests only.
-    """
-    out_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    compute_dtype = compute_dtype or images.dtype
-    images = images.to(compute_dtype)
-    captions = captions.to(compute_dtype)
-    cap_lens = torch.as_tensor(cap_lens, device=images.device).long()
-    if img_lens is None:
-        img_lens = torch.full((images.shape[0],), images.shape[1], dtype=torch.long, device=images.device)
-    img_lens = torch.as_tensor(img_lens, device=images.device).long()
-    if direction == "t2i":
-        r, valid = attend_all_pairs(captions, cap_lens, images, img_lens, norm=norm, lambda_softmax=lambda_softmax)
-        sims = aggregate(r, valid[None], agg, lambda_lse)              # (N_img, N_cap)
-    elif direction == "i2t":
-        r, valid = attend_all_pairs(images, img_lens, captions, cap_lens, norm=norm, lambda_softmax=lambda_softmax)
-        sims = aggregate(r, valid[None], agg, lambda_lse).t()          # (N_cap, N_img) -> (N_img, N_cap)
-    else:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    return sims.to(out_dtype)
-
-
-def _official_func_attention(query, context, norm, smooth):
-    """One official ``func_attention`` call: query (n, Lq, d), context (n, Lc, d) -> weighted context (n, Lq, d)."""
-    attn = torch.bmm(context, query.transpose(1, 2))                  # (n, Lc, Lq)
-    if norm in ("clipped_l2norm", "clipped_l1norm", "clipped"):
-        attn = torch.nn.functional.leaky_relu(attn, LEAKY_SLOPE)
-    if norm == "softmax":
-        attn = torch.softmax(attn, dim=2)
-    elif norm in ("l2norm", "clipped_l2norm"):
-        attn = attn / (attn.pow(2).sum(dim=2, keepdim=True).sqrt() + EPS)
-    elif norm in ("l1norm", "clipped_l1norm"):
-        attn = attn / (attn.abs().sum(dim=2, keepdim=True) + EPS)
-    attn = torch.softmax(attn.transpose(1, 2) * smooth, dim=2)       # (n, Lq, Lc)
-    return torch.bmm(attn, context)
-
-
-def _official_cosine(x1, x2):
-    w12 = (x1 * x2).sum(2)
-    return w12 / (x1.norm(dim=2) * x2.norm(dim=2)).clamp(min=EPS)
-
-
-def official_style_sims(images, captions, cap_lens, *, direction="t2i", norm="clipped_l2norm", lambda_softmax=9.0,
-                        agg="lse", lambda_lse=6.0, shard_size=128, progress=False):
-    """The official evaluation loop, restated: image/caption shards, a Python loop over captions, each caption
-    repeated once per image and the weighted context (n_img, L, d) or (n_img, K, d) materialised per caption.
-
-    Benchmark baseline only. Args as :func:`xattn_sim` (no ragged images); returns (N_img, N_cap) in the input
-    dtype. Peak extra memory per caption: n_img_shard * max(K, L) * d values for the weighted context.
-    """
-    from tqdm import tqdm
-
-    n_img, n_cap = images.shape[0], captions.shape[0]
-    sims = torch.empty(n_img, n_cap, dtype=images.dtype)
-    lens = [int(x) for x in cap_lens]
-    for i0 in range(0, n_img, shard_size):
-        im = images[i0:i0 + shard_size]
-        for c in tqdm(range(n_cap), disable=not progress, desc=f"official-style shard {i0 // shard_size}"):
-            cap_i = captions[c, :lens[c]].unsqueeze(0).repeat(im.shape[0], 1, 1)
-            if direction == "t2i":
-                query, weighted = cap_i, _official_func_attention(cap_i, im, norm, lambda_softmax)
-            else:
-                query, weighted = im, _official_func_attention(im, cap_i, norm, lambda_softmax)
-            row = _official_cosine(query, weighted)
-            if agg == "lse":
-                row = torch.log(torch.exp(row * lambda_lse).sum(dim=1)) / lambda_lse
-            elif agg == "max":
-                row = row.max(dim=1)[0]
-            elif agg == "sum":
-                row = row.sum(dim=1)
-            else:
-                row = row.mean(dim=1)
-            sims[i0:i0 + im.shape[0], c] = row
-    return sims
+        return getattr(scan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scan import SCAN, SCANConfig
-
 __all__ = [
     "CheckpointError", "load_official_checkpoint", "read_official_checkpoint", "detect_official_model_type",
     "load_state_dict_checked",
@@ -147,6 +145,7 @@ _OFFICIAL_LIST_NAMES = {
 }
 
 OfficialBuilder = Callable[[dict, list, str], nn.Module]
+# Filled by the model packages on import (itm_models.scan.official, .sgraf.official, .gsmn.official).
 _OFFICIAL_LOADERS: dict[str, OfficialBuilder] = {}
 
 
@@ -231,23 +230,6 @@ def read_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, 
     return out
 
 
-def _build_official_scan(opt: dict, state_dicts: list, path: str) -> SCAN:
-    try:
-        config = SCANConfig.from_opt(opt)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: its opt does not describe a valid SCAN model: {exc}") from None
-    model = SCAN(config)
-    hint = (f" (model built from opt: vocab_size={config.vocab_size}, word_dim={config.word_dim}, "
-            f"embed_size={config.embed_size}, img_dim={config.img_dim}, bi_gru={config.bi_gru}, "
-            f"num_layers={config.num_layers}, precomp_enc_type={config.precomp_enc_type!r})")
-    load_state_dict_checked(model.img_enc, state_dicts[0], where="model[0] (img_enc)", path=path, hint=hint)
-    load_state_dict_checked(model.txt_enc, state_dicts[1], where="model[1] (txt_enc)", path=path, hint=hint)
-    return model
-
-
-register_official_loader("scan", _build_official_scan)
-
-
 def load_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location="cpu",
                              backend: str = "auto") -> nn.Module:
     """Rebuild a model from an official checkpoint (``model_best.pth.tar``) and load its weights.
@@ -289,7 +271,8 @@ def load_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, 
 # --------------------------------------------------------------------------------------------------------------
 # Our format
 # --------------------------------------------------------------------------------------------------------------
-_MODEL_TYPES: dict[str, tuple[type, type]] = {"scan": (SCANConfig, SCAN)}
+# Filled by the model packages on import (itm_models.scan.model, .sgraf.model, .gsmn.model).
+_MODEL_TYPES: dict[str, tuple[type, type]] = {}
 
 
 def register_model_type(model_type: str, config_cls: type, model_cls: type) -> None:

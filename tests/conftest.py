@@ -24,9 +24,12 @@ GOLDEN_DIR = Path(os.environ.get("ITM_GOLDEN_DIR", REPO.parent / "shared" / "ref
 
 
 def golden_path(name: str) -> Path:
+    """Path of one official golden file; a missing file FAILS the test (golden checks never skip silently)."""
     path = GOLDEN_DIR / name
     if not path.exists():
-        pytest.skip(f"golden file {path} not present (set ITM_GOLDEN_DIR)")
+        pytest.fail(f"golden file {path} is missing: the official-output checks need ../shared/reference/golden "
+                    f"beside the repository, or ITM_GOLDEN_DIR=/path/to/golden pointing at a copy of it",
+                    pytrace=False)
     return path
 
 

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA kernels without a GPU.
 #
-#   1. nvcc -std=c++17 for sm_80 and sm_90 (one invocation per check file): csrc/cuda/compile_check.cu instantiates
-#      every dtype x direction variant of csrc/cuda/xattn_sim_kernel.cuh, csrc/cuda/node_match_compile_check.cu every
-#      dtype of csrc/cuda/node_match_kernel.cuh, csrc/cuda/local_sim_compile_check.cu every dtype of
-#      csrc/cuda/local_sim_kernel.cuh; prints registers / spills / stack per kernel (ptxas -v) and one summary line
+#   1. nvcc -std=c++17 for sm_80 and sm_90 (one invocation per check file): csrc/xattn_sim/compile_check.cu
+#      instantiates every dtype x direction variant of csrc/xattn_sim/kernel.cuh, csrc/node_match/compile_check.cu
+#      every dtype of csrc/node_match/kernel.cuh, csrc/local_sim/compile_check.cu every dtype of
+#      csrc/local_sim/kernel.cuh; prints registers / spills / stack per kernel (ptxas -v) and one summary line
 #      per arch ("sm_80: OK ..." for xattn_sim, "node_match sm_80: OK ..." and "local_sim sm_80: OK ..." for the
 #      others);
-#   2. g++ -fsyntax-only of csrc/xattn_math.h alone (the header the CPU kernel shares);
-#   3. g++ builds of the host emulations csrc/cuda/xattn_sim_emulate.cpp, node_match_emulate.cpp and
-#      local_sim_emulate.cpp (AddressSanitizer + UBSan), which run the kernels' block code on the CPU; prints the
+#   2. g++ -fsyntax-only of csrc/xattn_sim/math.h and csrc/common/constants.h alone (the headers the CPU kernels
+#      share);
+#   3. g++ builds of the host emulations csrc/xattn_sim/emulate.cpp, csrc/node_match/emulate.cpp and
+#      csrc/local_sim/emulate.cpp (AddressSanitizer + UBSan), which run the kernels' block code on the CPU; prints the
 #      launch plans (dynamic shared memory) for typical and maximal shapes;
-#   4. with --binding: nvcc -c of the torch bindings csrc/cuda/xattn_sim_cuda.cu, node_match_cuda.cu and
-#      local_sim_cuda.cu against the installed torch's headers (about 40 s each; works with a CPU-only torch too,
+#   4. with --binding: nvcc -c of the torch bindings csrc/xattn_sim/cuda.cu, csrc/node_match/cuda.cu and
+#      csrc/local_sim/cuda.cu against the installed torch's headers (about 40 s each; works with a CPU-only torch too,
 #      the objects are not linked).
 #
 # Usage: tools/compile_check_cuda.sh [--only xattn|node_match|local_sim] [--emulator PATH]
 #                                    [--node-match-emulator PATH] [--local-sim-emulator PATH] [--binding]
 #   --only KERNEL              check one kernel's files only (default: all three)
-#   --emulator PATH            keep the xattn_sim emulator binary at PATH (tests/test_cuda_compile.py runs it)
-#   --node-match-emulator PATH keep the node_match emulator binary at PATH (tests/test_cuda_node_match.py runs it)
-#   --local-sim-emulator PATH  keep the local_sim emulator binary at PATH (tests/test_cuda_local_sim.py runs it)
+#   --emulator PATH            keep the xattn_sim emulator binary at PATH (tests/xattn_sim/test_xattn_sim_cuda.py
+#                              runs it)
+#   --node-match-emulator PATH keep the node_match emulator binary at PATH (tests/node_match/test_node_match_cuda.py)
+#   --local-sim-emulator PATH  keep the local_sim emulator binary at PATH (tests/local_sim/test_local_sim_cuda.py)
 # Environment: NVCC (default nvcc), CXX (default g++), CUDA_HOME (default: from nvcc), PYTHON (for --binding).
 # Exits non-zero on the first failing step.
 set -euo pipefail
@@ -73,14 +75,14 @@ nvcc_flags=(-std=c++17 -O3 -Xptxas -v --threads 2
   -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__ -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -I "$root/csrc")
-# nvcc_check FILE PREFIX: compile csrc/cuda/FILE, print the per-kernel table and "<PREFIX>sm_XX: OK ..." lines.
+# nvcc_check FILE PREFIX: compile csrc/FILE (OP/compile_check.cu), print the per-kernel table and "<PREFIX>sm_XX: OK ..." lines.
 nvcc_check() {
   local file="$1" prefix="$2" tag
-  tag="${file%.cu}"
+  tag="${file%%/*}"
   local start=$SECONDS
-  if ! "$NVCC" "${nvcc_flags[@]}" -c "$root/csrc/cuda/$file" -o "$work/$tag.o" >"$work/$tag.nvcc.log" 2>&1; then
+  if ! "$NVCC" "${nvcc_flags[@]}" -c "$root/csrc/$file" -o "$work/$tag.o" >"$work/$tag.nvcc.log" 2>&1; then
     grep -v '^ptxas info' "$work/$tag.nvcc.log" >&2 || true
-    echo "FAIL nvcc: csrc/cuda/$file (sm_80, sm_90)" >&2
+    echo "FAIL nvcc: csrc/$file (sm_80, sm_90)" >&2
     exit 1
   fi
   local nvcc_s=$((SECONDS - start))
@@ -107,13 +109,15 @@ nvcc_check() {
   done
   echo "${prefix}nvcc: ${nvcc_s}s for both architectures"
 }
-[[ $do_xattn == 1 ]] && nvcc_check compile_check.cu ""
-[[ $do_nm == 1 ]] && nvcc_check node_match_compile_check.cu "node_match "
-[[ $do_ls == 1 ]] && nvcc_check local_sim_compile_check.cu "local_sim "
+[[ $do_xattn == 1 ]] && nvcc_check xattn_sim/compile_check.cu ""
+[[ $do_nm == 1 ]] && nvcc_check node_match/compile_check.cu "node_match "
+[[ $do_ls == 1 ]] && nvcc_check local_sim/compile_check.cu "local_sim "
 
-# --- 2. the shared math header alone under g++ --------------------------------------------------------------------
-echo '#include "xattn_math.h"' | "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -I "$root/csrc" -x c++ -
-echo "g++: csrc/xattn_math.h compiles alone"
+# --- 2. the shared math headers alone under g++ -------------------------------------------------------------------
+for header in common/constants.h xattn_sim/math.h; do
+  echo "#include \"$header\"" | "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -I "$root/csrc" -x c++ -
+  echo "g++: csrc/$header compiles alone"
+done
 
 # --- 3. host emulation ---------------------------------------------------------------------------------------------
 emu_flags=(-std=c++17 -O1 -g -Wall -Wextra -Werror -I "$root/csrc" -I "$CUDA_INC")
@@ -122,30 +126,30 @@ sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
 build_emulator() {
   local src="$1" out="$2"
   mkdir -p "$(dirname "$out")"
-  if "$CXX" "${emu_flags[@]}" "${sanitize[@]}" "$root/csrc/cuda/$src" -o "$out" 2> "$work/emu.log"; then
+  if "$CXX" "${emu_flags[@]}" "${sanitize[@]}" "$root/csrc/$src" -o "$out" 2> "$work/emu.log"; then
     echo "g++: host emulation built with ASan/UBSan (${out})"
-  elif "$CXX" "${emu_flags[@]}" "$root/csrc/cuda/$src" -o "$out"; then
+  elif "$CXX" "${emu_flags[@]}" "$root/csrc/$src" -o "$out"; then
     echo "g++: host emulation built WITHOUT sanitizers (${out}); with them: $(head -n1 "$work/emu.log")"
   else
-    echo "FAIL g++: csrc/cuda/$src" >&2
+    echo "FAIL g++: csrc/$src" >&2
     exit 1
   fi
 }
 if [[ $do_xattn == 1 ]]; then
   emu="${emulator:-$work/xattn_sim_emulate}"
-  build_emulator xattn_sim_emulate.cpp "$emu"
+  build_emulator xattn_sim/emulate.cpp "$emu"
   "$emu" --plan 36 32 1024
   "$emu" --plan 64 128 1024
 fi
 if [[ $do_nm == 1 ]]; then
   nm_emu="${nm_emulator:-$work/node_match_emulate}"
-  build_emulator node_match_emulate.cpp "$nm_emu"
+  build_emulator node_match/emulate.cpp "$nm_emu"
   "$nm_emu" --plan 36 32 1024 16
   "$nm_emu" --plan 64 128 1024 16
 fi
 if [[ $do_ls == 1 ]]; then
   ls_emu="${ls_emulator:-$work/local_sim_emulate}"
-  build_emulator local_sim_emulate.cpp "$ls_emu"
+  build_emulator local_sim/emulate.cpp "$ls_emu"
   "$ls_emu" --plan 36 32 1024 256
   "$ls_emu" --plan 64 128 1024 1024
 fi
@@ -160,16 +164,16 @@ if [[ $binding == 1 ]]; then
   extra=()
   [[ -f "${torch_inc[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]] || extra+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
   bindings=()
-  [[ $do_xattn == 1 ]] && bindings+=(xattn_sim_cuda.cu)
-  [[ $do_nm == 1 ]] && bindings+=(node_match_cuda.cu)
-  [[ $do_ls == 1 ]] && bindings+=(local_sim_cuda.cu)
+  [[ $do_xattn == 1 ]] && bindings+=(xattn_sim/cuda.cu)
+  [[ $do_nm == 1 ]] && bindings+=(node_match/cuda.cu)
+  [[ $do_ls == 1 ]] && bindings+=(local_sim/cuda.cu)
   for file in "${bindings[@]}"; do
     start=$SECONDS
     "$NVCC" -std=c++20 -O2 -gencode arch=compute_80,code=sm_80 --expt-relaxed-constexpr -Xcompiler -fPIC \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
       -D__CUDA_NO_HALF2_OPERATORS__ "${extra[@]}" -I "$root/csrc" "${inc_flags[@]}" \
-      -c "$root/csrc/cuda/$file" -o "$work/${file%.cu}.o" 2> "$work/binding.log" || {
-        cat "$work/binding.log" >&2; echo "FAIL nvcc: csrc/cuda/$file" >&2; exit 1; }
+      -c "$root/csrc/$file" -o "$work/${file%%/*}.o" 2> "$work/binding.log" || {
+        cat "$work/binding.log" >&2; echo "FAIL nvcc: csrc/$file" >&2; exit 1; }
     echo "nvcc: torch binding $file compiles against $("$PYTHON" -c 'import torch; print(torch.__version__)') headers ($((SECONDS - start))s)"
   done
 fi

@@ -1,4 +1,4 @@
-"""Compile the Triton kernels of ``itm_kernels.triton_xattn`` for NVIDIA targets without a GPU.
+"""Compile the Triton kernels of ``itm_kernels.xattn_sim.triton`` for NVIDIA targets without a GPU.
 
 For each target (default sm_80 and sm_90), input dtype (default float32 and bfloat16) and direction, this compiles
 the Gram kernel of the context side (t2i: images, 64-row tiles; i2t: captions, 32-row tiles) and the attention
@@ -102,7 +102,7 @@ def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: s
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from itm_kernels import triton_xattn as tx
+    from itm_kernels.xattn_sim import triton as tx
 
     dtype = getattr(torch, dtype_name)
     elem = "*" + DTYPES[dtype_name]
@@ -141,10 +141,10 @@ def compile_check(archs=(80, 90), dtypes=("float32", "bfloat16"), directions=("t
     Must run in a process that imported triton without ``TRITON_INTERPRET=1``: triton builds its standard library
     (tl.sum, tl.max, tl.cdiv, ...) for the interpreter at import time, and that cannot be compiled afterwards.
     """
-    from itm_kernels import reference
-    from itm_kernels import triton_xattn
+    from itm_kernels.xattn_sim import reference
+    from itm_kernels.xattn_sim import triton as xattn_triton
 
-    if triton_xattn.triton_imported_interpreted():
+    if xattn_triton.triton_imported_interpreted():
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1 in this process; run the compile check in "
                            "a fresh process without it (python tools/compile_check_triton.py)")
 

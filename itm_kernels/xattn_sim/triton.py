@@ -1,0 +1,238 @@
+"""The "triton" backend of ``xattn_sim``: one fused kernel per (context item, block of query items).
+
+Layout of this file: the kernel (math in its docstring), the launcher that picks block sizes and buckets captions
+by length, then the public :func:`xattn_sim` (called by ``itm_kernels.xattn_sim.run_forward`` with validated
+inputs). The Gram kernel, the mode checks and the length buckets are shared with the other ops
+(``itm_kernels._common.triton_utils``).
+
+Both directions are the same computation with the roles swapped, so one kernel serves both. It sees a CONTEXT set
+(t2i: images, context rows = regions; i2t: captions, rows = words) and a QUERY set (t2i: captions, rows = words;
+i2t: images, rows = regions); the score tile is always context x query.
+
+Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``jit_kernel``), so importing this
+module fixes nothing; they call no other ``@triton.jit`` function of ours, which would be wrapped at import (see
+``itm_kernels._common.triton_utils`` for the mode rules).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._common.triton_utils import (EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BLOCK, NEG_BIG, _check_mode,  # noqa: F401
+                                    _gram_kernel, acc_dtype, block_rows, check_mode, dtype_constexprs, gram_config,
+                                    interpreted, jit, length_buckets, triton_imported_interpreted)
+from .._common.triton_utils import gram as _gram
+from .._common.triton_utils import length_buckets as _length_buckets
+# Query rows stacked into one score tile (several short captions share a program in t2i). With 64 rows, or with
+# 4 warps, the t2i kernel needs 255 registers and spills on sm_80/sm_90 (tools/compile_check_triton.py); 32 rows
+# and 8 warps compile to 59-139 registers without spills (K = 36, d = 1024, every norm and agg). Tiles grow with
+# K and the caption buckets (powers of two); sizes beyond 64 rows compile but were not checked for spills.
+TARGET_QUERY_ROWS = 32
+NUM_WARPS = 8
+# Context items that consecutive programs share, so that a block of query items is reused from L2.
+GROUP_CTX = 8
+
+# norm -> (NORM constexpr, CLIP constexpr): the clipped variants apply LeakyReLU(0.1) first.
+_NORM_KINDS = {
+    "softmax": ("softmax", False),
+    "l2norm": ("l2", False),
+    "clipped_l2norm": ("l2", True),
+    "l1norm": ("l1", False),
+    "clipped_l1norm": ("l1", True),
+    "clipped": ("none", True),
+    "no_norm": ("none", False),
+}
+
+
+def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr, out_ptr,
+                      n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_oc, stride_oq,
+                      lambda_softmax: tl.float64, lambda_lse: tl.float64,
+                      NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
+                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    """SCAN scores of one context item against QB query items: QB entries of ``out``.
+
+    Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
+    item n = ctx_idx[p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[b QB + j], j < QB, with
+    L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
+
+        s[k, (j, t)] = x_k . y_t                     (tl.dot over d-chunks, ACC accumulator)
+        z = LeakyReLU_0.1(s) if CLIP else s
+        n[k, j, :]  = NORM of z[k, j, t] over t < L_j: softmax | z / (|z|_2 + eps) | z / (|z|_1 + eps) | z
+        alpha[:, j, t] = softmax over k < C_n of lambda_softmax n[k, j, t]
+        num = sum_k alpha s,   |a|^2 = alpha^T G_n alpha (G_n from _gram_kernel, again one tl.dot)
+        R[j, t] = num / max(|y_t| |a|, eps)
+        out[n, m_j] = AGG over t < L_j of R[j, t]:
+                      (1/lambda_lse) log sum exp(lambda_lse R) (max-shifted) | mean | max | sum
+
+    Rows beyond the lengths are never read (masked loads) and every statistic is masked, so padding may hold
+    anything. ``out`` is addressed as out_ptr + n stride_oc + m stride_oq, which is how i2t writes out[image,
+    caption] although its context items are captions.
+    """
+    NQ: tl.constexpr = QB * BLOCK_Q
+    pid = tl.program_id(0)
+    n_qb = tl.cdiv(n_qry, QB)
+    per_group = GROUP * n_qb
+    first = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_ctx - first, GROUP)
+    slot = first + (pid % per_group) % group_rows
+    qb = (pid % per_group) // group_rows
+
+    ctx_item = tl.load(ctx_idx_ptr + slot).to(tl.int64)
+    ctx_len = tl.load(ctx_len_ptr + ctx_item)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_valid = offs_c < ctx_len
+    offs_n = tl.arange(0, NQ)
+    q_slot = qb * QB + offs_n // BLOCK_Q
+    q_row = offs_n % BLOCK_Q
+    q_in = q_slot < n_qry
+    q_item = tl.load(qry_idx_ptr + q_slot, mask=q_in, other=0).to(tl.int64)
+    q_len = tl.load(qry_len_ptr + q_item, mask=q_in, other=0)
+    q_valid = q_in & (q_row < q_len)
+    c_ptrs = ctx_ptr + ctx_item * stride_cn + offs_c.to(tl.int64) * stride_cr
+    q_ptrs = qry_ptr + q_item * stride_qn + q_row.to(tl.int64) * stride_qr
+
+    s = tl.zeros((BLOCK_C, NQ), dtype=ACC)
+    q_sq = tl.zeros((NQ,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+        y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(ACC)
+            y = y.to(ACC)
+        s = tl.dot(x, tl.trans(y), s, input_precision=DOT_PRECISION)
+        y_acc = y.to(ACC)
+        q_sq += tl.sum(y_acc * y_acc, axis=1)
+
+    # Normalise along the query axis, per context row and query item.
+    s3 = tl.reshape(s, (BLOCK_C, QB, BLOCK_Q))
+    qv3 = tl.reshape(q_valid, (1, QB, BLOCK_Q))
+    cv3 = tl.reshape(c_valid, (BLOCK_C, 1, 1))
+    z = s3
+    if CLIP:
+        z = tl.where(z > 0, z, LEAKY_SLOPE * z)
+    z = tl.where(qv3, z, 0.0)
+    if NORM == "softmax":
+        # Masked entries become exp(-1e30 - max) = 0; an item with no valid row at all (past n_qry) gets a
+        # uniform row instead of 0/0.
+        z = tl.where(qv3, z, NEG_BIG)
+        e = tl.exp(z - tl.max(z, axis=2, keep_dims=True))
+        z = tl.where(qv3, e / tl.sum(e, axis=2, keep_dims=True), 0.0)
+    elif NORM == "l2":
+        z = z / (tl.sqrt(tl.sum(z * z, axis=2, keep_dims=True)) + EPS)
+    elif NORM == "l1":
+        z = z / (tl.sum(tl.abs(z), axis=2, keep_dims=True) + EPS)
+
+    # Attention over the context axis.
+    logits = tl.where(cv3, tl.full((), lambda_softmax, ACC) * z, NEG_BIG)
+    p = tl.where(cv3, tl.exp(logits - tl.max(logits, axis=0, keep_dims=True)), 0.0)
+    alpha = p / tl.sum(p, axis=0, keep_dims=True)
+    num = tl.reshape(tl.sum(alpha * s3, axis=0), (NQ,))
+    alpha2 = tl.reshape(alpha, (BLOCK_C, NQ))
+    g = tl.load(gram_ptr + slot.to(tl.int64) * (BLOCK_C * BLOCK_C) + offs_c[:, None] * BLOCK_C + offs_c[None, :])
+    g_alpha = tl.dot(g, alpha2, input_precision=DOT_PRECISION)
+    a_norm = tl.sqrt(tl.maximum(tl.sum(alpha2 * g_alpha, axis=0), 0.0))
+    r = num / tl.maximum(tl.sqrt(q_sq) * a_norm, EPS)
+
+    # Aggregate over each query item's valid rows.
+    r2 = tl.reshape(r, (QB, BLOCK_Q))
+    qv2 = tl.reshape(q_valid, (QB, BLOCK_Q))
+    if AGG == "lse":
+        lam = tl.full((), lambda_lse, ACC)
+        lr = tl.where(qv2, lam * r2, NEG_BIG)
+        top = tl.max(lr, axis=1)
+        total = tl.sum(tl.exp(lr - top[:, None]), axis=1)
+        val = (top + tl.log(total)) / lam
+    elif AGG == "mean":
+        count = tl.sum(qv2.to(ACC), axis=1)
+        val = tl.sum(tl.where(qv2, r2, 0.0), axis=1) / tl.maximum(count, 1.0)
+    elif AGG == "max":
+        val = tl.max(tl.where(qv2, r2, NEG_BIG), axis=1)
+    else:
+        val = tl.sum(tl.where(qv2, r2, 0.0), axis=1)
+
+    offs_j = qb * QB + tl.arange(0, QB)
+    j_in = offs_j < n_qry
+    out_items = tl.load(qry_idx_ptr + offs_j, mask=j_in, other=0).to(tl.int64)
+    tl.store(out_ptr + ctx_item * stride_oc + out_items * stride_oq, val, mask=j_in)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+def jit_kernel(name: str, interpret: bool):
+    """The ``@triton.jit`` object of kernel ``name`` ("xattn_sim" or "gram"): interpreted or compiled."""
+    return jit({"xattn_sim": _xattn_sim_kernel, "gram": _gram_kernel}[name], interpret)
+
+
+def kernel_config(dtype: torch.dtype, *, block_c: int, block_q: int, n_qry: int, d: int, norm: str, agg: str,
+                  interpret: bool = False) -> tuple[dict, dict]:
+    """Constexpr values and launch options (num_warps, num_stages) of ``_xattn_sim_kernel`` for one launch.
+
+    Shared with ``tools/compile_check_triton.py`` so that CI compiles exactly what the launcher runs.
+    """
+    norm_kind, clip = _NORM_KINDS[norm]
+    qb = max(1, min(TARGET_QUERY_ROWS // block_q, triton.next_power_of_2(max(n_qry, 1))))
+    constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, GROUP=GROUP_CTX, BLOCK_C=block_c, BLOCK_Q=block_q, QB=qb,
+                      **dtype_constexprs(dtype, d, interpret))
+    return constexprs, dict(num_warps=NUM_WARPS, num_stages=2, enable_fp_fusion=True)
+
+
+def _launch(out, ctx, ctx_idx, ctx_lens, gram, qry, qry_idx, qry_lens, stride_oc, stride_oq, *, block_c, block_q,
+            norm, agg, lambda_softmax, lambda_lse, interpret):
+    n_ctx, n_qry = ctx_idx.numel(), qry_idx.numel()
+    constexprs, options = kernel_config(ctx.dtype, block_c=block_c, block_q=block_q, n_qry=n_qry, d=ctx.shape[2],
+                                        norm=norm, agg=agg, interpret=interpret)
+    grid = (n_ctx * triton.cdiv(n_qry, constexprs["QB"]),)
+    jit_kernel("xattn_sim", interpret)[grid](
+        ctx, ctx_idx, ctx_lens, gram, qry, qry_idx, qry_lens, out, n_ctx, n_qry, ctx.shape[2],
+        ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_oc, stride_oq,
+        float(lambda_softmax), float(lambda_lse), **constexprs, **options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor, img_lens: torch.Tensor, *,
+              direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float) -> torch.Tensor:
+    """All-pairs SCAN similarity with the Triton kernels; inputs already validated by ``itm_kernels.xattn_sim``.
+
+    Args:
+        images: (N_img, K, d) contiguous, float16/bfloat16/float32/float64; ``img_lens`` (N_img,) int64 in 1..K.
+        captions: (N_cap, L_max, d) contiguous, same dtype and device; ``cap_lens`` (N_cap,) int64 in 1..L_max.
+        direction, norm, lambda_softmax, agg, lambda_lse: as ``itm_kernels.xattn_sim``.
+    Returns:
+        (N_img, N_cap) float32 (float64 for float64 inputs). Low-precision inputs are multiplied exactly and
+        accumulated in float32; float32 tiles use IEEE float32 products (``FP32_DOT_PRECISION``), float64 tiles
+        float64 ones.
+
+    Captions are sorted by length and launched in power-of-two length buckets, so a short caption is padded to its
+    bucket's height, not to L_max; short captions share a program (up to ``TARGET_QUERY_ROWS`` stacked words).
+    Memory: the output, the context Gram tiles (t2i: N_img x BLOCK_K^2; i2t: per bucket, N_bucket x BLOCK_L^2, in
+    float32/float64) and the index tensors. Needs a CUDA device, or CPU tensors with ``TRITON_INTERPRET=1``.
+    """
+    interpret = interpreted()
+    _check_mode(interpret)
+    n_img, n_cap = images.shape[0], captions.shape[0]
+    out = torch.empty(n_img, n_cap, dtype=acc_dtype(images.dtype), device=images.device)
+    if n_img == 0 or n_cap == 0:
+        return out
+    opts = dict(norm=norm, agg=agg, lambda_softmax=lambda_softmax, lambda_lse=lambda_lse, interpret=interpret)
+    img_idx = torch.arange(n_img, dtype=torch.int32, device=images.device)
+    block_k = block_rows(images.shape[1])
+    if direction == "t2i":
+        gram = _gram(images, img_idx, img_lens, block_k, interpret)
+        for cap_idx, block_l in _length_buckets(cap_lens):
+            _launch(out, images, img_idx, img_lens, gram, captions, cap_idx, cap_lens, out.stride(0), out.stride(1),
+                    block_c=block_k, block_q=block_l, **opts)
+    elif direction == "i2t":
+        for cap_idx, block_l in _length_buckets(cap_lens):
+            gram = _gram(captions, cap_idx, cap_lens, block_l, interpret)
+            _launch(out, captions, cap_idx, cap_lens, gram, images, img_idx, img_lens, out.stride(1), out.stride(0),
+                    block_c=block_l, block_q=block_k, **opts)
+    else:
+        raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
+    return out

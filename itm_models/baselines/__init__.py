@@ -1,0 +1,1 @@
+"""The official-style evaluation loops, restated: benchmark baselines and test oracles (not for production use)."""

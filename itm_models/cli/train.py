@@ -1,0 +1,189 @@
+"""Train SCAN, SGRAF (SGR / SAF) or GSMN (dense / sparse) on precomputed region features (the official ``train.py``
+recipes).
+
+CLI: ``python -m itm_models.cli.train --data DIR --out DIR [--model scan | --model sgraf --module SGR|SAF |
+--model gsmn --variant dense|sparse [--propagate] [--recipe f30k|coco]] [options]`` (``--help`` lists them).
+The console script ``itm-train`` is :func:`cli`; the training itself is :func:`itm_models.train.train`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..data import DataFormatError, load_vocab
+from ..data.gsmn import load_split_caption_ids
+from ..gsmn import GSMNConfig
+from ..gsmn import recipe as gsmn_recipe
+from ..scan import AGG_FUNCS, CROSS_ATTN, RAW_FEATURE_NORMS, SCANConfig
+from ..sgraf import MODULES as SGRAF_MODULES
+from ..sgraf import SGRAFConfig, recipe_schedule
+from ..train.loop import train
+
+__all__ = ["main", "cli"]
+
+# SCAN's Flickr30K (num_epochs, lr_update); SGRAF's come from itm_models.sgraf.recipe_schedule.
+SCAN_SCHEDULE = (30, 15)
+# Options of some models only, with their defaults (the parser's default is None, so that giving one to another
+# model is an error rather than silently ignored). GSMN's None defaults come from its recipe (--recipe).
+_SCAN_ONLY = {"direction": "t2i", "agg": "LogSumExp", "lambda_softmax": 9.0, "lambda_lse": 6.0,
+              "norm": "clipped_l2norm", "precomp_enc_type": "basic", "backend": "auto"}
+_SGRAF_ONLY = {"module": "SGR", "sim_dim": 256, "sgr_step": 3}
+_GSMN_ONLY = {"variant": "dense", "propagate": False, "lambda_softmax": None, "recipe": "f30k", "allow_pickle": False}
+_MODEL_OPTIONS = {"scan": _SCAN_ONLY, "sgraf": _SGRAF_ONLY, "gsmn": _GSMN_ONLY}
+# SCAN's and SGRAF's (batch_size, learning_rate) when not given (GSMN's come from its recipe).
+_DEFAULT_BATCH_LR = (128, 2e-4)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m itm_models.cli.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder with {train,dev}_ims.npy, {train,dev}_caps.txt (GSMN: "
+                   "{train,dev}_ims.npy, _ims_bbx.npy, _ims_size.npy, _precaps_stan.txt, _caps.json)")
+    p.add_argument("--vocab", default=None, help="vocabulary JSON (default: DATA/vocab.json; GSMN: optional, "
+                   "vocab_size = max(its size, largest caption id + 1))")
+    p.add_argument("--out", required=True, help="output folder for checkpoint_last.pt / checkpoint_best.pt")
+    p.add_argument("--model", choices=("scan", "sgraf", "gsmn"), default="scan", help="model to train (default scan)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="number of epochs (default: the official Flickr30K recipe of the model: SCAN 30, SGR 40, "
+                        "SAF 30, GSMN 30; COCO: SCAN and SGRAF 20, GSMN --recipe coco 20)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (GSMN: 64 Flickr30K, 32 COCO)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 2e-4; SCAN COCO README and GSMN --recipe coco: 5e-4)")
+    p.add_argument("--lr-update", type=int, default=None,
+                   help="epochs per 10x learning-rate decay (default: SCAN 15, SGR 30, SAF 20, GSMN 15; COCO: 10, "
+                        "GSMN 5)")
+    p.add_argument("--embed-size", type=int, default=1024)
+    p.add_argument("--word-dim", type=int, default=300)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--img-dim", type=int, default=2048)
+    scan = p.add_argument_group("SCAN only (--model scan)")
+    scan.add_argument("--direction", choices=CROSS_ATTN, default=None, help="cross attention direction (default t2i)")
+    scan.add_argument("--agg", choices=(*AGG_FUNCS, *AGG_FUNCS.values()), default=None,
+                      help="aggregation (default LogSumExp)")
+    scan.add_argument("--lambda-softmax", type=float, default=None,
+                      help="SCAN and GSMN: attention temperature (SCAN lambda1, default 9; README: 9 for t2i, 4 for "
+                           "i2t; GSMN: 20 Flickr30K, 10 COCO)")
+    scan.add_argument("--lambda-lse", type=float, default=None,
+                      help="lambda2 (default 6; README: 6 t2i; i2t 5 Flickr30K, 20 COCO)")
+    scan.add_argument("--norm", choices=RAW_FEATURE_NORMS, default=None,
+                      help="raw_feature_norm (default clipped_l2norm)")
+    scan.add_argument("--precomp-enc-type", choices=("basic", "weight_norm"), default=None,
+                      help="image encoder (default basic)")
+    scan.add_argument("--backend", default=None,
+                      help="itm_kernels.xattn_sim backend (auto, cpu, torch, cuda, triton; default auto)")
+    sgraf = p.add_argument_group("SGRAF only (--model sgraf)")
+    sgraf.add_argument("--module", choices=SGRAF_MODULES, default=None,
+                       help="similarity head: SGR (graph reasoning) or SAF (attention filtration); default SGR")
+    sgraf.add_argument("--sim-dim", type=int, default=None, help="similarity vector size s (default 256)")
+    sgraf.add_argument("--sgr-step", type=int, default=None, help="SGR reasoning steps (default 3)")
+    gsmn = p.add_argument_group("GSMN only (--model gsmn)")
+    gsmn.add_argument("--variant", choices=("dense", "sparse"), default=None,
+                      help="textual graph: dense (all word pairs) or sparse (dependency parse); default dense")
+    gsmn.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=None,
+                      help="the paper's propagation between neighbours (default off: the released code)")
+    gsmn.add_argument("--recipe", choices=("f30k", "coco"), default=None,
+                      help="official settings for --lr, --epochs, --lr-update, --batch-size, --lambda-softmax not "
+                           "given: f30k 2e-4 / 30 / 15 / 64 / 20 (default), coco 5e-4 / 20 / 5 / 32 / 10")
+    gsmn.add_argument("--allow-pickle", action="store_true", default=None,
+                      help="read pickled {split}_ims_size.npy files (the released layout; trusted files only)")
+    p.add_argument("--bi-gru", action=argparse.BooleanOptionalAction, default=True,
+                   help="bidirectional GRU, halves averaged (README setting; default on)")
+    p.add_argument("--max-violation", action=argparse.BooleanOptionalAction, default=True,
+                   help="hardest negatives only (README setting; default on)")
+    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--grad-clip", type=float, default=2.0)
+    p.add_argument("--no-imgnorm", action="store_true")
+    p.add_argument("--no-txtnorm", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from OUT/checkpoint_last.pt, or from PATH")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--val-every-epoch", type=int, default=1, metavar="N",
+                   help="validate on dev every N epochs and after the last (0: never)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def _resolve_model_options(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Fill the chosen model's own options and its schedule defaults in ``a``; an option of another model only is
+    a usage error (exit status 2)."""
+    own = _MODEL_OPTIONS[a.model]
+    others = [name for model, options in _MODEL_OPTIONS.items() if model != a.model for name in options]
+    given = [name for name in dict.fromkeys(others) if name not in own and getattr(a, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        parser.error(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --model {a.model}")
+    for name, default in own.items():
+        if getattr(a, name) is None:
+            setattr(a, name, default)
+    if a.model == "gsmn":
+        r = gsmn_recipe(a.recipe)
+        epochs, lr_update, batch_size, lr = r["num_epochs"], r["lr_update"], r["batch_size"], r["learning_rate"]
+        a.lambda_softmax = r["lambda_softmax"] if a.lambda_softmax is None else a.lambda_softmax
+    else:
+        epochs, lr_update = SCAN_SCHEDULE if a.model == "scan" else recipe_schedule(a.module)
+        batch_size, lr = _DEFAULT_BATCH_LR
+    a.epochs = epochs if a.epochs is None else a.epochs
+    a.lr_update = lr_update if a.lr_update is None else a.lr_update
+    a.batch_size = batch_size if a.batch_size is None else a.batch_size
+    a.lr = lr if a.lr is None else a.lr
+
+
+def _config_from_args(a: argparse.Namespace, vocab_size: int) -> SCANConfig | SGRAFConfig | GSMNConfig:
+    """The config of the chosen model from resolved CLI arguments (see :func:`_resolve_model_options`)."""
+    shared = dict(vocab_size=vocab_size, word_dim=a.word_dim, embed_size=a.embed_size, num_layers=a.num_layers,
+                  bi_gru=a.bi_gru, img_dim=a.img_dim, no_imgnorm=a.no_imgnorm, no_txtnorm=a.no_txtnorm,
+                  margin=a.margin, max_violation=a.max_violation, grad_clip=a.grad_clip, learning_rate=a.lr,
+                  lr_update=a.lr_update, num_epochs=a.epochs, batch_size=a.batch_size)
+    if a.model == "sgraf":
+        return SGRAFConfig(module_name=a.module, sim_dim=a.sim_dim, sgr_step=a.sgr_step, **shared)
+    if a.model == "gsmn":
+        return GSMNConfig(variant=a.variant, propagate=a.propagate, lambda_softmax=a.lambda_softmax, **shared)
+    return SCANConfig(precomp_enc_type=a.precomp_enc_type, raw_feature_norm=a.norm, agg_func=a.agg,
+                      cross_attn=a.direction, lambda_softmax=a.lambda_softmax, lambda_lse=a.lambda_lse, **shared)
+
+
+def _gsmn_vocab(a: argparse.Namespace):
+    """GSMN's (vocabulary or None, vocab_size): its captions are ids (``{split}_precaps_stan.txt``), so the
+    vocabulary is optional: vocab_size = max(its size if one is given or DATA/vocab.json exists, the largest id of
+    the train (and, when validating, dev) captions + 1)."""
+    splits = ["train"] + (["dev"] if a.val_every_epoch else [])
+    top = max(max(max(c) for c in load_split_caption_ids(a.data, split)) for split in splits)
+    voc = None
+    if a.vocab is not None or os.path.isfile(os.path.join(a.data, "vocab.json")):
+        voc = load_vocab(a.vocab, a.data)
+    return voc, max(top + 1, len(voc) if voc is not None else 0)
+
+
+def main(argv=None) -> dict:
+    """CLI entry point (``python -m itm_models.cli.train``); returns :func:`train`'s result."""
+    parser = _parser()
+    a = parser.parse_args(argv)
+    _resolve_model_options(parser, a)
+    if a.model == "gsmn":
+        voc, vocab_size = _gsmn_vocab(a)
+    else:
+        voc = load_vocab(a.vocab, a.data)
+        vocab_size = len(voc)
+    config = _config_from_args(a, vocab_size)
+    result = train(config, a.data, a.out, vocab=voc, seed=a.seed, device=a.device, backend=a.backend or "auto",
+                   resume=a.resume, workers=a.workers, val_every_epoch=a.val_every_epoch,
+                   progress=not a.no_progress, allow_pickle=bool(a.allow_pickle))
+    print(f"done: {result['epochs']} epochs, best dev rsum {result['best_rsum']} (epoch {result['best_epoch']}); "
+          f"checkpoints in {a.out}")
+    return result
+
+
+def cli() -> int:
+    """Console-script entry point (``itm-train``): exit status 0 on success, 2 with a one-line error on bad data."""
+    try:
+        main()
+    except (DataFormatError, FileNotFoundError) as exc:
+        print(f"itm-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    main()
