@@ -10,7 +10,6 @@ and anything only a GPU run shows; the ``@pytest.mark.gpu`` tests cover those.
 """
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path

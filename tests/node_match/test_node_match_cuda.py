@@ -9,7 +9,6 @@ What this cannot check: real concurrency (beyond the thread-order test), the lau
 """
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path

@@ -10,7 +10,6 @@ in three thread orders. Its output is compared here with the reference. What thi
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -42,7 +41,7 @@ def test_compile_check_passes_for_sm80_and_sm90(compile_check):
 
 
 def test_option_codes_and_limits_match_the_headers():
-    text = (REPO / "csrc" / "xattn_sim/math.h").read_text()
+    text = (REPO / "csrc" / "xattn_sim" / "math.h").read_text()
 
     def enum(name):
         body = re.search(rf"enum {name} : int \{{([^}}]*)\}}", text).group(1)
