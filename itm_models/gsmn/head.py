@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from itm_kernels._validation import check_feature_pair, check_lengths
+from itm_kernels._common.validation import check_feature_pair, check_lengths
 from itm_kernels.node_match import node_match
 
 from .config import N_KERNELS, VARIANTS

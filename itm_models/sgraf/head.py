@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from itm_kernels._validation import FLOAT_DTYPES, check_features, check_lengths
-from itm_kernels.fast_mm import brgemm_available, mm_float_out
+from itm_kernels._common.validation import FLOAT_DTYPES, check_features, check_lengths
+from itm_kernels._common.fast_mm import brgemm_available, mm_float_out
 from itm_kernels.local_sim import local_sim, local_sim_cpu, local_sim_gram
 
 from ..encoders import l2norm
@@ -417,7 +417,7 @@ def _fused_saf_applies(x: Tensor) -> bool:
 
 def _has_cpu_op(name: str) -> bool:
     """Whether the compiled extension is loaded and registers ``torch.ops.itm_kernels.<name>``."""
-    from itm_kernels.backends import load_extension
+    from itm_kernels._common.dispatch import load_extension
 
     return load_extension() is not None and hasattr(torch.ops.itm_kernels, name)
 
@@ -444,7 +444,7 @@ def _pair_chunks(lens: Tensor, nodes_per_chunk: int, bucket: int):
 
 def _caption_chunks(lens: Tensor, words_per_chunk: int):
     """Index tensors of captions sorted by decreasing length, each chunk with about ``words_per_chunk`` words."""
-    from itm_kernels.torch_backend import caption_chunks
+    from itm_kernels.xattn_sim.torch import caption_chunks
 
     for idx in caption_chunks(lens, words_per_chunk):
         yield idx.to(lens.device)

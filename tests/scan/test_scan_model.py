@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from conftest import assert_close_report, golden_path
-from itm_kernels import reference
+from itm_kernels.xattn_sim import reference
 from itm_models.checkpoints import (CheckpointError, load_checkpoint, load_official_checkpoint,
                                     read_official_checkpoint, save_checkpoint)
 from itm_models.encoders import EncoderImagePrecomp, EncoderImageWeightNormPrecomp, EncoderText, l2norm

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import itm_models.sgraf.head as sgraf
-from itm_kernels.fast_mm import brgemm_available
+from itm_kernels._common.fast_mm import brgemm_available
 
 from itm_models.baselines.sgraf import official_style_forward, official_style_sims
 from itm_models.sgraf import SGRAFSimilarity, build_sgraf_from_official
