@@ -226,6 +226,7 @@ for arch in (80, 90):
 """
 
 
+@pytest.mark.slow  # ~15-40 s each; .ci/run runs the slow tests and tools/compile_check_triton.py
 def test_compiles_for_sm80_and_sm90(tmp_path):
     """The kernel compiles to a cubin for sm_80 and sm_90, float32 and bfloat16, the 32-word bucket (one program per
     pair) and the 64-word one (two word blocks) at SGRAF size (K = 36, d = 1024, s = 256), with the launcher's

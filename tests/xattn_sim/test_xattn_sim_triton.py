@@ -183,6 +183,7 @@ def test_kernel_tests_on_gpu_in_fresh_process():
     _run_kernel_tests_in_child("0")
 
 
+@pytest.mark.slow  # ~15-40 s each; .ci/run runs the slow tests and tools/compile_check_triton.py
 def test_compiles_for_sm80_and_sm90(tmp_path):
     """Compile both kernels for sm_80 and sm_90, float32 and bfloat16, both directions, down to a cubin, in a fresh
     process without TRITON_INTERPRET and with an empty cache (so it really compiles); no register spills."""
