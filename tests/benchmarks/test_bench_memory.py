@@ -64,6 +64,7 @@ def test_earlier_free_does_not_hide_peak():
     assert 57 * MIB <= peak <= 66 * MIB, peak / MIB
 
 
+@pytest.mark.slow
 def test_child_error_is_reported():
     with pytest.raises(RuntimeError, match="_alloc_and_free"):
         common.peak_memory_subprocess(_alloc_and_free, "not a size", threads=1)
