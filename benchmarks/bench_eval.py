@@ -51,8 +51,9 @@ from itm_models.losses import ContrastiveLoss  # noqa: E402
 from itm_models.eval.metrics import format_metrics_table, recall  # noqa: E402
 from itm_models.baselines.sgraf import official_style_sims  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
-from common import (bare_gemm_rate, bare_product_time, machine_line, matched_features, median_time,  # noqa: E402
-                    peak_extra_memory, print_table, trim_heap)
+from common import (Timing, bare_gemm_rate, bare_product_timing, machine_line, matched_features,  # noqa: E402
+                    median_time, peak_extra_memory, peak_memory_subprocess, print_table, speedup, timings,
+                    trim_heap)
 
 LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
 SGRAF_HEADS = {"sgr": "SGR", "saf": "SAF"}
@@ -71,15 +72,29 @@ def evaluate(images, captions, lens, direction, backend="auto"):
     return sims, recall(sims.cpu().numpy())
 
 
-def official_seconds(images, captions, lens, direction, max_pairs):
+def official_timing(images, captions, lens, direction, max_pairs, repeats=1, dtype=torch.float32) -> Timing:
+    """Timing of the official-style loop fed ``dtype``, on a subset of at most ``max_pairs`` pairs, each repeat
+    extrapolated linearly by pairs to the whole gallery."""
     n_img, n_cap = images.shape[0], captions.shape[0]
     sub_img = min(n_img, 100)
     sub_cap = max(5, min(n_cap, max_pairs // sub_img))
     lam1, lam2 = LAMBDAS[direction]
-    t0 = time.perf_counter()
-    scan_official_style_sims(images[:sub_img].float().cpu(), captions[:sub_cap].float().cpu(),
-                             lens[:sub_cap].cpu(), direction=direction, lambda_softmax=lam1, lambda_lse=lam2)
-    return (time.perf_counter() - t0) * n_img * n_cap / (sub_img * sub_cap)
+    im, cap, ln = images[:sub_img].to("cpu", dtype), captions[:sub_cap].to("cpu", dtype), lens[:sub_cap].cpu()
+    t = timings(lambda: scan_official_style_sims(im, cap, ln, direction=direction, lambda_softmax=lam1,
+                                                 lambda_lse=lam2), repeats=repeats, warmup=0)
+    return Timing(tuple(x * n_img * n_cap / (sub_img * sub_cap) for x in t.times))
+
+
+def official_seconds(images, captions, lens, direction, max_pairs):
+    """Median extrapolated seconds of one official-style float32 run (``official_timing``)."""
+    return official_timing(images, captions, lens, direction, max_pairs).median
+
+
+def scan_eval_call(size: int, direction: str, dtype_name: str, device: str = "cpu"):
+    """Builder for ``common.peak_memory_subprocess``: the inputs of one SCAN row and the call that evaluates them."""
+    images, captions, lens = matched_features(size, 5 * size, device=device)
+    images, captions = images.to(getattr(torch, dtype_name)), captions.to(getattr(torch, dtype_name))
+    return lambda: evaluate(images, captions, lens, direction)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -266,40 +281,50 @@ def save_plot(curves: dict, path: Path) -> str:
 
 def run_scan(n_img: int, args, device) -> None:
     """Print the SCAN table (``args.directions`` x ``args.dtypes``) at n_img x 5 n_img, timing smaller galleries
-    too for the plot."""
+    too for the plot. Times: median (min-max) of ``args.repeats`` runs; memory: one fresh process per row."""
     sizes = sorted({max(20, n_img // 10), max(20, n_img // 4), n_img})
     rows, curves, shown = [], {}, False
     for direction in args.directions.split(","):
         for size in sizes:
             images32, captions32, lens = matched_features(size, 5 * size, device=device)
-            off = official_seconds(images32, captions32, lens, direction, args.official_pairs)
-            curves.setdefault(f"official-style {direction} (fp32 loop)", []).append((size * 5 * size, off))
+            off = official_timing(images32, captions32, lens, direction, args.official_pairs,
+                                  repeats=args.repeats if size == n_img else 1)
+            curves.setdefault(f"official-style {direction} (fp32 loop)", []).append((size * 5 * size, off.median))
             truth = None
             if size == n_img and not args.no_check:
                 truth = evaluate(images32.double(), captions32.double(), lens, direction)[1]
             for dtype_name in args.dtypes.split(","):
                 dtype = getattr(torch, dtype_name)
                 images, captions = images32.to(dtype), captions32.to(dtype)
-                (_, metrics), peak = peak_extra_memory(lambda: evaluate(images, captions, lens, direction))
-                ours = median_time(lambda: evaluate(images, captions, lens, direction), repeats=args.repeats,
-                                   warmup=0)
-                curves.setdefault(f"ours {direction} {dtype_name}", []).append((size * 5 * size, ours))
+                metrics = evaluate(images, captions, lens, direction)[1]            # also the warm-up
+                ours = timings(lambda: evaluate(images, captions, lens, direction), repeats=args.repeats, warmup=0)
+                curves.setdefault(f"ours {direction} {dtype_name}", []).append((size * 5 * size, ours.median))
                 if size != n_img:
                     continue
-                bare = bare_product_time(images, captions, lens, repeats=args.repeats)
+                off_same = off if dtype == torch.float32 else official_timing(
+                    images32, captions32, lens, direction, args.official_pairs, repeats=args.repeats, dtype=dtype)
+                peak = (peak_extra_memory(lambda: evaluate(images, captions, lens, direction))[1]
+                        if device == "cuda" else peak_memory_subprocess(scan_eval_call, size, direction, dtype_name, warmup=1))
+                bare, bare_name = bare_product_timing(images, captions, lens, repeats=args.repeats)
                 same = "n/a" if truth is None else ("yes" if metrics == truth else
                                                     f"no (rsum {metrics['rsum']:.2f} vs {truth['rsum']:.2f})")
-                rows.append([f"{size}x{5 * size}", direction, dtype_name, f"~{off:.1f}", f"{ours:.2f}",
-                             f"{off / ours:.0f}x", f"{bare:.2f}", f"{bare / ours:.2f}", f"{peak / 2**20:.0f}",
-                             f"{metrics['rsum']:.1f}", same])
+                vs_same = "-" if dtype == torch.float32 else speedup(off_same.median, ours.median)
+                rows.append([f"{size}x{5 * size}", direction, dtype_name, f"~{off.cell('.1f')}",
+                             "-" if dtype == torch.float32 else f"~{off_same.cell('.1f')}", ours.cell(".2f"),
+                             speedup(off.median, ours.median), vs_same, f"{bare.cell('.2f')} {bare_name}",
+                             f"{bare.median / ours.median:.2f}", f"{peak / 2**20:.1f}",
+                             f"{size * 5 * size * 4 / 2**20:.1f}", f"{metrics['rsum']:.1f}", same])
                 print(" | ".join(rows[-1]), flush=True)
                 if not shown:
                     print(format_metrics_table(metrics, title=f"metrics ({direction}, {dtype_name}, synthetic)"))
                     shown = True
-    print_table("SCAN evaluation: similarity matrix + metrics (seconds; '~' = official-style loop fed float32, "
-                "timed on a subset and extrapolated linearly by pairs)",
-                ["gallery", "dir", "dtype", "official-style s", "ours s", "speed-up", "bare GEMM s",
-                 "fraction of GEMM limit", "peak extra MiB", "rsum", "metrics identical to float64"], rows)
+    print_table(f"SCAN evaluation: similarity matrix + metrics (seconds, median (min-max) of {args.repeats} runs; "
+                "'~' = official-style loop timed on a subset and extrapolated linearly by pairs; speed-ups from "
+                "medians; bare GEMM = the faster of torch.mm and brgemm in this run; peak extra MiB = VmHWM rise "
+                "of one call in a fresh process, output included)",
+                ["gallery", "dir", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
+                 "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s", "fraction of GEMM limit",
+                 "peak extra MiB", "fp32 output MiB", "rsum", "metrics identical to float64"], rows)
     print(save_plot(curves, Path(args.plot)))
 
 

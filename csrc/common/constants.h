@@ -12,5 +12,9 @@ namespace itm {
 
 constexpr double kEps = 1e-8;          // l2norm/l1norm add it to the norm; cosine clamps |x||y| to it
 constexpr double kLeakySlope = 0.1;    // LeakyReLU of the clipped norms, SGRAF and GSMN
+// Gram-identity guard: |a|^2 = alpha^T G alpha cancels when the attended context nearly vanishes. A query whose
+// q = alpha^T G alpha is below kGramCancelRatio * (sum_k alpha_k |v_k|)^2 is recomputed exactly in d-space
+// (float64). Same value as GRAM_CANCEL_RATIO in itm_kernels/_common/constants.py.
+constexpr double kGramCancelRatio = 1e-3;
 
 }  // namespace itm

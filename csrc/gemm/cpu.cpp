@@ -155,11 +155,12 @@ at::Tensor brgemm_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kFloat));
   if (a.scalar_type() == at::kFloat) {
     run(a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), M, K, N, c.data_ptr<float>());
+  } else if (K % 2 != 0 || std::strcmp(itm::cpu::bf16_gemm_path(), "brgemm-vnni") != 0) {
+    // No native bfloat16 dot product (or an odd K the VNNI layout cannot pair): widen to float32 here (exact)
+    // and run the float32 brgemm, never ATen's bfloat16 mm (a scalar fallback on AVX2 CPUs, 40-60x slower).
+    const at::Tensor af = a.to(at::kFloat), bf = b.to(at::kFloat);
+    run(af.data_ptr<float>(), af.stride(0), bf.data_ptr<float>(), M, K, N, c.data_ptr<float>());
   } else {
-    TORCH_CHECK(K % 2 == 0, "brgemm_mm: bfloat16 needs an even inner size, got K = ", K);
-    TORCH_CHECK(std::strcmp(itm::cpu::bf16_gemm_path(), "brgemm-vnni") == 0,
-                "brgemm_mm: bfloat16 needs the brgemm-vnni GEMM path (an AVX-512-BF16 CPU); this machine has ",
-                itm::cpu::bf16_gemm_path());
     run(a.data_ptr<c10::BFloat16>(), a.stride(0), b.data_ptr<c10::BFloat16>(), M, K, N, c.data_ptr<float>());
   }
   return c;

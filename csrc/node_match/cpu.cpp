@@ -300,11 +300,15 @@ void node_match_fused_cpu(at::Tensor region, at::Tensor word, const at::Tensor& 
               "have ", nc, " entries");
   const int64_t* lens = cap_lens.data_ptr<int64_t>();
   const int64_t* index = cap_index.data_ptr<int64_t>();
+  std::vector<int64_t> first_at(n_cap, -1);  // duplicates would make two threads write one output slice
   for (int64_t c = 0; c < nc; ++c) {
     TORCH_CHECK(lens[c] >= 1 && lens[c] <= Lt, "node_match_fused: cap_lens[", c, "] = ", lens[c],
                 " is outside 1..", Lt);
     TORCH_CHECK(index[c] >= 0 && index[c] < n_cap, "node_match_fused: cap_index[", c, "] = ", index[c],
                 " is outside 0..", n_cap - 1);
+    TORCH_CHECK(first_at[index[c]] < 0, "node_match_fused: cap_index must not repeat an entry: cap_index[",
+                first_at[index[c]] < 0 ? c : first_at[index[c]], "] = cap_index[", c, "] = ", index[c]);
+    first_at[index[c]] = c;
   }
   TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "node_match_fused: lambda_softmax must be "
               "finite and >= 0, got ", lambda_softmax);

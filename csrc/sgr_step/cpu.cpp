@@ -210,6 +210,8 @@ void check_nodes(const char* op, const at::Tensor& x, const at::Tensor& node_cou
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
               ": x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t P = x.size(0), n = x.size(1), s = x.size(2);
+  TORCH_CHECK(P >= 1 && n >= 1, op, ": x must hold at least one pair (P >= 1) of at least one node (n >= 1), got "
+              "shape ", x.sizes());
   TORCH_CHECK(s > 0 && s % kNb == 0, op, ": the node size s must be a positive multiple of 64, got ", s);
   TORCH_CHECK(node_counts.scalar_type() == at::kLong && node_counts.dim() == 1 && node_counts.size(0) == P &&
                   node_counts.is_contiguous(),

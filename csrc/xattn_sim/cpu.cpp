@@ -66,13 +66,57 @@ template <class T> struct TileArgs {
   const int64_t* cg_off; // first column of each group
   const int64_t* cg_len; // valid columns of each group
   const T* qnorm;        // |q| per column, qpad entries readable
-  T* aux;                // 4 * ld scratch: sum, num, a2, R
+  T* aux;                // 5 * ld scratch: sum, num, a2, R, b (sum_r e_r |v_r|, the Gram guard's scale)
   T* stat;               // one value per row of the largest row group
   T* out;                // out[g * out_sg + h * out_sh]
   int64_t out_sg, out_sh;
   int norm, agg;
   T lambda_softmax, lambda_lse;
+  // Inputs, for the exact recompute of the queries where the Gram identity cancels (kGramCancelRatio):
+  const char* ctx;             // row r of row group g at ctx + (rg_off[g] + r) * row_bytes
+  const void* const* qrows;    // the query item of column q
+  int64_t row_bytes, d;
+  int in_kind;                 // 0 float32, 1 bfloat16, 2 float64
 };
+
+template <class E> double as_f64(const void* p, int64_t k) {
+  if constexpr (std::is_same<E, c10::BFloat16>::value)
+    return static_cast<double>(static_cast<float>(static_cast<const E*>(p)[k]));
+  else
+    return static_cast<double>(static_cast<const E*>(p)[k]);
+}
+
+// Cosine of query column q with the context of rows [0, rn) (weights e, sum e = `sum`), in d-space in float64:
+// the rare path for queries whose attended vector nearly vanishes (alpha^T G alpha cancels in float32).
+template <class T, class E>
+double exact_cosine_typed(const TileArgs<T>& a, const T* Z, int64_t r0, int64_t rn, int64_t q, T sum) {
+  thread_local std::vector<double> acc;
+  acc.assign(a.d, 0.0);
+  for (int64_t r = 0; r < rn; ++r) {
+    const double w = static_cast<double>(Z[r * a.ld + q]) / static_cast<double>(sum);
+    const void* v = a.ctx + (r0 + r) * a.row_bytes;
+    for (int64_t k = 0; k < a.d; ++k) acc[k] += w * as_f64<E>(v, k);
+  }
+  double dot = 0, aa = 0, qq = 0;
+  for (int64_t k = 0; k < a.d; ++k) {
+    const double x = as_f64<E>(a.qrows[q], k);
+    dot += acc[k] * x;
+    aa += acc[k] * acc[k];
+    qq += x * x;
+  }
+  const double denom = std::sqrt(qq) * std::sqrt(aa);
+  return dot / (denom > kEps ? denom : kEps);
+}
+
+template <class T>
+__attribute__((noinline)) T exact_cosine(const TileArgs<T>& a, const T* Z, int64_t r0, int64_t rn, int64_t q,
+                                         T sum) {
+  switch (a.in_kind) {
+    case 1: return static_cast<T>(exact_cosine_typed<T, c10::BFloat16>(a, Z, r0, rn, q, sum));
+    case 2: return static_cast<T>(exact_cosine_typed<T, double>(a, Z, r0, rn, q, sum));
+    default: return static_cast<T>(exact_cosine_typed<T, float>(a, Z, r0, rn, q, sum));
+  }
+}
 
 // Step 1 for the rows [0, rn) of a row group: Z = lambda * normed(pre(S)) per column group. Column groups are
 // processed one after another, each over all rows (the per-row statistics of a group go to `stat`, and the
@@ -216,6 +260,8 @@ template <class T, int kKind> ITM_INLINE void tile_epilogue_impl(const TileArgs<
   T* num = a.aux + a.ld;
   T* a2 = a.aux + 2 * a.ld;
   T* R = a.aux + 3 * a.ld;
+  T* b = a.aux + 4 * a.ld;
+  const T ratio = static_cast<T>(kGramCancelRatio);
   for (int64_t g = 0; g < a.n_rg; ++g) {
     const int64_t r0 = a.rg_off[g], rn = a.rg_len[g];
     const T* S = a.S + r0 * a.ld;
@@ -230,6 +276,18 @@ template <class T, int kKind> ITM_INLINE void tile_epilogue_impl(const TileArgs<
       const T inv = T(1) / sum[q];
       R[q] = cosine_from_gram<T>(num[q] * inv, qn[q], a2[q] * inv * inv);
     }
+    // Gram guard: b = sum_r e_r |v_r| (|v_r| = sqrt(G_rr)); queries with a2 < ratio * b^2 are recomputed exactly.
+    for (int64_t q = 0; q < a.qpad; ++q) b[q] = T(0);
+    const T* G = a.gram[g];
+    for (int64_t r = 0; r < rn; ++r) {
+      const T gr = G[r * a.gram_ld[g] + r];
+      const T vr = std::sqrt(gr > T(0) ? gr : T(0));
+      const T* zr = Z + r * a.ld;
+      for (int64_t q = 0; q < a.qpad; ++q) b[q] += zr[q] * vr;
+    }
+    for (int64_t h = 0; h < a.n_cg; ++h)
+      for (int64_t q = a.cg_off[h], q1 = a.cg_off[h] + a.cg_len[h]; q < q1; ++q)
+        if (a2[q] < ratio * b[q] * b[q]) R[q] = exact_cosine<T>(a, Z, r0, rn, q, sum[q]);
     for (int64_t h = 0; h < a.n_cg; ++h)
       a.out[g * a.out_sg + h * a.out_sh] = aggregate_span<T>(R + a.cg_off[h], a.cg_len[h], a.agg, a.lambda_lse);
   }
@@ -512,7 +570,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 // Byte sizes of the parts of one thread's scratch for tiles of `ni` images and caption blocks of `w` words.
 struct ScratchSizes {
-  int64_t packed, staging, tail, cols, a_rows, tile;  // tile: S, Z (rows x ld each), 4 x ld aux, rows + slack stat
+  int64_t packed, staging, tail, cols, a_rows, tile;  // tile: S, Z (rows x ld each), 5 x ld aux, rows + slack stat
   static int64_t round(int64_t x) { return (x + 63) / 64 * 64; }
   int64_t total() const {
     return round(packed) + round(staging) + round(tail) + round(cols) + round(a_rows) + round(tile) + 64;
@@ -531,7 +589,7 @@ template <class T> ScratchSizes scratch_sizes(const Problem<T>& P, int64_t ni, i
   z.tail = b_cols * (int64_t)sizeof(float);
   z.cols = b_cols * (int64_t)sizeof(void*);
   z.a_rows = t2i ? 0 : w * P.d * P.elem;
-  z.tile = ((2 * rows + 4) * ld + rows + kSlack) * (int64_t)sizeof(T);
+  z.tile = ((2 * rows + 5) * ld + rows + kSlack) * (int64_t)sizeof(T);
   if (rows_out) *rows_out = rows;
   if (ld_out) *ld_out = ld;
   return z;
@@ -559,7 +617,7 @@ template <class T> void alloc_scratch(const Problem<T>& P, Scratch<T>& s) {
   s.S = reinterpret_cast<T*>(p);
   s.Z = s.S + rows * ld;
   s.aux = s.Z + rows * ld;
-  s.stat = s.aux + 4 * ld;
+  s.stat = s.aux + 5 * ld;
 }
 
 template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>& s) {
@@ -574,6 +632,10 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
   a.lambda_lse = P.lambda_lse;
   a.aux = s.aux;
   a.stat = s.stat;
+  a.qrows = s.cols;
+  a.row_bytes = row_bytes;
+  a.d = d;
+  a.in_kind = P.kind == GemmKind::kF64 ? 2 : (P.kind == GemmKind::kF32 ? 0 : 1);
   if (P.direction == kT2I) {
     // Columns: the words of caption block b; rows: the regions of each image block in [a_begin, a_end).
     const int64_t c0 = P.cap_block[job.b], c1 = P.cap_block[job.b + 1];
@@ -614,6 +676,7 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
       a.rg_len = s.rg_len.data();
       a.gram = s.gram.data();
       a.gram_ld = s.gram_ld.data();
+      a.ctx = img + i0 * K * row_bytes;
       a.out = P.out + i0 * NC + c0;
       tile_epilogue(a);
     }
@@ -661,6 +724,7 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
       a.rg_len = s.rg_len.data();
       a.gram = s.gram.data();
       a.gram_ld = s.gram_ld.data();
+      a.ctx = rows;
       a.out = P.out + i0 * NC + c0;
       tile_epilogue(a);
     }
@@ -859,7 +923,8 @@ at::Tensor xattn_sim_fwd_cpu(const at::Tensor& images, const at::Tensor& caption
               direction);
   TORCH_CHECK(norm >= kSoftmax && norm <= kNoNorm, "xattn_sim_fwd: norm must be in 0..6, got ", norm);
   TORCH_CHECK(agg >= kLse && agg <= kSum, "xattn_sim_fwd: agg must be in 0..3, got ", agg);
-  TORCH_CHECK(std::isfinite(lambda_softmax), "xattn_sim_fwd: lambda_softmax must be finite, got ", lambda_softmax);
+  TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "xattn_sim_fwd: lambda_softmax must be finite "
+              "and >= 0, got ", lambda_softmax);
   TORCH_CHECK(std::isfinite(lambda_lse), "xattn_sim_fwd: lambda_lse must be finite, got ", lambda_lse);
   TORCH_CHECK(agg != kLse || lambda_lse > 0, "xattn_sim_fwd: lambda_lse must be > 0 for LogSumExp, got ",
               lambda_lse);
@@ -902,9 +967,14 @@ TORCH_LIBRARY_FRAGMENT(itm_kernels, m) {
 namespace {
 
 // Shape and dtype only, for tracing (FakeTensor / torch.compile / opcheck); no checks beyond the ranks.
-at::Tensor xattn_sim_fwd_meta(const at::Tensor& images, const at::Tensor& captions, const at::Tensor&,
-                              const at::Tensor&, int64_t, int64_t, double, int64_t, double, int64_t) {
+at::Tensor xattn_sim_fwd_meta(const at::Tensor& images, const at::Tensor& captions, const at::Tensor& cap_lens,
+                              const at::Tensor& img_lens, int64_t, int64_t, double, int64_t, double, int64_t) {
   TORCH_CHECK(images.dim() == 3 && captions.dim() == 3, "xattn_sim_fwd: images and captions must be 3-D");
+  // A lengths tensor on the meta device next to real features would otherwise route here and skip every check.
+  TORCH_CHECK(captions.device() == images.device() && cap_lens.device() == images.device() &&
+                  img_lens.device() == images.device(),
+              "xattn_sim_fwd: images, captions, cap_lens and img_lens must be on one device, got ", images.device(),
+              ", ", captions.device(), ", ", cap_lens.device(), ", ", img_lens.device());
   const auto dtype = images.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::empty({images.size(0), captions.size(0)}, images.options().dtype(dtype));
 }

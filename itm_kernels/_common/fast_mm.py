@@ -32,11 +32,15 @@ def mm_float_out(a: Tensor, b: Tensor) -> Tensor:
     Returns:
         (M, N) float32, accumulated in float32. On CPU tensors with the compiled extension: oneDNN brgemm, B packed
         per call (K x N extra elements), rows in parallel chunks of 256; float32 sums the inner axis in chunks of
-        256 (rounding within 1.5x of MKL's). Otherwise (other devices or dtypes, bfloat16 with an odd K or without
-        AVX-512-BF16): ``torch.mm(a, b).float()``.
+        256 (rounding within 1.5x of MKL's). bfloat16 without AVX-512-BF16 (or with an odd K) is widened to
+        float32 inside the C++ op (M x K + K x N extra float32) and runs the float32 brgemm: never ATen's bfloat16
+        mm, which rounds the result to bfloat16 and is a scalar loop on AVX2 CPUs. Other devices or dtypes:
+        ``torch.mm(a, b).float()``.
     """
     if (a.device.type == "cpu" and b.device.type == "cpu" and a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype
-            and a.numel() > 0 and b.numel() > 0 and a.stride(1) == 1 and brgemm_available(a.dtype)
-            and (a.dtype == torch.float32 or a.shape[1] % 2 == 0)):
+            and a.numel() > 0 and b.numel() > 0 and a.stride(1) == 1
+            and (brgemm_available(torch.float32) and a.dtype in (torch.float32, torch.bfloat16))):
         return torch.ops.itm_kernels.brgemm_mm(a, b.contiguous())
+    if a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16:  # float32 accumulation, never a bf16-rounded mm
+        return torch.mm(a.float(), b.float())
     return torch.mm(a, b).float()

@@ -62,6 +62,7 @@ from .._common.dtypes import out_dtype as _out_dtype  # noqa: F401
 from .._common.validation import check_choice, check_feature_pair, check_lambda, check_lengths
 from .cpu import _CPU_OUT_DTYPES, _have_cpu_kernel, local_sim_cpu  # noqa: F401
 from .cuda import CUDA_MAX_K, CUDA_MAX_L, CUDA_MAX_S, _check_cuda_backend, local_sim_cuda  # noqa: F401
+from .i2t import local_sim_i2t, local_sim_i2t_reference
 from .reference import DEFAULT_LAMBDA_SOFTMAX, local_sim_reference
 from .torch import (DEFAULT_TILE_BYTES, LOW_PRECISION_ROW_BUCKET, _caption_ranges, _gram, _mm_dtype,  # noqa: F401
                     _packed_words, _plan, _Tile, local_sim_backward_torch, local_sim_gram, local_sim_torch)
@@ -130,6 +131,8 @@ def _backward(ctx, grad):
 local_sim_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+DIRECTIONS = ("t2i", "i2t")
+
 # --------------------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def _check_triton_backend(images: Tensor) -> None:
 
 def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: Tensor, *,
               lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX, backend: str = "auto",
-              max_tile_bytes: int | None = None) -> Tensor:
+              max_tile_bytes: int | None = None, direction: str = "t2i") -> Tensor:
     """SGRAF local similarity vectors of every (image, caption) pair of a block, every word.
 
     Args:
@@ -161,6 +164,9 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
             "reference" (the readable spec). "cuda" and "triton" have not run on a GPU yet; "auto" never picks them.
         max_tile_bytes: cap on the scratch: "torch": the one tile of attended vectors (default 8 MiB); "cpu": each
             thread's work item (default 2 MiB).
+        direction: "t2i" (default: every word attends over the regions, as above) or "i2t" (every region attends
+            over the caption's words; result (N_img, N_cap, K, s), see :mod:`itm_kernels.local_sim.i2t`: the same
+            t2i kernels of the chosen backend, exactly, one call per distinct caption length).
 
     Returns:
         (N_img, N_cap, L_max, s): row [i, c, t] = l2norm(W (a^_t - e_t)^2 + b) for the pair (image i, caption c)
@@ -197,6 +203,13 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
         _check_cuda_backend(images, captions, weight)
     if backend == "triton":
         _check_triton_backend(images)
+    check_choice("direction", direction, DIRECTIONS)
+    if direction == "i2t":
+        if backend == "reference":
+            return local_sim_i2t_reference(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
+                                           compute_dtype=compute_dtype(images.dtype)).to(out_dtype(images.dtype))
+        return local_sim_i2t(local_sim, images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
+                             backend=backend, max_tile_bytes=max_tile_bytes)
     name = choose_backend(backend, images.device, op="local_sim")
     return local_sim_op(images.contiguous(), captions.contiguous(), cap_lens, weight.contiguous(),
                         bias.contiguous(), lambda_softmax, name, max_tile_bytes or 0)

@@ -83,7 +83,12 @@ def test_tiling_and_padding_do_not_matter():
                                      max_tile_bytes=1, **opts)
         padded = itm_kernels.xattn_sim(nan_img.to(dtype), nan_cap.to(dtype), cap_lens, img_lens=img_lens,
                                        backend="cpu", **opts)
-        assert_close_report(tiny, base, atol=1e-14, rtol=1e-14, what=f"tiling {direction} {dtype}")
+        # Tiling never changes an operation's inputs, except bfloat16 on CPUs without a native bfloat16 dot product
+        # (bf16_gemm "gemm-fp32-accumulate": widened float32 products, whose accumulation order follows the tile
+        # widths): there 1e-6 (a few float32 ulps of the O(1) scores); everywhere else 1e-14.
+        plain_bf16 = dtype == torch.bfloat16 and itm_kernels.build_info().get("bf16_gemm") != "brgemm-vnni"
+        tol = 1e-6 if plain_bf16 else 1e-14
+        assert_close_report(tiny, base, atol=tol, rtol=tol, what=f"tiling {direction} {dtype}")
         assert torch.equal(padded, base), f"padding changed the result ({direction}, {dtype})"
 
 
