@@ -28,7 +28,7 @@ import torch
 
 from .metrics import METRIC_KEYS, _RECALL_KEYS, _summary
 
-__all__ = ["streaming_recall", "streaming_topk", "similarity_topk", "xattn_tile_fn", "model_tile_fn", "grid", "world"]
+__all__ = ["streaming_recall", "streaming_topk", "similarity_topk", "save_sims_npy", "xattn_tile_fn", "model_tile_fn", "grid", "world"]
 
 TileFn = Callable[[int, int, int, int], torch.Tensor]
 
@@ -166,7 +166,8 @@ def model_tile_fn(model, img_embs, cap_embs, cap_lens, *, graph_inputs=None, **k
             return model.sims(cut(img_embs, i0, i1), cut(cap_embs, c0, c1), lens[c0:c1], **kwargs)
         boxes, sizes, parses = graph_inputs
         return model.sims(cut(img_embs, i0, i1), cut(cap_embs, c0, c1), lens[c0:c1], boxes[i0:i1],
-                          None if sizes is None else sizes[i0:i1], parses[c0:c1], **kwargs)
+                          None if sizes is None else sizes[i0:i1], None if parses is None else parses[c0:c1],
+                          **kwargs)
     return tile
 
 
@@ -231,3 +232,29 @@ def similarity_topk(model, img_embs, cap_embs, cap_lens, k: int, *, queries: str
     tile = model_tile_fn(model, img_embs, cap_embs, cap_lens, graph_inputs=graph_inputs, **kwargs)
     return streaming_topk(tile, n_img, n_cap, k, queries=queries, img_chunk=img_chunk, cap_chunk=cap_chunk,
                           group=group)
+
+
+@torch.no_grad()
+def save_sims_npy(tile_fn: TileFn, n_img: int, n_cap: int, path, *, img_chunk: int = 256, cap_chunk: int = 1024,
+                  group=None) -> None:
+    """Write the (N_img, N_cap) float32 matrix of ``tile_fn`` into one ``.npy`` file, shard by shard.
+
+    Rank 0 creates the file (``np.lib.format.open_memmap``); after a barrier every rank opens it ``r+`` and writes
+    the rows of its own image chunks tile by tile, so no process holds more than one tile.
+    """
+    rank, size = world(group)
+    path = str(path)
+    if rank == 0:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_img, n_cap)).flush()
+    if size > 1:
+        import torch.distributed as dist
+        dist.barrier(group=group)
+    out = np.lib.format.open_memmap(path, mode="r+")
+    for i0, i1 in grid(n_img, img_chunk)[rank::size]:
+        for c0, c1 in grid(n_cap, cap_chunk):
+            out[i0:i1, c0:c1] = tile_fn(i0, i1, c0, c1).detach().float().cpu().numpy()
+    out.flush()
+    del out
+    if size > 1:
+        import torch.distributed as dist
+        dist.barrier(group=group)
