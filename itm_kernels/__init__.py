@@ -25,11 +25,13 @@ from ._common.dispatch import available_backends, build_info
 from . import local_sim as _local_sim_pkg
 from . import node_match as _node_match_pkg
 from . import xattn_sim as _xattn_sim_pkg
+from . import xattn_topk as _xattn_topk_pkg
 
 # Rebind the public names to the functions (importing the packages above set them to the modules).
 xattn_sim = _xattn_sim_pkg.xattn_sim
 local_sim = _local_sim_pkg.local_sim
 node_match = _node_match_pkg.node_match
+xattn_topk = _xattn_topk_pkg.xattn_topk
 
-__all__ = ["xattn_sim", "local_sim", "node_match", "available_backends", "build_info"]
+__all__ = ["xattn_sim", "xattn_topk", "local_sim", "node_match", "available_backends", "build_info"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ __all__ = ["xattn_sim", "xattn_sim_op", "xattn_sim_backward_op", "run_forward"]
 
 def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, direction: str = "t2i",
               norm: str = "clipped_l2norm", lambda_softmax: float = 9.0, agg: str = "lse", lambda_lse: float = 6.0,
-              backend: str = "auto", max_tile_bytes: int | None = None) -> Tensor:
+              backend: str = "auto", max_tile_bytes: int | None = None, attention: str = "soft") -> Tensor:
     """All-pairs SCAN cross-attention similarity between every image and every caption.
 
     Args:
@@ -43,6 +43,11 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         backend: "auto" (fastest available: cuda > triton on GPU; cpu > torch on CPU), "cpu", "triton",
             "cuda", "torch" or "reference".
         max_tile_bytes: cap on the scratch of one tile (default: the backend's own, tens of MiB).
+        attention: "soft" (SCAN's attention, the default) or "hard": each query item's best context item by
+            cosine (ColBERT MaxSim / CHAN), then ``agg``; ``norm`` and ``lambda_softmax`` are unused. Hard runs one
+            tiled GEMM + masked-max implementation on every backend (``itm_kernels.xattn_sim.hard``; reference:
+            ``reference.hard_all_pairs``), differentiable through per-tile recomputation; it is not a registered
+            ``custom_op`` (no ``opcheck`` / ``fullgraph`` compile guarantee yet).
 
     Returns:
         (N_img, N_cap) similarities; float64 for float64 inputs, float32 otherwise (bfloat16/float16 inputs are
@@ -62,7 +67,17 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
                          backend)
     if max_tile_bytes is not None and (not isinstance(max_tile_bytes, int) or max_tile_bytes <= 0):
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
+    if attention not in ("soft", "hard"):
+        raise ValueError(f"attention must be one of ('soft', 'hard'), got {attention!r}")
     name = choose_backend(backend, images.device)
+    if attention == "hard":
+        if name == "reference":
+            return reference.xattn_sim(images, captions, cap_lens, img_lens=img_lens, direction=direction, agg=agg,
+                                       lambda_lse=lambda_lse, compute_dtype=compute_dtype(images.dtype),
+                                       attention="hard")
+        from .hard import xattn_sim_hard
+        return xattn_sim_hard(images, captions, cap_lens, img_lens, direction=direction, agg=agg,
+                              lambda_lse=lambda_lse, max_tile_bytes=max_tile_bytes)
     return xattn_sim_op(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
                         name, max_tile_bytes or 0)
 

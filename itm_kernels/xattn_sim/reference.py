@@ -89,8 +89,24 @@ def attend_all_pairs(query, query_lens, context, context_lens, *, norm, lambda_s
     return r, q_valid
 
 
+def hard_all_pairs(query, query_lens, context, context_lens):
+    """Hard attention (ColBERT MaxSim / CHAN): R_q = max over valid context items c of cosine(Q_q, C_c).
+
+    cosine(x, y) = x.y / max(|x| |y|, 1e-8), the same eps as the soft path. Shapes as :func:`attend_all_pairs`.
+    """
+    q_valid = _lengths_mask(query_lens, query.shape[1])
+    c_valid = _lengths_mask(context_lens, context.shape[1])
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    query = torch.where(q_valid[..., None], query, zero)
+    context = torch.where(c_valid[..., None], context, zero)
+    s = torch.einsum("ckd,qtd->cqkt", context, query)              # (N_c, N_q, Lc, Lq)
+    norms = context.norm(dim=-1)[:, None, :, None] * query.norm(dim=-1)[None, :, None, :]
+    cos = (s / norms.clamp_min(EPS)).masked_fill(~c_valid[:, None, :, None], float("-inf"))
+    return cos.amax(dim=2), q_valid
+
+
 def xattn_sim(images, captions, cap_lens, *, img_lens=None, direction="t2i", norm="clipped_l2norm",
-              lambda_softmax=9.0, agg="lse", lambda_lse=6.0, compute_dtype=None):
+              lambda_softmax=9.0, agg="lse", lambda_lse=6.0, compute_dtype=None, attention="soft"):
     """Reference all-pairs SCAN similarity.
 
     Args:
@@ -98,6 +114,8 @@ def xattn_sim(images, captions, cap_lens, *, img_lens=None, direction="t2i", nor
         captions: (N_cap, L_max, d) word features, padded; ``cap_lens`` (N_cap,) lengths 1..L_max.
         compute_dtype: dtype of the arithmetic; default the input dtype (so a bfloat16 input is computed in
             bfloat16: tests use this to measure the error PyTorch itself makes in low precision).
+        attention: "soft" (SCAN) or "hard" (:func:`hard_all_pairs`: each query item's best context item;
+            ``norm`` and ``lambda_softmax`` unused).
     Returns:
         (N_img, N_cap): float64 for float64 inputs, float32 otherwise.
     Memory: O(N_img * N_cap * max(K, L) * d); for tests only.
@@ -110,11 +128,15 @@ def xattn_sim(images, captions, cap_lens, *, img_lens=None, direction="t2i", nor
     if img_lens is None:
         img_lens = torch.full((images.shape[0],), images.shape[1], dtype=torch.long, device=images.device)
     img_lens = torch.as_tensor(img_lens, device=images.device).long()
+    if attention == "hard":
+        attend_all_pairs_ = lambda q, ql, c, cl, **_: hard_all_pairs(q, ql, c, cl)  # noqa: E731
+    else:
+        attend_all_pairs_ = attend_all_pairs
     if direction == "t2i":
-        r, valid = attend_all_pairs(captions, cap_lens, images, img_lens, norm=norm, lambda_softmax=lambda_softmax)
+        r, valid = attend_all_pairs_(captions, cap_lens, images, img_lens, norm=norm, lambda_softmax=lambda_softmax)
         sims = aggregate(r, valid[None], agg, lambda_lse)              # (N_img, N_cap)
     elif direction == "i2t":
-        r, valid = attend_all_pairs(images, img_lens, captions, cap_lens, norm=norm, lambda_softmax=lambda_softmax)
+        r, valid = attend_all_pairs_(images, img_lens, captions, cap_lens, norm=norm, lambda_softmax=lambda_softmax)
         sims = aggregate(r, valid[None], agg, lambda_lse).t()          # (N_cap, N_img) -> (N_img, N_cap)
     else:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")

@@ -90,14 +90,17 @@ def _check_fits(model, dataset, path: str, source: str) -> None:
 
 def evaluate(checkpoints, data, split, *, vocab=None, fold5=False, dtype="float32", batch_size=128, device=None,
              backend="auto", save_sims=None, trusted=False, progress=True, official_boxes=False,
-             official_batch_size=None, allow_pickle=False) -> dict:
+             official_batch_size=None, allow_pickle=False, distributed=False) -> dict:
     """Evaluate the mean similarity matrix of ``checkpoints`` on ``{data}/{split}``; returns the metrics dict
     (plus ``seconds``).
 
     GSMN checkpoints read the split's GSMN files (:func:`itm_models.eval.similarity.gsmn_split`); ``official_boxes``
     feeds them the released evaluation's boxes, with ``official_batch_size`` (default: the official checkpoint's
     ``opt.batch_size``, else 64) deciding the in-place division counts; ``allow_pickle`` reads a pickled
-    ``{split}_ims_size.npy``. Other models read ``{split}_caps.txt`` with the vocabulary."""
+    ``{split}_ims_size.npy``. Other models read ``{split}_caps.txt`` with the vocabulary.
+
+    ``distributed``: run under torchrun; the ranks share the work without any of them holding the matrix
+    (:func:`itm_models.eval.distributed_eval.evaluate_distributed`)."""
     from ..data import DataFormatError, PrecompDataset
     from ..eval.similarity import GSMN_FILES, gsmn_split, is_graph_model, similarity_matrix
     from ..eval.metrics import ensemble_sims, recall, recall_fold5
@@ -135,8 +138,21 @@ def evaluate(checkpoints, data, split, *, vocab=None, fold5=False, dtype="float3
             dataset = plain
             source = os.path.join(os.fspath(data), f"{split}_caps.txt")
         _check_fits(model, dataset, path, source)
+        if distributed:
+            all_sims.append((model, dataset, kwargs or None))
+            continue
         all_sims.append(similarity_matrix(model, dataset, batch_size=batch_size, device=device,
                                           dtype=DTYPES[dtype], backend=backend, progress=progress, **kwargs))
+    if distributed:
+        from ..eval.distributed_eval import evaluate_distributed
+        models_, datasets_, graph_kwargs = zip(*all_sims)
+        if len({len(d.captions) for d in datasets_}) > 1:
+            raise ValueError("the checkpoints' datasets hold different numbers of captions")
+        metrics = evaluate_distributed(list(models_), list(datasets_), fold5=fold5, dtype=DTYPES[dtype],
+                                       batch_size=batch_size, device=device, backend=backend, save_sims=save_sims,
+                                       progress=progress, graph_kwargs=list(graph_kwargs))
+        metrics["seconds"] = time.perf_counter() - t0
+        return metrics
     if len({s.shape for s in all_sims}) > 1:
         raise ValueError(f"the checkpoints' similarity matrices have different shapes {[s.shape for s in all_sims]}: "
                          f"{split}_caps.txt and {split}_precaps_stan.txt hold different numbers of captions")
@@ -173,6 +189,8 @@ def main(argv=None) -> int:
                         "released loader's batch size (default: the official checkpoint's opt.batch_size, else 64)")
     parser.add_argument("--allow-pickle", action="store_true", help="GSMN: read a pickled {split}_ims_size.npy "
                         "(the released files are object arrays of dicts; trusted files only)")
+    parser.add_argument("--distributed", action="store_true", help="launched by torchrun: shard the images over "
+                        "the ranks (gloo on CPUs, NCCL with --device cuda); no rank holds the matrix")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     from ..checkpoints import CheckpointError
@@ -184,15 +202,19 @@ def main(argv=None) -> int:
                            fold5=args.fold5, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
                            backend=args.backend, save_sims=args.save_sims, trusted=args.trusted,
                            progress=not args.no_progress, official_boxes=args.official_boxes,
-                           official_batch_size=args.official_batch_size, allow_pickle=args.allow_pickle)
+                           official_batch_size=args.official_batch_size, allow_pickle=args.allow_pickle,
+                           distributed=args.distributed)
     except (CheckpointError, DataFormatError, FileNotFoundError, ValueError) as exc:
         print(f"itm-eval: error: {exc}", file=sys.stderr)
         return 2
     seconds = metrics.pop("seconds")
+    world_size = metrics.pop("world_size", 1)
+    if args.distributed and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     title = (f"{args.split}{' (5-fold 1K)' if args.fold5 else ''}: {1 + len(args.ensemble)} model(s)"
              f"{', released GSMN box handling' if args.official_boxes else ''}")
     print(format_metrics_table(metrics, title=title))
-    print(f"time: {seconds:.1f} s")
+    print(f"time: {seconds:.1f} s" + (f" on {world_size} ranks" if args.distributed else ""))
     return 0
 
 
