@@ -197,6 +197,6 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
         _check_cuda_backend(images, captions, weight)
     if backend == "triton":
         _check_triton_backend(images)
-    name = choose_backend(backend, images.device, op="local_sim")
+    name = choose_backend(backend, images.device, op="local_sim", inputs=(images, captions, weight))
     return local_sim_op(images.contiguous(), captions.contiguous(), cap_lens, weight.contiguous(),
                         bias.contiguous(), lambda_softmax, name, max_tile_bytes or 0)

@@ -40,7 +40,8 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         lambda_softmax: attention temperature lambda1 (>= 0). lambda_lse: LogSumExp temperature lambda2 (> 0
             when agg="lse").
         agg: aggregation of the per-query cosines: "lse", "mean", "max" or "sum".
-        backend: "auto" (fastest available: cuda > triton on GPU; cpu > torch on CPU), "cpu", "triton",
+        backend: "auto" (``itm_kernels._common.dispatch.choose_backend``: on GPU cuda > triton > torch, a GPU
+            kernel only once verified for the device's compute capability; cpu > torch on CPU), "cpu", "triton",
             "cuda", "torch" or "reference".
         max_tile_bytes: cap on the scratch of one tile (default: the backend's own, tens of MiB).
 
@@ -62,7 +63,7 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
                          backend)
     if max_tile_bytes is not None and (not isinstance(max_tile_bytes, int) or max_tile_bytes <= 0):
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
-    name = choose_backend(backend, images.device)
+    name = choose_backend(backend, images.device, op="xattn_sim", inputs=(images, captions))
     return xattn_sim_op(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
                         name, max_tile_bytes or 0)
 
