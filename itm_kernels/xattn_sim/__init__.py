@@ -51,8 +51,9 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         exactly as the official ``xattn_score_t2i``/``xattn_score_i2t`` compute it, every eps included.
 
     Autograd: differentiable w.r.t. ``images`` and ``captions`` on every backend. The backward recomputes the
-    forward tile by tile (``itm_kernels.xattn_sim.torch.xattn_sim_backward``): it saves only the inputs, never the
-    attention.
+    forward tile by tile and saves only the inputs, never the attention: after a "triton" forward the fused Triton
+    backward (``itm_kernels.xattn_sim.triton.xattn_sim_backward``), otherwise the tiled PyTorch one
+    (``itm_kernels.xattn_sim.torch.xattn_sim_backward``).
 
     Memory: the output plus a per-tile scratch bounded by ``max_tile_bytes`` (per thread on the CPU backend);
     nothing of size N_img x N_cap x K x L or N_img x N_cap x L x d is ever allocated ("reference" excepted: it is
@@ -109,8 +110,16 @@ def _xattn_sim_fake(images, captions, cap_lens, img_lens, direction, norm, lambd
 @_torch.library.custom_op("itm_kernels::xattn_sim_backward", mutates_args=())
 def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor,
                           direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float,
-                          max_tile_bytes: int) -> tuple[Tensor, Tensor]:
-    """Registered backward: grad (N_img, N_cap) -> (grad_images (N_img, K, d), grad_captions (N_cap, L_max, d))."""
+                          max_tile_bytes: int, backend: str = "torch") -> tuple[Tensor, Tensor]:
+    """Registered backward: grad (N_img, N_cap) -> (grad_images (N_img, K, d), grad_captions (N_cap, L_max, d)).
+
+    ``backend``: the forward's; "triton" runs the fused Triton backward (``triton.xattn_sim_backward``), every
+    other backend the tiled PyTorch one."""
+    if backend == "triton":
+        from . import triton as triton_backend
+        return triton_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
+                                                 norm=norm, lambda_softmax=lambda_softmax, agg=agg,
+                                                 lambda_lse=lambda_lse)
     return torch_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
                                             norm=norm, lambda_softmax=lambda_softmax, agg=agg,
                                             lambda_lse=lambda_lse, max_tile_bytes=max_tile_bytes or None)
@@ -118,14 +127,15 @@ def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
 
 @xattn_sim_backward_op.register_fake
 def _xattn_sim_backward_fake(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
-                             lambda_lse, max_tile_bytes):
+                             lambda_lse, max_tile_bytes, backend="torch"):
     return _torch.empty_like(images), _torch.empty_like(captions)
 
 
 def _setup_context(ctx, inputs, output):
-    images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, _, max_tile_bytes = inputs
+    images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend, max_tile_bytes = \
+        inputs
     ctx.save_for_backward(images, captions, cap_lens, img_lens)
-    ctx.opts = (direction, norm, lambda_softmax, agg, lambda_lse, max_tile_bytes)
+    ctx.opts = (direction, norm, lambda_softmax, agg, lambda_lse, max_tile_bytes, backend)
 
 
 def _backward(ctx, grad):

@@ -236,3 +236,211 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tens
     else:
         raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused backward (FlashAttention-style: recompute each tile, never store the attention)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _xattn_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_len_ptr, grad_ptr, gout_ptr,
+                          n_inner, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_gc, stride_gq,
+                          stride_on, stride_or, lambda_softmax: tl.float64, lambda_lse: tl.float64,
+                          NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
+                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TINY: tl.constexpr,
+                          OUTER_CTX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Gradient of sum_{n,m} grad[n, m] out[n, m] w.r.t. ONE item's rows (deterministic: no atomics).
+
+    OUTER_CTX: program n = a context item, looping over all query items m, accumulates dX_n (C_n x d) into
+    gout[n]; else program m = a query item, looping over the context items n, accumulates dY_m into gout[m].
+    For each pair the tile is recomputed as the forward kernel does (s = X Y^T, norm, alpha, num, a_sq = alpha^T G
+    alpha, r, aggregation weights w) and back-propagated in registers:
+
+        g_r = grad[n, m] w;  g_num = g_r / max(den, eps);  g_den = [den >= eps] (-g_r num / max(den, eps)^2)
+        g_qn = g_den |a|;    g_asq = [a_sq >= tiny] g_den |y| / (2 |a|)
+        g_alpha = g_num s + 2 g_asq (G alpha);  g_logit = alpha (g_alpha - sum_k alpha g_alpha)
+        g_s = g_num alpha + clip'(s) NORM'(lambda_softmax g_logit)      (NORM' along the query axis, masked)
+        dX_n += g_s Y + 2 ((alpha g_asq) alpha^T) X        dY_m += g_s^T X + (g_qn / |y|) y
+
+    The second d-loop multiplies g_s (ACC) by the re-loaded rows, widened to ACC. Memory: the gradient outputs
+    and the Gram tiles; nothing of size N_ctx x N_qry is formed. Padding rows are never read and get 0.
+    """
+    outer = tl.program_id(0).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_q = tl.arange(0, BLOCK_Q)
+    if OUTER_CTX:
+        n_rows = tl.load(ctx_len_ptr + outer)
+    else:
+        n_rows = tl.load(qry_len_ptr + outer)
+    for inner in range(0, n_inner):
+        inner64 = tl.full((), inner, tl.int64)
+        if OUTER_CTX:
+            c_item = outer
+            q_item = inner64
+        else:
+            c_item = inner64
+            q_item = outer
+        c_len = tl.load(ctx_len_ptr + c_item)
+        q_len = tl.load(qry_len_ptr + q_item)
+        c_valid = offs_c < c_len
+        q_valid = offs_q < q_len
+        c_ptrs = ctx_ptr + c_item * stride_cn + offs_c.to(tl.int64) * stride_cr
+        q_ptrs = qry_ptr + q_item * stride_qn + offs_q.to(tl.int64) * stride_qr
+
+        s = tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC)
+        q_sq = tl.zeros((BLOCK_Q,), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+            y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(ACC)
+                y = y.to(ACC)
+            s = tl.dot(x, tl.trans(y), s, input_precision=DOT_PRECISION)
+            y_acc = y.to(ACC)
+            q_sq += tl.sum(y_acc * y_acc, axis=1)
+
+        qv = q_valid[None, :]
+        cv = c_valid[:, None]
+        x0 = s
+        if CLIP:
+            x0 = tl.where(x0 > 0, x0, LEAKY_SLOPE * x0)
+        x0 = tl.where(qv, x0, 0.0)
+        if NORM == "softmax":
+            e = tl.exp(tl.where(qv, x0, NEG_BIG) - tl.max(tl.where(qv, x0, NEG_BIG), axis=1, keep_dims=True))
+            e = tl.where(qv, e, 0.0)
+            nz = e / tl.sum(e, axis=1, keep_dims=True)
+        elif NORM == "l2":
+            rr = tl.sqrt(tl.sum(x0 * x0, axis=1, keep_dims=True))
+            nz = x0 / (rr + EPS)
+        elif NORM == "l1":
+            nz = x0 / (tl.sum(tl.abs(x0), axis=1, keep_dims=True) + EPS)
+        else:
+            nz = x0
+        logits = tl.where(cv, tl.full((), lambda_softmax, ACC) * nz, NEG_BIG)
+        p = tl.where(cv, tl.exp(logits - tl.max(logits, axis=0, keep_dims=True)), 0.0)
+        alpha = p / tl.sum(p, axis=0, keep_dims=True)
+        num = tl.sum(alpha * s, axis=0)
+        g = tl.load(gram_ptr + c_item * (BLOCK_C * BLOCK_C) + offs_c[:, None] * BLOCK_C + offs_c[None, :])
+        g_alpha_prod = tl.dot(g, alpha, input_precision=DOT_PRECISION)
+        a_sq = tl.sum(alpha * g_alpha_prod, axis=0)
+        a_norm = tl.sqrt(tl.maximum(a_sq, TINY))
+        qn = tl.sqrt(q_sq)
+        den = qn * a_norm
+        den_c = tl.maximum(den, EPS)
+        r = num / den_c
+
+        # Aggregation weights over the valid query rows.
+        if AGG == "lse":
+            lr = tl.where(q_valid, tl.full((), lambda_lse, ACC) * r, NEG_BIG)
+            w = tl.where(q_valid, tl.exp(lr - tl.max(lr, axis=0)), 0.0)
+            w = w / tl.sum(w, axis=0)
+        elif AGG == "mean":
+            w = q_valid.to(ACC) / tl.sum(q_valid.to(ACC), axis=0)
+        elif AGG == "max":
+            top = tl.max(tl.where(q_valid, r, NEG_BIG), axis=0)
+            hit = (q_valid & (r == top)).to(ACC)
+            w = hit / tl.sum(hit, axis=0)
+        else:
+            w = q_valid.to(ACC)
+        g_out = tl.load(grad_ptr + c_item * stride_gc + q_item * stride_gq).to(ACC)
+        g_r = g_out * w
+        g_num = g_r / den_c
+        g_den = tl.where(den >= EPS, -g_r * num / (den_c * den_c), 0.0)
+        g_qn = g_den * a_norm
+        g_asq = tl.where(a_sq >= TINY, g_den * qn / (2.0 * a_norm), 0.0)
+        g_alpha = g_num[None, :] * s + 2.0 * g_asq[None, :] * g_alpha_prod
+        g_logit = alpha * (g_alpha - tl.sum(alpha * g_alpha, axis=0, keep_dims=True))
+        g_n = tl.full((), lambda_softmax, ACC) * g_logit
+        if NORM == "softmax":
+            g_x = nz * (g_n - tl.sum(nz * g_n, axis=1, keep_dims=True))
+        elif NORM == "l2":
+            f = 1.0 / (rr + EPS)
+            rr_safe = tl.where(rr > 0, rr, 1.0)
+            g_x = f * g_n - f * f * tl.sum(g_n * x0, axis=1, keep_dims=True) * x0 / rr_safe
+        elif NORM == "l1":
+            f = 1.0 / (tl.sum(tl.abs(x0), axis=1, keep_dims=True) + EPS)
+            sign = tl.where(x0 > 0, 1.0, tl.where(x0 < 0, -1.0, 0.0))
+            g_x = f * g_n - f * f * tl.sum(g_n * x0, axis=1, keep_dims=True) * sign
+        else:
+            g_x = g_n
+        g_x = tl.where(qv, g_x, 0.0)
+        if CLIP:
+            g_x = tl.where(s > 0, g_x, LEAKY_SLOPE * g_x)   # a where of two scalars would round 0.1 to float32
+        g_s = tl.where(cv & qv, g_num[None, :] * alpha + g_x, 0.0).to(ACC)
+
+        if OUTER_CTX:
+            m2 = tl.dot(alpha * (2.0 * g_asq)[None, :], tl.trans(alpha), input_precision=DOT_PRECISION).to(ACC)
+        else:
+            q_coef = tl.where(q_valid & (qn > 0), g_qn / tl.where(qn > 0, qn, 1.0), 0.0)
+        offs_r = tl.arange(0, BLOCK_C) if OUTER_CTX else tl.arange(0, BLOCK_Q)
+        o_ptrs = gout_ptr + outer * stride_on + offs_r.to(tl.int64) * stride_or
+        r_valid = offs_r < n_rows
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+            y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+            x = x.to(ACC)
+            y = y.to(ACC)
+            if OUTER_CTX:
+                upd = tl.dot(g_s, y, input_precision=DOT_PRECISION) + tl.dot(m2, x, input_precision=DOT_PRECISION)
+            else:
+                upd = tl.dot(tl.trans(g_s), x, input_precision=DOT_PRECISION) + q_coef[:, None] * y
+            o_mask = r_valid[:, None] & d_in[None, :]
+            acc = tl.load(o_ptrs[:, None] + offs_d[None, :], mask=o_mask, other=0.0)
+            tl.store(o_ptrs[:, None] + offs_d[None, :], acc + upd, mask=o_mask)
+
+
+def bwd_config(dtype: torch.dtype, *, block_c: int, block_q: int, d: int, norm: str, agg: str, outer_ctx: bool,
+               precision: str = "ieee", interpret: bool = False) -> tuple[dict, dict]:
+    """Constexpr values and launch options of ``_xattn_sim_bwd_kernel`` (shared with the compile check)."""
+    norm_kind, clip = _NORM_KINDS[norm]
+    constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, OUTER_CTX=outer_ctx, BLOCK_C=block_c, BLOCK_Q=block_q,
+                      TINY=float(torch.finfo(acc_dtype(dtype)).tiny), **dtype_constexprs(dtype, d, interpret))
+    if dtype != torch.float64 and not interpret:
+        # The second d-loop multiplies float32 tiles: follow the forward's float32 precision choice.
+        constexprs["DOT_PRECISION"] = precision
+    return constexprs, dict(num_warps=4, num_stages=1, enable_fp_fusion=True)
+
+
+def xattn_sim_backward(grad: torch.Tensor, images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor,
+                       img_lens: torch.Tensor, *, direction: str, norm: str, lambda_softmax: float, agg: str,
+                       lambda_lse: float, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused gradients of sum(grad * xattn_sim(...)) w.r.t. images (N_img, K, d) and captions (N_cap, L_max, d).
+
+    Two launches of ``_xattn_sim_bwd_kernel`` (one program per image, one per caption), each recomputing the
+    score tiles it needs; float32 accumulation (float64 for float64 inputs); gradients returned in the input
+    dtype, padding rows 0. Memory: the two gradients in the accumulation dtype plus the Gram tiles
+    (N_ctx x BLOCK_C^2), i.e. the forward's bound; nothing of size N_img x N_cap x K x L. No host sync: the tile
+    heights come from the tensors' shapes (K, L_max), not from the lengths (captions are not bucketed here).
+    """
+    interpret = interpreted()
+    _check_mode(interpret)
+    acc = acc_dtype(images.dtype)
+    grad = grad.to(acc).contiguous()
+    g_img = torch.zeros(images.shape, dtype=acc, device=images.device)
+    g_cap = torch.zeros(captions.shape, dtype=acc, device=captions.device)
+    n_img, n_cap = images.shape[0], captions.shape[0]
+    if n_img == 0 or n_cap == 0:
+        return g_img.to(images.dtype), g_cap.to(captions.dtype)
+    if direction == "t2i":
+        ctx, ctx_lens, qry, qry_lens, g_ctx, g_qry = images, img_lens, captions, cap_lens, g_img, g_cap
+        stride_gc, stride_gq = grad.stride(0), grad.stride(1)
+    else:
+        ctx, ctx_lens, qry, qry_lens, g_ctx, g_qry = captions, cap_lens, images, img_lens, g_cap, g_img
+        stride_gc, stride_gq = grad.stride(1), grad.stride(0)
+    block_c, block_q = block_rows(ctx.shape[1]), block_rows(qry.shape[1])
+    ctx_idx = torch.arange(ctx.shape[0], dtype=torch.int32, device=ctx.device)
+    gram = _gram(ctx, ctx_idx, ctx_lens, block_c, interpret)
+    kernel = jit(_xattn_sim_bwd_kernel, interpret)
+    for outer_ctx, out, n_outer, n_inner in ((True, g_ctx, ctx.shape[0], qry.shape[0]),
+                                             (False, g_qry, qry.shape[0], ctx.shape[0])):
+        constexprs, options = bwd_config(images.dtype, block_c=block_c, block_q=block_q, d=ctx.shape[2], norm=norm,
+                                         agg=agg, outer_ctx=outer_ctx, precision=precision, interpret=interpret)
+        kernel[(n_outer,)](ctx, ctx_lens, gram, qry, qry_lens, grad, out, n_inner, ctx.shape[2],
+                           ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_gc, stride_gq,
+                           out.stride(0), out.stride(1), float(lambda_softmax), float(lambda_lse),
+                           **constexprs, **options)
+    return g_img.to(images.dtype), g_cap.to(captions.dtype)
