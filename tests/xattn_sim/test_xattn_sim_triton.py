@@ -212,8 +212,8 @@ def test_compiles_for_sm80_and_sm90(tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_backward_through_triton_backend_gradcheck(direction):
-    """Training through backend="triton": its forward with the shared tiled backward, float64 gradcheck at tiny
-    sizes (the backward itself is the PyTorch tiled recomputation, ``itm_kernels.xattn_sim.torch.xattn_sim_backward``)."""
+    """Training through backend="triton": its forward with the fused Triton backward
+    (``itm_kernels.xattn_sim.triton.xattn_sim_backward``), float64 gradcheck at tiny sizes."""
     import itm_kernels
 
     if "triton" not in itm_kernels.available_backends(DEVICE):
