@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
+from .._common.precision import resolve_precision
 from .._common.validation import check_xattn_args
 from . import reference
 from . import torch as torch_backend
@@ -25,7 +26,7 @@ __all__ = ["xattn_sim", "xattn_sim_op", "xattn_sim_backward_op", "run_forward"]
 
 def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, direction: str = "t2i",
               norm: str = "clipped_l2norm", lambda_softmax: float = 9.0, agg: str = "lse", lambda_lse: float = 6.0,
-              backend: str = "auto", max_tile_bytes: int | None = None) -> Tensor:
+              backend: str = "auto", max_tile_bytes: int | None = None, precision: str | None = None) -> Tensor:
     """All-pairs SCAN cross-attention similarity between every image and every caption.
 
     Args:
@@ -44,6 +45,9 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
             kernel only once verified for the device's compute capability; cpu > torch on CPU), "cpu", "triton",
             "cuda", "torch" or "reference".
         max_tile_bytes: cap on the scratch of one tile (default: the backend's own, tens of MiB).
+        precision: float32 products of the "triton" backend: "ieee" (exact float32, the goldens' setting), "tf32"
+            or "tf32x3" (tensor cores); None follows ``torch.backends.cuda.matmul.allow_tf32`` ("ieee" unless it
+            is on). Other backends and dtypes ignore it (bf16/fp16 tiles always use tensor cores on "triton").
 
     Returns:
         (N_img, N_cap) similarities; float64 for float64 inputs, float32 otherwise (bfloat16/float16 inputs are
@@ -64,16 +68,18 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
                          backend)
     if max_tile_bytes is not None and (not isinstance(max_tile_bytes, int) or max_tile_bytes <= 0):
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
+    precision = resolve_precision(precision)
     name = choose_backend(backend, images.device, op="xattn_sim", inputs=(images, captions))
     return xattn_sim_op(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
-                        name, max_tile_bytes or 0)
+                        name, max_tile_bytes or 0, precision)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------------------------
 
-def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, max_tile_bytes):
+def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, max_tile_bytes,
+                precision: str = "ieee"):
     """Run one backend's forward on validated inputs (no autograd)."""
     if backend == "reference":
         return reference.xattn_sim(images, captions, cap_lens, img_lens=img_lens,
@@ -85,7 +91,7 @@ def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, 
         return cpu_backend.xattn_sim(images, captions, cap_lens, img_lens, max_tile_bytes=max_tile_bytes, **opts)
     if backend == "triton":
         from . import triton as triton_backend
-        return triton_backend.xattn_sim(images, captions, cap_lens, img_lens, **opts)
+        return triton_backend.xattn_sim(images, captions, cap_lens, img_lens, precision=precision, **opts)
     if backend == "cuda":
         from . import cuda as cuda_backend
         return cuda_backend.xattn_sim(images, captions, cap_lens, img_lens, **opts)
@@ -94,23 +100,25 @@ def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, 
 
 @_torch.library.custom_op("itm_kernels::xattn_sim", mutates_args=())
 def xattn_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor, direction: str, norm: str,
-                 lambda_softmax: float, agg: str, lambda_lse: float, backend: str, max_tile_bytes: int) -> Tensor:
+                 lambda_softmax: float, agg: str, lambda_lse: float, backend: str, max_tile_bytes: int,
+                 precision: str = "ieee") -> Tensor:
     """Registered forward: (N_img, K, d), (N_cap, L_max, d), (N_cap,), (N_img,) -> (N_img, N_cap)."""
     opts = dict(direction=direction, norm=norm, lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse)
-    out = run_forward(backend, images, captions, cap_lens, img_lens, opts, max_tile_bytes or None)
+    out = run_forward(backend, images, captions, cap_lens, img_lens, opts, max_tile_bytes or None, precision)
     return out.to(out_dtype(images.dtype)).contiguous()
 
 
 @xattn_sim_op.register_fake
 def _xattn_sim_fake(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend,
-                    max_tile_bytes):
+                    max_tile_bytes, precision="ieee"):
     return images.new_empty((images.shape[0], captions.shape[0]), dtype=out_dtype(images.dtype))
 
 
 @_torch.library.custom_op("itm_kernels::xattn_sim_backward", mutates_args=())
 def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor,
                           direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float,
-                          max_tile_bytes: int, backend: str = "torch") -> tuple[Tensor, Tensor]:
+                          max_tile_bytes: int, backend: str = "torch", precision: str = "ieee"
+                          ) -> tuple[Tensor, Tensor]:
     """Registered backward: grad (N_img, N_cap) -> (grad_images (N_img, K, d), grad_captions (N_cap, L_max, d)).
 
     ``backend``: the forward's; "triton" runs the fused Triton backward (``triton.xattn_sim_backward``), every
@@ -119,7 +127,7 @@ def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
         from . import triton as triton_backend
         return triton_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
                                                  norm=norm, lambda_softmax=lambda_softmax, agg=agg,
-                                                 lambda_lse=lambda_lse)
+                                                 lambda_lse=lambda_lse, precision=precision)
     return torch_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
                                             norm=norm, lambda_softmax=lambda_softmax, agg=agg,
                                             lambda_lse=lambda_lse, max_tile_bytes=max_tile_bytes or None)
@@ -127,15 +135,15 @@ def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
 
 @xattn_sim_backward_op.register_fake
 def _xattn_sim_backward_fake(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
-                             lambda_lse, max_tile_bytes, backend="torch"):
+                             lambda_lse, max_tile_bytes, backend="torch", precision="ieee"):
     return _torch.empty_like(images), _torch.empty_like(captions)
 
 
 def _setup_context(ctx, inputs, output):
-    images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend, max_tile_bytes = \
-        inputs
+    (images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend, max_tile_bytes,
+     precision) = inputs
     ctx.save_for_backward(images, captions, cap_lens, img_lens)
-    ctx.opts = (direction, norm, lambda_softmax, agg, lambda_lse, max_tile_bytes, backend)
+    ctx.opts = (direction, norm, lambda_softmax, agg, lambda_lse, max_tile_bytes, backend, precision)
 
 
 def _backward(ctx, grad):
@@ -143,7 +151,7 @@ def _backward(ctx, grad):
     grad_images, grad_captions = xattn_sim_backward_op(grad, images, captions, cap_lens, img_lens, *ctx.opts)
     need_img, need_cap = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     return (grad_images if need_img else None, grad_captions if need_cap else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 xattn_sim_op.register_autograd(_backward, setup_context=_setup_context)
