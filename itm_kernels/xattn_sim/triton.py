@@ -175,8 +175,10 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
 # ----------------------------------------------------------------------------------------------------------------
 
 def jit_kernel(name: str, interpret: bool):
-    """The ``@triton.jit`` object of kernel ``name`` ("xattn_sim" or "gram"): interpreted or compiled."""
-    return jit({"xattn_sim": _xattn_sim_kernel, "gram": _gram_kernel}[name], interpret)
+    """The ``@triton.jit`` object of kernel ``name`` ("xattn_sim", "xattn_sim_bwd" or "gram"): interpreted or
+    compiled."""
+    kernels = {"xattn_sim": _xattn_sim_kernel, "gram": _gram_kernel, "xattn_sim_bwd": _xattn_sim_bwd_kernel}
+    return jit(kernels[name], interpret)
 
 
 def kernel_config(dtype: torch.dtype, *, block_c: int, block_q: int, n_qry: int, d: int, norm: str, agg: str,
@@ -472,9 +474,11 @@ def bwd_config(dtype: torch.dtype, *, block_c: int, block_q: int, d: int, norm: 
     constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, OUTER_CTX=outer_ctx, BLOCK_C=block_c, BLOCK_Q=block_q,
                       TINY=float(torch.finfo(acc_dtype(dtype)).tiny), **dtype_constexprs(dtype, d, interpret))
     if dtype != torch.float64 and not interpret:
-        # The second d-loop multiplies float32 tiles: follow the forward's float32 precision choice.
+        # The second d-loop multiplies float32 tiles: follow the forward's float32 precision choice. 32-wide
+        # d-chunks: with 64 the bf16 variants spill (255 registers, 192-256 stack bytes on sm_90, 8 warps).
         constexprs["DOT_PRECISION"] = precision
-    return constexprs, dict(num_warps=4, num_stages=1, enable_fp_fusion=True)
+        constexprs["BLOCK_D"] = 32
+    return constexprs, dict(num_warps=8, num_stages=1, enable_fp_fusion=True)
 
 
 def xattn_sim_backward(grad: torch.Tensor, images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor,
@@ -506,7 +510,7 @@ def xattn_sim_backward(grad: torch.Tensor, images: torch.Tensor, captions: torch
     block_c, block_q = block_rows(ctx.shape[1]), block_rows(qry.shape[1])
     ctx_idx = torch.arange(ctx.shape[0], dtype=torch.int32, device=ctx.device)
     gram = _gram(ctx, ctx_idx, ctx_lens, block_c, interpret)
-    kernel = jit(_xattn_sim_bwd_kernel, interpret)
+    kernel = jit_kernel("xattn_sim_bwd", interpret)
     for outer_ctx, out, n_outer, n_inner in ((True, g_ctx, ctx.shape[0], qry.shape[0]),
                                              (False, g_qry, qry.shape[0], ctx.shape[0])):
         constexprs, options = bwd_config(images.dtype, block_c=block_c, block_q=block_q, d=ctx.shape[2], norm=norm,
