@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # |kernel - float64 truth| <= tol (1 + |truth|), by tested dtype (and float32 tl.dot precision).
-TOLERANCES = {"float64": 1e-10, "float32": 1e-5, "float32/tf32x3": 1e-4, "float32/tf32": 2e-2, "bfloat16": 1e-3,
+# bfloat16 allows one bf16 rounding of the result (2^-7 relative: local_sim/node_match return the input dtype).
+TOLERANCES = {"float64": 1e-10, "float32": 1e-5, "float32/tf32x3": 1e-4, "float32/tf32": 2e-2, "bfloat16": 8e-3,
               "float16": 1e-3}
 # Issue 16's targets on one H100/H200.
 TARGETS = {
@@ -73,6 +74,8 @@ def correctness_cases(quick: bool = False) -> list[dict]:
             for dtype in dtypes:
                 if op != "xattn_sim" and "/" in dtype:
                     continue                  # precision= is xattn_sim's keyword
+                if op != "xattn_sim" and backend == "triton" and dtype == "float64":
+                    continue                  # those Triton kernels take no float64 (their supports() says so)
                 if quick and size == "model" and dtype not in ("float32", "bfloat16"):
                     continue
                 opts = {}

@@ -36,7 +36,9 @@ def test_plan_covers_every_kernel_dtype_and_option():
     cases = gpu_check.correctness_cases()
     for op, backend in gpu_check.OPS_BACKENDS:
         mine = [c for c in cases if (c["op"], c["backend"]) == (op, backend)]
-        assert {c["dtype"].split("/")[0] for c in mine} == {"float32", "bfloat16", "float16", "float64"}
+        expected = {"float32", "bfloat16", "float16"} | ({"float64"} if op == "xattn_sim" or backend == "cuda" else
+                                                          set())
+        assert {c["dtype"].split("/")[0] for c in mine} == expected
         assert {"odd", "model"} <= {c["size"] for c in mine}
     xattn = [c for c in cases if c["op"] == "xattn_sim" and c["backend"] == "triton"]
     assert {c["opts"]["direction"] for c in xattn} == {"t2i", "i2t"}
