@@ -212,7 +212,8 @@ def choose_backend(requested: str, device: torch.device, op: str = "xattn_sim", 
                 if not is_verified(op, name, device_capability(device)):
                     unverified = True
                     continue
-            if not backend_supports(op, name, *inputs):
+            # Only GPU kernels have shape/dtype limits ("cpu" and "torch" take everything validation passes).
+            if name in GPU_BACKENDS and not backend_supports(op, name, *inputs):
                 continue
             if unverified and name not in GPU_BACKENDS:
                 _warn_unverified(op, device_capability(device))
