@@ -1,8 +1,10 @@
 """The "triton" backend of ``xattn_sim``: one fused kernel per (context item, block of query items).
 
-Layout of this file: the kernel (math in its docstring), the launcher that picks block sizes and buckets captions
-by length, then the public :func:`xattn_sim` (called by ``itm_kernels.xattn_sim.run_forward`` with validated
-inputs). The Gram kernel, the mode checks and the length buckets are shared with the other ops
+Layout of this file: the forward kernel (math in its docstring), the launcher that picks block sizes (autotuned on
+a GPU) and buckets captions by length on the device, the public :func:`xattn_sim` (called by
+``itm_kernels.xattn_sim.run_forward`` with validated inputs), then the fused backward kernel and
+:func:`xattn_sim_backward` (the registered backward of a "triton" forward). Neither direction synchronises the
+host. The Gram kernel, the mode checks and the length buckets are shared with the other ops
 (``itm_kernels._common.triton_utils``).
 
 Both directions are the same computation with the roles swapped, so one kernel serves both. It sees a CONTEXT set
