@@ -11,6 +11,7 @@ Runs in its own process: a process that imported triton with ``TRITON_INTERPRET=
     python tools/compile_check_triton.py                     # clipped_l2norm + lse (the README configuration)
     python tools/compile_check_triton.py --all-options       # every norm x agg: 232 kernels, a few minutes
     python tools/compile_check_triton.py --arch 90 --dtype float64
+    python tools/compile_check_triton.py --sample 6 --run 3    # slice 3 of every reachable variant (fwd + bwd)
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _resources(cubin: bytes) -> dict:
 
 
 def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: str = "clipped_l2norm",
-                agg: str = "lse") -> dict:
+                agg: str = "lse", precision: str = "ieee") -> dict:
     """Compile one kernel variant to a cubin for sm_<arch>; returns what was compiled and its resource use."""
     import torch
     import triton
@@ -107,17 +108,29 @@ def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: s
     dtype = getattr(torch, dtype_name)
     elem = "*" + DTYPES[dtype_name]
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
-    fn = tx.jit_kernel("xattn_sim" if kernel == "xattn_sim" else "gram", False)
+    fn = tx.jit_kernel(kernel if kernel in ("xattn_sim", "xattn_sim_bwd") else "gram", False)
     shape = SHAPES[direction]
     ctx_rows, qry_rows = (K, L_MAX) if direction == "t2i" else (L_MAX, K)
     n_ctx, n_qry = (N_IMG, N_BUCKET) if direction == "t2i" else (N_BUCKET, N_IMG)
     if kernel == "xattn_sim":
-        constexprs, options = tx.kernel_config(dtype, n_qry=n_qry, d=D, norm=norm, agg=agg, **shape)
+        constexprs, options = tx.kernel_config(dtype, n_qry=n_qry, d=D, norm=norm, agg=agg, precision=precision,
+                                               **shape)
         types = dict(ctx_ptr=elem, qry_ptr=elem, gram_ptr=acc, out_ptr=acc, ctx_idx_ptr="*i32", qry_idx_ptr="*i32",
-                     ctx_len_ptr="*i64", qry_len_ptr="*i64", lambda_softmax="fp64", lambda_lse="fp64")
+                     ctx_len_ptr="*i64", qry_len_ptr="*i64", ctx_range_ptr="*i32", qry_range_ptr="*i32",
+                     lambda_softmax="fp64", lambda_lse="fp64")
         out_strides = (N_CAP, 1) if direction == "t2i" else (1, N_CAP)
         values = dict(n_ctx=n_ctx, n_qry=n_qry, D=D, stride_cn=ctx_rows * D, stride_cr=D, stride_qn=qry_rows * D,
                       stride_qr=D, stride_oc=out_strides[0], stride_oq=out_strides[1])
+    elif kernel == "xattn_sim_bwd":
+        # The per-context-item launch (OUTER_CTX) at the forward's tile heights (the other launch differs only in
+        # its second d-loop); the backward's tiles are not bucketed: K and L_max rounded up.
+        constexprs, options = tx.bwd_config(dtype, block_c=shape["block_c"], block_q=shape["block_q"], d=D,
+                                            norm=norm, agg=agg, outer_ctx=True, precision=precision)
+        types = dict(ctx_ptr=elem, qry_ptr=elem, gram_ptr=acc, grad_ptr=acc, gout_ptr=acc, ctx_len_ptr="*i64",
+                     qry_len_ptr="*i64", lambda_softmax="fp64", lambda_lse="fp64")
+        grad_strides = (N_CAP, 1) if direction == "t2i" else (1, N_CAP)
+        values = dict(n_inner=n_qry, D=D, stride_cn=ctx_rows * D, stride_cr=D, stride_qn=qry_rows * D, stride_qr=D,
+                      stride_gc=grad_strides[0], stride_gq=grad_strides[1], stride_on=ctx_rows * D, stride_or=D)
     else:
         constexprs, options = tx.gram_config(dtype, block_r=shape["block_c"], d=D)
         types = dict(x_ptr=elem, idx_ptr="*i32", len_ptr="*i64", gram_ptr=acc)
@@ -127,6 +140,7 @@ def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: s
     start = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     info = dict(kernel=kernel, arch=f"sm_{arch}", dtype=dtype_name, direction=direction, norm=norm, agg=agg,
+                precision=precision if dtype_name == "float32" else "-",
                 ptx_bytes=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
                 shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
                 num_stages=compiled.metadata.num_stages, seconds=round(time.perf_counter() - start, 2))
@@ -163,6 +177,29 @@ def compile_check(archs=(80, 90), dtypes=("float32", "bfloat16"), directions=("t
     return results
 
 
+def all_variants(archs=(80, 90)) -> list[tuple]:
+    """Every Triton variant a user can reach: (kernel, arch, dtype, direction, norm, agg, precision), precision only
+    varying for float32 (bf16/fp16/fp64 tiles ignore it)."""
+    from itm_kernels.xattn_sim import reference
+
+    dtypes = [("float32", p) for p in ("ieee", "tf32", "tf32x3")] + [(d, "ieee") for d in ("bfloat16", "float16",
+                                                                                             "float64")]
+    return [(kernel, arch, dtype, direction, norm, agg, precision)
+            for kernel in ("xattn_sim", "xattn_sim_bwd") for arch in archs for dtype, precision in dtypes
+            for direction in ("t2i", "i2t") for norm in reference.NORMS for agg in reference.AGGS]
+
+
+def sampled_variants(count: int, run: int, archs=(80, 90)) -> list[tuple]:
+    """Slice ``run`` of ``count`` variants of a fixed shuffle of :func:`all_variants`: consecutive runs (CI's run
+    number) cover every variant once every ceil(len / count) runs."""
+    import random
+
+    variants = all_variants(archs)
+    random.Random(16).shuffle(variants)
+    start = (run * count) % len(variants)
+    return (variants + variants)[start:start + count]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="SM version, repeatable (default 80 and 90)")
@@ -171,6 +208,11 @@ def main(argv=None) -> int:
     parser.add_argument("--direction", action="append", choices=["t2i", "i2t"], help="default both")
     parser.add_argument("--all-options", action="store_true", help="every norm x agg, not only clipped_l2norm/lse")
     parser.add_argument("--json", action="store_true", help="end with one line: the results as a JSON list")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="compile N variants of every reachable one (kernel x arch x dtype/precision x direction x "
+                             "norm x agg), slice --run of a fixed shuffle, instead of the default set")
+    parser.add_argument("--run", type=int, default=int(os.environ.get("GITHUB_RUN_NUMBER", "0")),
+                        help="which slice --sample takes (default $GITHUB_RUN_NUMBER, else 0)")
     args = parser.parse_args(argv)
     # Compile for real every time: a cache hit would prove only that an earlier run compiled.
     os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")
@@ -181,6 +223,21 @@ def main(argv=None) -> int:
     if not available:
         print(f"FAILED: cannot compile for CUDA targets: {why}", file=sys.stderr)
         return 1
+    if args.sample:
+        results = []
+        for variant in sampled_variants(args.sample, args.run, tuple(args.arch or (80, 90))):
+            kernel, arch, dtype, direction, norm, agg, precision = variant
+            try:
+                info = compile_one(kernel, arch, dtype, direction, norm, agg, precision)
+            except Exception as exc:
+                print(f"FAILED: compiling {variant}: {exc}", file=sys.stderr)
+                return 1
+            print("  ".join(f"{k}={v}" for k, v in info.items()))
+            results.append(info)
+        print(f"OK: {len(results)} kernels compiled (sample run {args.run})")
+        if args.json:
+            print(json.dumps(results))
+        return 0
     try:
         results = compile_check(archs=tuple(args.arch or (80, 90)), dtypes=tuple(args.dtype or ("float32",
                                                                                                   "bfloat16")),

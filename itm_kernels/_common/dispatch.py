@@ -100,16 +100,26 @@ def build_info() -> dict:
     return info
 
 
-# Today's "auto" policy, per op: the backends "auto" may pick, by device type, in preference order among those
-# available there. xattn_sim runs its GPU kernels; the GPU kernels of local_sim and node_match have not run on a GPU
-# yet, so "auto" keeps them on "torch" for CUDA tensors.
-AUTO_CANDIDATES = {
-    "xattn_sim": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
-    "local_sim": {"cuda": ("torch",), "cpu": ("cpu", "torch")},
-    "node_match": {"cuda": ("torch",), "cpu": ("cpu", "torch")},
-}
+# ---------------------------------------------------------------------------------------------------------------
+# The one "auto" rule (every op: xattn_sim, local_sim, node_match)
+# ---------------------------------------------------------------------------------------------------------------
+# Preference order of "auto" by device type. On CUDA tensors a GPU kernel ("cuda", "triton") is a candidate only
+# when VERIFIED_GPU_KERNELS lists it for the device's compute capability; "torch" (chunked, cuBLAS) always is.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+GPU_BACKENDS = ("cuda", "triton")
+
+# GPU kernels that passed ``python tools/gpu_check.py`` on a device class, as written by that tool's
+# ``--record`` output: {"op", "backend", "capability": (major, minor), "torch", "triton", "date", "device"}.
+# An entry enables "auto" for that (op, backend) on GPUs of that compute capability, provided the running
+# triton has the recorded major.minor version (a Triton entry is a statement about one compiler). EMPTY: no GPU has
+# run any kernel of this package yet (see benchmarks/RESULTS.md), so "auto" runs "torch" on every GPU.
+VERIFIED_GPU_KERNELS: tuple[dict, ...] = ()
+
 # The compiled CPU op each op's "cpu" backend needs (an older extension may lack it).
 CPU_OPS = {"xattn_sim": "xattn_sim_fwd", "local_sim": "local_sim_cpu_", "node_match": "node_match_fused_"}
+OPS = tuple(CPU_OPS)
+
+_WARNED: set = set()
 
 
 def has_cpu_op(op: str) -> bool:
@@ -117,16 +127,99 @@ def has_cpu_op(op: str) -> bool:
     return has_cpu_kernels() and hasattr(torch.ops.itm_kernels, CPU_OPS[op])
 
 
-def choose_backend(requested: str, device: torch.device, op: str = "xattn_sim") -> str:
-    """Resolve "auto" to the backend ``op`` runs on ``device`` (``AUTO_CANDIDATES``, the one policy); refuse a
-    named backend this install cannot run there. The Triton interpreter on CPU tensors is for tests, never a
-    default."""
+def _major_minor(version: str | None) -> str | None:
+    return None if version is None else ".".join(version.split("+")[0].split(".")[:2])
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device (a property query: no sync)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def is_verified(op: str, backend: str, capability: tuple[int, int], table=None) -> bool:
+    """Whether ``table`` (default ``VERIFIED_GPU_KERNELS``) lists ``op``'s ``backend`` kernel as verified on
+    GPUs of ``capability``, under this install's triton major.minor for a Triton kernel."""
+    table = VERIFIED_GPU_KERNELS if table is None else table
+    triton_now = _major_minor(build_info_versions()["triton"])
+    for row in table:
+        if (row["op"], row["backend"], tuple(row["capability"])) != (op, backend, tuple(capability)):
+            continue
+        if backend == "triton" and _major_minor(row.get("triton")) != triton_now:
+            continue
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def build_info_versions() -> dict:
+    version = None
+    if triton_importable():
+        import triton
+
+        version = triton.__version__
+    return {"torch": torch.__version__, "triton": version}
+
+
+def backend_supports(op: str, backend: str, *inputs) -> bool:
+    """``itm_kernels.<op>.<backend>.supports(*inputs)`` where that module defines it (shape/dtype limits of a
+    kernel); True for backends without limits. Imported lazily: the Triton modules import triton."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"itm_kernels.{op}.{backend}")
+    except ImportError:
+        return False
+    fn = getattr(module, "supports", None)
+    return True if fn is None or not inputs else bool(fn(*inputs))
+
+
+def _warn_unverified(op: str, capability: tuple[int, int]) -> None:
+    key = (op, capability)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    import warnings
+
+    warnings.warn(
+        f"itm_kernels: no GPU kernel of {op} is verified on compute capability {capability[0]}.{capability[1]}, so "
+        f"backend='auto' runs the chunked 'torch' backend (cuBLAS). To enable the fused kernels here, run "
+        f"`python tools/gpu_check.py` on this GPU and add its --record rows to VERIFIED_GPU_KERNELS in "
+        f"itm_kernels/_common/dispatch.py; or pass backend='triton' / backend='cuda' explicitly.",
+        RuntimeWarning, stacklevel=4)
+
+
+def choose_backend(requested: str, device: torch.device, op: str = "xattn_sim", inputs: tuple = ()) -> str:
+    """Resolve ``backend=`` for ``op`` on ``device``; the ONE rule for every op.
+
+    "auto": the first backend of ``AUTO_ORDER[device.type]`` that is available here, whose kernel exists for
+    ``op`` ("cpu": ``has_cpu_op``), that is verified for this GPU's compute capability (GPU kernels only,
+    ``VERIFIED_GPU_KERNELS``) and whose ``supports(*inputs)`` accepts the inputs; else "torch". When a GPU kernel
+    is skipped only because it is unverified, warns once per (op, capability) how to run the check. The Triton
+    interpreter on CPU tensors is for tests, never a default; "reference" is never automatic.
+    A named backend must be available for the device (else ValueError listing what is).
+    """
     usable = available_backends(device)
     if requested == "auto":
-        allowed = AUTO_CANDIDATES[op].get(device.type, ("torch",))
-        for name in allowed:
-            if name in usable and (name != "cpu" or has_cpu_op(op)):
-                return name
+        unverified = False
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if name not in usable:
+                continue
+            if name == "cpu" and not has_cpu_op(op):
+                continue
+            if name in GPU_BACKENDS:
+                if device.type != "cuda":
+                    continue
+                if not is_verified(op, name, device_capability(device)):
+                    unverified = True
+                    continue
+            # Only GPU kernels have shape/dtype limits ("cpu" and "torch" take everything validation passes).
+            if name in GPU_BACKENDS and not backend_supports(op, name, *inputs):
+                continue
+            if unverified and name not in GPU_BACKENDS:
+                _warn_unverified(op, device_capability(device))
+            return name
+        if unverified:
+            _warn_unverified(op, device_capability(device))
         return "torch"
     if requested not in usable:
         raise ValueError(f"backend {requested!r} is not available for {device.type} tensors in this install; "

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import constants
 from .dtypes import out_dtype
+from .precision import PRECISIONS, resolve_precision  # noqa: F401
 
 # tl.constexpr copies of the ONE Python definition (itm_kernels/_common/constants.py).
 EPS = tl.constexpr(constants.EPS)
@@ -27,8 +28,9 @@ NEG_BIG = tl.constexpr(-1.0e30)
 
 # tl.dot needs every tile dimension >= 16.
 MIN_BLOCK = 16
-# float32 tiles are multiplied in IEEE float32 (FMA, no tensor cores) by every kernel. "tf32" (tensor cores, 10-bit
-# mantissas) cannot hold the 1e-5 agreement with the float64 reference; "tf32x3" should, but no GPU has checked it.
+# float32 tiles are multiplied in IEEE float32 (FMA, no tensor cores) unless the caller asks for tensor cores with
+# precision="tf32" (10-bit mantissas: cannot hold the 1e-5 agreement with the float64 reference) or "tf32x3"
+# (three tf32 products, near-float32 accuracy; no GPU has checked it). bf16/fp16 tiles always run on tensor cores.
 FP32_DOT_PRECISION = "ieee"
 
 
@@ -119,7 +121,7 @@ def gram_config(dtype: torch.dtype, *, block_r: int, d: int, interpret: bool = F
                                                                                   enable_fp_fusion=True)
 
 
-def dtype_constexprs(dtype: torch.dtype, d: int, interpret: bool) -> dict:
+def dtype_constexprs(dtype: torch.dtype, d: int, interpret: bool, precision: str = FP32_DOT_PRECISION) -> dict:
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if interpret:
         # The interpreter multiplies bfloat16 tiles wrongly: widen right after loading. Exact for bf16/fp16 inputs
@@ -127,7 +129,7 @@ def dtype_constexprs(dtype: torch.dtype, d: int, interpret: bool) -> dict:
         # The smallest d-chunk makes small test sizes cover the d-loop and its ragged last chunk.
         return dict(ACC=acc, UPCAST=dtype != acc_dtype(dtype), DOT_PRECISION="ieee", BLOCK_D=MIN_BLOCK)
     block_d = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
-    return dict(ACC=acc, UPCAST=False, DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "ieee",
+    return dict(ACC=acc, UPCAST=False, DOT_PRECISION=precision if dtype == torch.float32 else "ieee",
                 BLOCK_D=block_d)
 
 

@@ -210,6 +210,6 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
                                            compute_dtype=compute_dtype(images.dtype)).to(out_dtype(images.dtype))
         return local_sim_i2t(local_sim, images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                              backend=backend, max_tile_bytes=max_tile_bytes)
-    name = choose_backend(backend, images.device, op="local_sim")
+    name = choose_backend(backend, images.device, op="local_sim", inputs=(images, captions, weight))
     return local_sim_op(images.contiguous(), captions.contiguous(), cap_lens, weight.contiguous(),
                         bias.contiguous(), lambda_softmax, name, max_tile_bytes or 0)

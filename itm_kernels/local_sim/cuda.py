@@ -12,6 +12,11 @@ from .._common import dispatch
 CUDA_MAX_K, CUDA_MAX_L, CUDA_MAX_S = 64, 128, 1024
 
 
+def supports(images: Tensor, captions: Tensor, weight: Tensor) -> bool:
+    """Whether the kernel takes these shapes (K, L_max, s within its limits)."""
+    return images.shape[1] <= CUDA_MAX_K and captions.shape[1] <= CUDA_MAX_L and weight.shape[0] <= CUDA_MAX_S
+
+
 def _check_cuda_backend(images: Tensor, captions: Tensor, weight: Tensor) -> None:
     if images.device.type != "cuda" or not dispatch.has_cuda_kernels() or \
             not hasattr(torch.ops.itm_kernels, "local_sim_cuda"):

@@ -183,6 +183,6 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
             raise ValueError(f"backend 'triton' is not available for {images.device.type} tensors here: it needs "
                              "triton and a CUDA device, or TRITON_INTERPRET=1 (set before triton is first "
                              "imported) for CPU tensors")
-    name = choose_backend(backend, images.device, op="node_match")
+    name = choose_backend(backend, images.device, op="node_match", inputs=(images, captions))
     return node_match_op(images.contiguous(), captions.contiguous(), cap_lens, lambda_softmax, num_blocks, name,
                          max_tile_bytes or 0)

@@ -219,3 +219,8 @@ def node_match_triton(images: torch.Tensor, captions: torch.Tensor, cap_lens: to
             d // num_blocks, num_blocks, images.stride(0), images.stride(1), captions.stride(0), captions.stride(1),
             float(lambda_softmax), **constexprs, **options)
     return region, word
+
+
+def supports(images: torch.Tensor, captions: torch.Tensor) -> bool:
+    """Whether this backend takes these inputs: float16/bfloat16/float32 (float64 runs on "torch")."""
+    return images.dtype != torch.float64

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
+from .._common.precision import resolve_precision
 from .._common.validation import check_xattn_args
 from . import reference
 from . import torch as torch_backend
@@ -25,7 +26,8 @@ __all__ = ["xattn_sim", "xattn_sim_op", "xattn_sim_backward_op", "run_forward"]
 
 def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, direction: str = "t2i",
               norm: str = "clipped_l2norm", lambda_softmax: float = 9.0, agg: str = "lse", lambda_lse: float = 6.0,
-              backend: str = "auto", max_tile_bytes: int | None = None, attention: str = "soft") -> Tensor:
+              backend: str = "auto", max_tile_bytes: int | None = None, attention: str = "soft",
+              precision: str | None = None) -> Tensor:
     """All-pairs SCAN cross-attention similarity between every image and every caption.
 
     Args:
@@ -40,7 +42,8 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         lambda_softmax: attention temperature lambda1 (>= 0). lambda_lse: LogSumExp temperature lambda2 (> 0
             when agg="lse").
         agg: aggregation of the per-query cosines: "lse", "mean", "max" or "sum".
-        backend: "auto" (fastest available: cuda > triton on GPU; cpu > torch on CPU), "cpu", "triton",
+        backend: "auto" (``itm_kernels._common.dispatch.choose_backend``: on GPU cuda > triton > torch, a GPU
+            kernel only once verified for the device's compute capability; cpu > torch on CPU), "cpu", "triton",
             "cuda", "torch" or "reference".
         max_tile_bytes: cap on the scratch of one tile (default: the backend's own, tens of MiB).
         attention: "soft" (SCAN's attention, the default) or "hard": each query item's best context item by
@@ -48,6 +51,9 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
             tiled GEMM + masked-max implementation on every backend (``itm_kernels.xattn_sim.hard``; reference:
             ``reference.hard_all_pairs``), differentiable through per-tile recomputation; it is not a registered
             ``custom_op`` (no ``opcheck`` / ``fullgraph`` compile guarantee yet).
+        precision: float32 products of the "triton" backend: "ieee" (exact float32, the goldens' setting), "tf32"
+            or "tf32x3" (tensor cores); None follows ``torch.backends.cuda.matmul.allow_tf32`` ("ieee" unless it
+            is on). Other backends and dtypes ignore it (bf16/fp16 tiles always use tensor cores on "triton").
 
     Returns:
         (N_img, N_cap) similarities; float64 for float64 inputs, float32 otherwise (bfloat16/float16 inputs are
@@ -55,8 +61,9 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         exactly as the official ``xattn_score_t2i``/``xattn_score_i2t`` compute it, every eps included.
 
     Autograd: differentiable w.r.t. ``images`` and ``captions`` on every backend. The backward recomputes the
-    forward tile by tile (``itm_kernels.xattn_sim.torch.xattn_sim_backward``): it saves only the inputs, never the
-    attention.
+    forward tile by tile and saves only the inputs, never the attention: after a "triton" forward the fused Triton
+    backward (``itm_kernels.xattn_sim.triton.xattn_sim_backward``), otherwise the tiled PyTorch one
+    (``itm_kernels.xattn_sim.torch.xattn_sim_backward``).
 
     Memory: the output plus a per-tile scratch bounded by ``max_tile_bytes`` (per thread on the CPU backend);
     nothing of size N_img x N_cap x K x L or N_img x N_cap x L x d is ever allocated ("reference" excepted: it is
@@ -69,7 +76,8 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     if attention not in ("soft", "hard"):
         raise ValueError(f"attention must be one of ('soft', 'hard'), got {attention!r}")
-    name = choose_backend(backend, images.device)
+    precision = resolve_precision(precision)
+    name = choose_backend(backend, images.device, op="xattn_sim", inputs=(images, captions))
     if attention == "hard":
         if name == "reference":
             return reference.xattn_sim(images, captions, cap_lens, img_lens=img_lens, direction=direction, agg=agg,
@@ -79,14 +87,15 @@ def xattn_sim(images: Tensor, captions: Tensor, cap_lens, *, img_lens=None, dire
         return xattn_sim_hard(images, captions, cap_lens, img_lens, direction=direction, agg=agg,
                               lambda_lse=lambda_lse, max_tile_bytes=max_tile_bytes)
     return xattn_sim_op(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
-                        name, max_tile_bytes or 0)
+                        name, max_tile_bytes or 0, precision)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------------------------
 
-def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, max_tile_bytes):
+def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, max_tile_bytes,
+                precision: str = "ieee"):
     """Run one backend's forward on validated inputs (no autograd)."""
     if backend == "reference":
         return reference.xattn_sim(images, captions, cap_lens, img_lens=img_lens,
@@ -98,7 +107,7 @@ def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, 
         return cpu_backend.xattn_sim(images, captions, cap_lens, img_lens, max_tile_bytes=max_tile_bytes, **opts)
     if backend == "triton":
         from . import triton as triton_backend
-        return triton_backend.xattn_sim(images, captions, cap_lens, img_lens, **opts)
+        return triton_backend.xattn_sim(images, captions, cap_lens, img_lens, precision=precision, **opts)
     if backend == "cuda":
         from . import cuda as cuda_backend
         return cuda_backend.xattn_sim(images, captions, cap_lens, img_lens, **opts)
@@ -107,24 +116,34 @@ def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, 
 
 @_torch.library.custom_op("itm_kernels::xattn_sim", mutates_args=())
 def xattn_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor, direction: str, norm: str,
-                 lambda_softmax: float, agg: str, lambda_lse: float, backend: str, max_tile_bytes: int) -> Tensor:
+                 lambda_softmax: float, agg: str, lambda_lse: float, backend: str, max_tile_bytes: int,
+                 precision: str = "ieee") -> Tensor:
     """Registered forward: (N_img, K, d), (N_cap, L_max, d), (N_cap,), (N_img,) -> (N_img, N_cap)."""
     opts = dict(direction=direction, norm=norm, lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse)
-    out = run_forward(backend, images, captions, cap_lens, img_lens, opts, max_tile_bytes or None)
+    out = run_forward(backend, images, captions, cap_lens, img_lens, opts, max_tile_bytes or None, precision)
     return out.to(out_dtype(images.dtype)).contiguous()
 
 
 @xattn_sim_op.register_fake
 def _xattn_sim_fake(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend,
-                    max_tile_bytes):
+                    max_tile_bytes, precision="ieee"):
     return images.new_empty((images.shape[0], captions.shape[0]), dtype=out_dtype(images.dtype))
 
 
 @_torch.library.custom_op("itm_kernels::xattn_sim_backward", mutates_args=())
 def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor,
                           direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float,
-                          max_tile_bytes: int) -> tuple[Tensor, Tensor]:
-    """Registered backward: grad (N_img, N_cap) -> (grad_images (N_img, K, d), grad_captions (N_cap, L_max, d))."""
+                          max_tile_bytes: int, backend: str = "torch", precision: str = "ieee"
+                          ) -> tuple[Tensor, Tensor]:
+    """Registered backward: grad (N_img, N_cap) -> (grad_images (N_img, K, d), grad_captions (N_cap, L_max, d)).
+
+    ``backend``: the forward's; "triton" runs the fused Triton backward (``triton.xattn_sim_backward``), every
+    other backend the tiled PyTorch one."""
+    if backend == "triton":
+        from . import triton as triton_backend
+        return triton_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
+                                                 norm=norm, lambda_softmax=lambda_softmax, agg=agg,
+                                                 lambda_lse=lambda_lse, precision=precision)
     return torch_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
                                             norm=norm, lambda_softmax=lambda_softmax, agg=agg,
                                             lambda_lse=lambda_lse, max_tile_bytes=max_tile_bytes or None)
@@ -132,14 +151,15 @@ def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
 
 @xattn_sim_backward_op.register_fake
 def _xattn_sim_backward_fake(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
-                             lambda_lse, max_tile_bytes):
+                             lambda_lse, max_tile_bytes, backend="torch", precision="ieee"):
     return _torch.empty_like(images), _torch.empty_like(captions)
 
 
 def _setup_context(ctx, inputs, output):
-    images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, _, max_tile_bytes = inputs
+    (images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend, max_tile_bytes,
+     precision) = inputs
     ctx.save_for_backward(images, captions, cap_lens, img_lens)
-    ctx.opts = (direction, norm, lambda_softmax, agg, lambda_lse, max_tile_bytes)
+    ctx.opts = (direction, norm, lambda_softmax, agg, lambda_lse, max_tile_bytes, backend, precision)
 
 
 def _backward(ctx, grad):
@@ -147,7 +167,7 @@ def _backward(ctx, grad):
     grad_images, grad_captions = xattn_sim_backward_op(grad, images, captions, cap_lens, img_lens, *ctx.opts)
     need_img, need_cap = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     return (grad_images if need_img else None, grad_captions if need_cap else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 xattn_sim_op.register_autograd(_backward, setup_context=_setup_context)

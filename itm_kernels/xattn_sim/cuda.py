@@ -3,7 +3,12 @@
 One thread block per (image, block of captions) computes the region x word score tile in shared memory with float
 accumulation (double for float64 inputs) and runs the whole SCAN epilogue there, using the Gram identity
 |a|^2 = alpha^T G alpha with a per-image (t2i) or per-caption (i2t) Gram matrix made by a prologue kernel. Limits:
-K <= 64 regions, L_max <= 128 words; the op refuses larger inputs with a message naming the limit.
+K <= 64 regions, L_max <= 128 words; the op refuses larger inputs with a message naming the limit (and
+``backend="auto"`` consults :func:`supports` and falls back).
+
+Products: scalar FMA on register tiles (no tensor cores). It is kept as the exact path (float64, and float32 with
+IEEE products); moving its score product onto mma/WMMA tiles is undecided until ``tools/gpu_check.py`` has timed it
+against the Triton tensor-core kernel on a GPU (no GPU has run it yet); the Triton kernel is the fast path.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The "triton" backend of ``xattn_sim``: one fused kernel per (context item, block of query items).
 
-Layout of this file: the kernel (math in its docstring), the launcher that picks block sizes and buckets captions
-by length, then the public :func:`xattn_sim` (called by ``itm_kernels.xattn_sim.run_forward`` with validated
-inputs). The Gram kernel, the mode checks and the length buckets are shared with the other ops
+Layout of this file: the forward kernel (math in its docstring), the launcher that picks block sizes (autotuned on
+a GPU) and buckets captions by length on the device, the public :func:`xattn_sim` (called by
+``itm_kernels.xattn_sim.run_forward`` with validated inputs), then the fused backward kernel and
+:func:`xattn_sim_backward` (the registered backward of a "triton" forward). Neither direction synchronises the
+host. The Gram kernel, the mode checks and the length buckets are shared with the other ops
 (``itm_kernels._common.triton_utils``).
 
 Both directions are the same computation with the roles swapped, so one kernel serves both. It sees a CONTEXT set
@@ -13,6 +15,8 @@ Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then 
 module fixes nothing; they call no other ``@triton.jit`` function of ours, which would be wrapped at import (see
 ``itm_kernels._common.triton_utils`` for the mode rules).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,17 +47,21 @@ _NORM_KINDS = {
 }
 
 
-def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr, out_ptr,
-                      n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_oc, stride_oq,
+def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
+                      qry_range_ptr, out_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_oc, stride_oq,
                       lambda_softmax: tl.float64, lambda_lse: tl.float64,
                       NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
     """SCAN scores of one context item against QB query items: QB entries of ``out``.
 
     Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
-    item n = ctx_idx[p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[b QB + j], j < QB, with
-    L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
+    item n = ctx_idx[c0 + p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[q0 + b QB + j],
+    j < QB, with L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
+    (c0, count) = ctx_range[0:2] and (q0, count) = qry_range[0:2] live on the device (a length bucket, found by a
+    device searchsorted): the grid covers the upper bounds n_ctx x n_qry and programs past the counts return at
+    once, so the host never reads a length. G_n is the (BLOCK_G, BLOCK_G) tile gram[n], BLOCK_G >= BLOCK_C.
 
         s[k, (j, t)] = x_k . y_t                     (tl.dot over d-chunks, ACC accumulator)
         z = LeakyReLU_0.1(s) if CLIP else s
@@ -77,15 +85,21 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_
     slot = first + (pid % per_group) % group_rows
     qb = (pid % per_group) // group_rows
 
-    ctx_item = tl.load(ctx_idx_ptr + slot).to(tl.int64)
+    ctx_start = tl.load(ctx_range_ptr)
+    ctx_count = tl.load(ctx_range_ptr + 1)
+    qry_start = tl.load(qry_range_ptr)
+    qry_count = tl.load(qry_range_ptr + 1)
+    if (slot >= ctx_count) | (qb * QB >= qry_count):
+        return
+    ctx_item = tl.load(ctx_idx_ptr + ctx_start + slot).to(tl.int64)
     ctx_len = tl.load(ctx_len_ptr + ctx_item)
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < ctx_len
     offs_n = tl.arange(0, NQ)
     q_slot = qb * QB + offs_n // BLOCK_Q
     q_row = offs_n % BLOCK_Q
-    q_in = q_slot < n_qry
-    q_item = tl.load(qry_idx_ptr + q_slot, mask=q_in, other=0).to(tl.int64)
+    q_in = q_slot < qry_count
+    q_item = tl.load(qry_idx_ptr + qry_start + q_slot, mask=q_in, other=0).to(tl.int64)
     q_len = tl.load(qry_len_ptr + q_item, mask=q_in, other=0)
     q_valid = q_in & (q_row < q_len)
     c_ptrs = ctx_ptr + ctx_item * stride_cn + offs_c.to(tl.int64) * stride_cr
@@ -130,7 +144,7 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_
     alpha = p / tl.sum(p, axis=0, keep_dims=True)
     num = tl.reshape(tl.sum(alpha * s3, axis=0), (NQ,))
     alpha2 = tl.reshape(alpha, (BLOCK_C, NQ))
-    g = tl.load(gram_ptr + slot.to(tl.int64) * (BLOCK_C * BLOCK_C) + offs_c[:, None] * BLOCK_C + offs_c[None, :])
+    g = tl.load(gram_ptr + ctx_item * (BLOCK_G * BLOCK_G) + offs_c[:, None] * BLOCK_G + offs_c[None, :])
     g_alpha = tl.dot(g, alpha2, input_precision=DOT_PRECISION)
     a_norm = tl.sqrt(tl.maximum(tl.sum(alpha2 * g_alpha, axis=0), 0.0))
     r = num / tl.maximum(tl.sqrt(q_sq) * a_norm, EPS)
@@ -153,8 +167,8 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_
         val = tl.sum(tl.where(qv2, r2, 0.0), axis=1)
 
     offs_j = qb * QB + tl.arange(0, QB)
-    j_in = offs_j < n_qry
-    out_items = tl.load(qry_idx_ptr + offs_j, mask=j_in, other=0).to(tl.int64)
+    j_in = offs_j < qry_count
+    out_items = tl.load(qry_idx_ptr + qry_start + offs_j, mask=j_in, other=0).to(tl.int64)
     tl.store(out_ptr + ctx_item * stride_oc + out_items * stride_oq, val, mask=j_in)
 
 
@@ -163,33 +177,86 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_
 # ----------------------------------------------------------------------------------------------------------------
 
 def jit_kernel(name: str, interpret: bool):
-    """The ``@triton.jit`` object of kernel ``name`` ("xattn_sim" or "gram"): interpreted or compiled."""
-    return jit({"xattn_sim": _xattn_sim_kernel, "gram": _gram_kernel}[name], interpret)
+    """The ``@triton.jit`` object of kernel ``name`` ("xattn_sim", "xattn_sim_bwd" or "gram"): interpreted or
+    compiled."""
+    kernels = {"xattn_sim": _xattn_sim_kernel, "gram": _gram_kernel, "xattn_sim_bwd": _xattn_sim_bwd_kernel}
+    return jit(kernels[name], interpret)
 
 
 def kernel_config(dtype: torch.dtype, *, block_c: int, block_q: int, n_qry: int, d: int, norm: str, agg: str,
-                  interpret: bool = False) -> tuple[dict, dict]:
+                  interpret: bool = False, precision: str = FP32_DOT_PRECISION, block_g: int | None = None
+                  ) -> tuple[dict, dict]:
     """Constexpr values and launch options (num_warps, num_stages) of ``_xattn_sim_kernel`` for one launch.
 
-    Shared with ``tools/compile_check_triton.py`` so that CI compiles exactly what the launcher runs.
+    Shared with ``tools/compile_check_triton.py`` so that CI compiles exactly what the launcher runs. This is the
+    untuned configuration (the interpreter's, float64's, and the base the autotuner varies: ``AUTOTUNE_CONFIGS``).
     """
     norm_kind, clip = _NORM_KINDS[norm]
     qb = max(1, min(TARGET_QUERY_ROWS // block_q, triton.next_power_of_2(max(n_qry, 1))))
     constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, GROUP=GROUP_CTX, BLOCK_C=block_c, BLOCK_Q=block_q, QB=qb,
-                      **dtype_constexprs(dtype, d, interpret))
+                      BLOCK_G=block_g or block_c, **dtype_constexprs(dtype, d, interpret, precision))
     return constexprs, dict(num_warps=NUM_WARPS, num_stages=2, enable_fp_fusion=True)
 
 
-def _launch(out, ctx, ctx_idx, ctx_lens, gram, qry, qry_idx, qry_lens, stride_oc, stride_oq, *, block_c, block_q,
-            norm, agg, lambda_softmax, lambda_lse, interpret):
+# Tile configurations the compiled launcher autotunes over (per dtype class), keyed on d and the tile heights
+# (BLOCK_C, BLOCK_Q: the K and caption-length buckets, e.g. K = 36/50 -> 64, K = 100 -> 128) and the options.
+# Only the d-chunk, warps and stages vary: the query stacking QB fixes the grid, so it stays the launcher's.
+# Not run on a GPU yet: tools/gpu_check.py times them; the interpreter and float64 use kernel_config as is.
+AUTOTUNE_BLOCK_D = {"fp32": (16, 32, 64), "lowp": (32, 64, 128)}
+AUTOTUNE_CONFIGS = {kind: [dict(BLOCK_D=bd, num_warps=w, num_stages=st) for bd in block_ds for w in (4, 8)
+                           for st in (2, 3)] for kind, block_ds in AUTOTUNE_BLOCK_D.items()}
+AUTOTUNE_KEY = ["D", "BLOCK_C", "BLOCK_Q", "QB", "NORM", "CLIP", "AGG", "DOT_PRECISION"]
+
+
+def _autotune_kind(dtype: torch.dtype) -> str | None:
+    return {torch.float32: "fp32", torch.bfloat16: "lowp", torch.float16: "lowp"}.get(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned_kernel(kind: str):
+    """The compiled ``_xattn_sim_kernel`` under ``triton.autotune`` over ``AUTOTUNE_CONFIGS[kind]`` (the kernel only
+    stores its outputs, so the autotuner's repeated launches are harmless)."""
+    configs = [triton.Config({"BLOCK_D": c["BLOCK_D"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
+               for c in AUTOTUNE_CONFIGS[kind]]
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY)(jit(_xattn_sim_kernel, False))
+
+
+def _launch(out, ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, stride_oc, stride_oq, *,
+            block_c, block_q, norm, agg, lambda_softmax, lambda_lse, interpret, precision=FP32_DOT_PRECISION,
+            autotune=True):
     n_ctx, n_qry = ctx_idx.numel(), qry_idx.numel()
     constexprs, options = kernel_config(ctx.dtype, block_c=block_c, block_q=block_q, n_qry=n_qry, d=ctx.shape[2],
-                                        norm=norm, agg=agg, interpret=interpret)
+                                        norm=norm, agg=agg, interpret=interpret, precision=precision,
+                                        block_g=gram.shape[1])
     grid = (n_ctx * triton.cdiv(n_qry, constexprs["QB"]),)
-    jit_kernel("xattn_sim", interpret)[grid](
-        ctx, ctx_idx, ctx_lens, gram, qry, qry_idx, qry_lens, out, n_ctx, n_qry, ctx.shape[2],
+    kind = _autotune_kind(ctx.dtype)
+    if autotune and not interpret and kind is not None:
+        kernel = autotuned_kernel(kind)
+        constexprs.pop("BLOCK_D")
+        options = dict(enable_fp_fusion=True)
+    else:
+        kernel = jit_kernel("xattn_sim", interpret)
+    kernel[grid](
+        ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, out, n_ctx, n_qry, ctx.shape[2],
         ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_oc, stride_oq,
         float(lambda_softmax), float(lambda_lse), **constexprs, **options)
+
+
+def device_length_buckets(lengths: torch.Tensor, max_len: int):
+    """Sync-free length buckets: (order, ranges, blocks) with ``order`` (int32) the items sorted by length,
+    ``blocks`` the host-known tile heights 16, 32, ..., block_rows(max_len) (from the shape, not the lengths) and
+    ``ranges[b]`` = (start, count) in ``order`` of the items whose block_rows(length) is blocks[b], on the device."""
+    blocks = []
+    while not blocks or blocks[-1] < block_rows(max_len):
+        blocks.append(MIN_BLOCK * 2 ** len(blocks))
+    order = torch.argsort(lengths, stable=True)
+    sorted_lens = lengths[order]
+    bounds = MIN_BLOCK * torch.pow(torch.full((len(blocks),), 2, dtype=torch.long, device=lengths.device),
+                                   torch.arange(len(blocks), device=lengths.device))
+    ends = torch.searchsorted(sorted_lens, bounds.to(sorted_lens.dtype), right=True)
+    starts = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])
+    ranges = torch.stack([starts, ends - starts], dim=1).to(torch.int32)
+    return order.to(torch.int32), ranges, blocks
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,7 +264,8 @@ def _launch(out, ctx, ctx_idx, ctx_lens, gram, qry, qry_idx, qry_lens, stride_oc
 # ----------------------------------------------------------------------------------------------------------------
 
 def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor, img_lens: torch.Tensor, *,
-              direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float) -> torch.Tensor:
+              direction: str, norm: str, lambda_softmax: float, agg: str, lambda_lse: float,
+              precision: str = FP32_DOT_PRECISION) -> torch.Tensor:
     """All-pairs SCAN similarity with the Triton kernels; inputs already validated by ``itm_kernels.xattn_sim``.
 
     Args:
@@ -206,13 +274,16 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tens
         direction, norm, lambda_softmax, agg, lambda_lse: as ``itm_kernels.xattn_sim``.
     Returns:
         (N_img, N_cap) float32 (float64 for float64 inputs). Low-precision inputs are multiplied exactly and
-        accumulated in float32; float32 tiles use IEEE float32 products (``FP32_DOT_PRECISION``), float64 tiles
-        float64 ones.
+        accumulated in float32 (tensor-core tl.dot on a GPU); float32 tiles use ``precision`` ("ieee": IEEE
+        float32 FMA, the default and the one the goldens check; "tf32"/"tf32x3": tensor cores), float64 tiles
+        float64 ones. The interpreter always multiplies exactly.
 
     Captions are sorted by length and launched in power-of-two length buckets, so a short caption is padded to its
     bucket's height, not to L_max; short captions share a program (up to ``TARGET_QUERY_ROWS`` stacked words).
-    Memory: the output, the context Gram tiles (t2i: N_img x BLOCK_K^2; i2t: per bucket, N_bucket x BLOCK_L^2, in
-    float32/float64) and the index tensors. Needs a CUDA device, or CPU tensors with ``TRITON_INTERPRET=1``.
+    The buckets are found on the device (``device_length_buckets``): no host sync, CUDA-graph capturable once the
+    autotuner has run for these shapes (its first launch per key benchmarks, which synchronises).
+    Memory: the output, the context Gram tiles (t2i: N_img x BLOCK_K^2; i2t: N_cap x BLOCK_L^2 with BLOCK_L =
+    round_pow2(L_max), in float32/float64) and the index tensors. Needs a CUDA device, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
     interpret = interpreted()
     _check_mode(interpret)
@@ -220,19 +291,234 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tens
     out = torch.empty(n_img, n_cap, dtype=acc_dtype(images.dtype), device=images.device)
     if n_img == 0 or n_cap == 0:
         return out
-    opts = dict(norm=norm, agg=agg, lambda_softmax=lambda_softmax, lambda_lse=lambda_lse, interpret=interpret)
+    opts = dict(norm=norm, agg=agg, lambda_softmax=lambda_softmax, lambda_lse=lambda_lse, interpret=interpret,
+                precision=precision)
     img_idx = torch.arange(n_img, dtype=torch.int32, device=images.device)
+    all_images = torch.stack([torch.zeros((), dtype=torch.int32, device=images.device),
+                     torch.full((), n_img, dtype=torch.int32, device=images.device)])
     block_k = block_rows(images.shape[1])
+    cap_order, cap_ranges, blocks = device_length_buckets(cap_lens, captions.shape[1])
     if direction == "t2i":
         gram = _gram(images, img_idx, img_lens, block_k, interpret)
-        for cap_idx, block_l in _length_buckets(cap_lens):
-            _launch(out, images, img_idx, img_lens, gram, captions, cap_idx, cap_lens, out.stride(0), out.stride(1),
-                    block_c=block_k, block_q=block_l, **opts)
+        for b, block_l in enumerate(blocks):
+            _launch(out, images, img_idx, img_lens, all_images, gram, captions, cap_order, cap_lens, cap_ranges[b],
+                    out.stride(0), out.stride(1), block_c=block_k, block_q=block_l, **opts)
     elif direction == "i2t":
-        for cap_idx, block_l in _length_buckets(cap_lens):
-            gram = _gram(captions, cap_idx, cap_lens, block_l, interpret)
-            _launch(out, captions, cap_idx, cap_lens, gram, images, img_idx, img_lens, out.stride(1), out.stride(0),
-                    block_c=block_l, block_q=block_k, **opts)
+        all_caps = torch.arange(n_cap, dtype=torch.int32, device=captions.device)
+        gram = _gram(captions, all_caps, cap_lens, blocks[-1], interpret)
+        for b, block_l in enumerate(blocks):
+            _launch(out, captions, cap_order, cap_lens, cap_ranges[b], gram, images, img_idx, img_lens, all_images,
+                    out.stride(1), out.stride(0), block_c=block_l, block_q=block_k, **opts)
     else:
         raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused backward (FlashAttention-style: recompute each tile, never store the attention)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _xattn_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_len_ptr, grad_ptr, gout_ptr,
+                          n_inner, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_gc, stride_gq,
+                          stride_on, stride_or, lambda_softmax: tl.float64, lambda_lse: tl.float64,
+                          NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
+                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TINY: tl.constexpr,
+                          OUTER_CTX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Gradient of sum_{n,m} grad[n, m] out[n, m] w.r.t. ONE item's rows (deterministic: no atomics).
+
+    OUTER_CTX: program n = a context item, looping over all query items m, accumulates dX_n (C_n x d) into
+    gout[n]; else program m = a query item, looping over the context items n, accumulates dY_m into gout[m].
+    For each pair the tile is recomputed as the forward kernel does (s = X Y^T, norm, alpha, num, a_sq = alpha^T G
+    alpha, r, aggregation weights w) and back-propagated in registers:
+
+        g_r = grad[n, m] w;  g_num = g_r / max(den, eps);  g_den = [den >= eps] (-g_r num / max(den, eps)^2)
+        g_qn = g_den |a|;    g_asq = [a_sq >= tiny] g_den |y| / (2 |a|)
+        g_alpha = g_num s + 2 g_asq (G alpha);  g_logit = alpha (g_alpha - sum_k alpha g_alpha)
+        g_s = g_num alpha + clip'(s) NORM'(lambda_softmax g_logit)      (NORM' along the query axis, masked)
+        dX_n += g_s Y + 2 ((alpha g_asq) alpha^T) X        dY_m += g_s^T X + (g_qn / |y|) y
+
+    The second d-loop multiplies g_s (ACC) by the re-loaded rows, widened to ACC. Memory: the gradient outputs
+    and the Gram tiles; nothing of size N_ctx x N_qry is formed. Padding rows are never read and get 0.
+    """
+    outer = tl.program_id(0).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_q = tl.arange(0, BLOCK_Q)
+    if OUTER_CTX:
+        n_rows = tl.load(ctx_len_ptr + outer)
+    else:
+        n_rows = tl.load(qry_len_ptr + outer)
+    for inner in range(0, n_inner):
+        inner64 = tl.full((), inner, tl.int64)
+        if OUTER_CTX:
+            c_item = outer
+            q_item = inner64
+        else:
+            c_item = inner64
+            q_item = outer
+        c_len = tl.load(ctx_len_ptr + c_item)
+        q_len = tl.load(qry_len_ptr + q_item)
+        c_valid = offs_c < c_len
+        q_valid = offs_q < q_len
+        c_ptrs = ctx_ptr + c_item * stride_cn + offs_c.to(tl.int64) * stride_cr
+        q_ptrs = qry_ptr + q_item * stride_qn + offs_q.to(tl.int64) * stride_qr
+
+        s = tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC)
+        q_sq = tl.zeros((BLOCK_Q,), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+            y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(ACC)
+                y = y.to(ACC)
+            s = tl.dot(x, tl.trans(y), s, input_precision=DOT_PRECISION)
+            y_acc = y.to(ACC)
+            q_sq += tl.sum(y_acc * y_acc, axis=1)
+
+        qv = q_valid[None, :]
+        cv = c_valid[:, None]
+        x0 = s
+        if CLIP:
+            x0 = tl.where(x0 > 0, x0, LEAKY_SLOPE * x0)
+        x0 = tl.where(qv, x0, 0.0)
+        if NORM == "softmax":
+            e = tl.exp(tl.where(qv, x0, NEG_BIG) - tl.max(tl.where(qv, x0, NEG_BIG), axis=1, keep_dims=True))
+            e = tl.where(qv, e, 0.0)
+            nz = e / tl.sum(e, axis=1, keep_dims=True)
+        elif NORM == "l2":
+            rr = tl.sqrt(tl.sum(x0 * x0, axis=1, keep_dims=True))
+            nz = x0 / (rr + EPS)
+        elif NORM == "l1":
+            nz = x0 / (tl.sum(tl.abs(x0), axis=1, keep_dims=True) + EPS)
+        else:
+            nz = x0
+        logits = tl.where(cv, tl.full((), lambda_softmax, ACC) * nz, NEG_BIG)
+        p = tl.where(cv, tl.exp(logits - tl.max(logits, axis=0, keep_dims=True)), 0.0)
+        alpha = p / tl.sum(p, axis=0, keep_dims=True)
+        num = tl.sum(alpha * s, axis=0)
+        g = tl.load(gram_ptr + c_item * (BLOCK_C * BLOCK_C) + offs_c[:, None] * BLOCK_C + offs_c[None, :])
+        g_alpha_prod = tl.dot(g, alpha, input_precision=DOT_PRECISION)
+        a_sq = tl.sum(alpha * g_alpha_prod, axis=0)
+        a_norm = tl.sqrt(tl.maximum(a_sq, TINY))
+        qn = tl.sqrt(q_sq)
+        den = qn * a_norm
+        den_c = tl.maximum(den, EPS)
+        r = num / den_c
+
+        # Aggregation weights over the valid query rows.
+        if AGG == "lse":
+            lr = tl.where(q_valid, tl.full((), lambda_lse, ACC) * r, NEG_BIG)
+            w = tl.where(q_valid, tl.exp(lr - tl.max(lr, axis=0)), 0.0)
+            w = w / tl.sum(w, axis=0)
+        elif AGG == "mean":
+            w = q_valid.to(ACC) / tl.sum(q_valid.to(ACC), axis=0)
+        elif AGG == "max":
+            top = tl.max(tl.where(q_valid, r, NEG_BIG), axis=0)
+            hit = (q_valid & (r == top)).to(ACC)
+            w = hit / tl.sum(hit, axis=0)
+        else:
+            w = q_valid.to(ACC)
+        g_out = tl.load(grad_ptr + c_item * stride_gc + q_item * stride_gq).to(ACC)
+        g_r = g_out * w
+        g_num = g_r / den_c
+        g_den = tl.where(den >= EPS, -g_r * num / (den_c * den_c), 0.0)
+        g_qn = g_den * a_norm
+        g_asq = tl.where(a_sq >= TINY, g_den * qn / (2.0 * a_norm), 0.0)
+        g_alpha = g_num[None, :] * s + 2.0 * g_asq[None, :] * g_alpha_prod
+        g_logit = alpha * (g_alpha - tl.sum(alpha * g_alpha, axis=0, keep_dims=True))
+        g_n = tl.full((), lambda_softmax, ACC) * g_logit
+        if NORM == "softmax":
+            g_x = nz * (g_n - tl.sum(nz * g_n, axis=1, keep_dims=True))
+        elif NORM == "l2":
+            f = 1.0 / (rr + EPS)
+            rr_safe = tl.where(rr > 0, rr, 1.0)
+            g_x = f * g_n - f * f * tl.sum(g_n * x0, axis=1, keep_dims=True) * x0 / rr_safe
+        elif NORM == "l1":
+            f = 1.0 / (tl.sum(tl.abs(x0), axis=1, keep_dims=True) + EPS)
+            sign = tl.where(x0 > 0, 1.0, tl.where(x0 < 0, -1.0, 0.0))
+            g_x = f * g_n - f * f * tl.sum(g_n * x0, axis=1, keep_dims=True) * sign
+        else:
+            g_x = g_n
+        g_x = tl.where(qv, g_x, 0.0)
+        if CLIP:
+            g_x = tl.where(s > 0, g_x, LEAKY_SLOPE * g_x)   # a where of two scalars would round 0.1 to float32
+        g_s = tl.where(cv & qv, g_num[None, :] * alpha + g_x, 0.0).to(ACC)
+
+        if OUTER_CTX:
+            m2 = tl.dot(alpha * (2.0 * g_asq)[None, :], tl.trans(alpha), input_precision=DOT_PRECISION).to(ACC)
+        else:
+            q_coef = tl.where(q_valid & (qn > 0), g_qn / tl.where(qn > 0, qn, 1.0), 0.0)
+        offs_r = tl.arange(0, BLOCK_C) if OUTER_CTX else tl.arange(0, BLOCK_Q)
+        o_ptrs = gout_ptr + outer * stride_on + offs_r.to(tl.int64) * stride_or
+        r_valid = offs_r < n_rows
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+            y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+            x = x.to(ACC)
+            y = y.to(ACC)
+            if OUTER_CTX:
+                upd = tl.dot(g_s, y, input_precision=DOT_PRECISION) + tl.dot(m2, x, input_precision=DOT_PRECISION)
+            else:
+                upd = tl.dot(tl.trans(g_s), x, input_precision=DOT_PRECISION) + q_coef[:, None] * y
+            o_mask = r_valid[:, None] & d_in[None, :]
+            acc = tl.load(o_ptrs[:, None] + offs_d[None, :], mask=o_mask, other=0.0)
+            tl.store(o_ptrs[:, None] + offs_d[None, :], acc + upd, mask=o_mask)
+
+
+def bwd_config(dtype: torch.dtype, *, block_c: int, block_q: int, d: int, norm: str, agg: str, outer_ctx: bool,
+               precision: str = "ieee", interpret: bool = False) -> tuple[dict, dict]:
+    """Constexpr values and launch options of ``_xattn_sim_bwd_kernel`` (shared with the compile check)."""
+    norm_kind, clip = _NORM_KINDS[norm]
+    constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, OUTER_CTX=outer_ctx, BLOCK_C=block_c, BLOCK_Q=block_q,
+                      TINY=float(torch.finfo(acc_dtype(dtype)).tiny), **dtype_constexprs(dtype, d, interpret))
+    if dtype != torch.float64 and not interpret:
+        # The second d-loop multiplies float32 tiles: follow the forward's float32 precision choice. 32-wide
+        # d-chunks: with 64 the bf16 variants spill (255 registers, 192-256 stack bytes on sm_90, 8 warps).
+        constexprs["DOT_PRECISION"] = precision
+        constexprs["BLOCK_D"] = 32
+    return constexprs, dict(num_warps=8, num_stages=1, enable_fp_fusion=True)
+
+
+def xattn_sim_backward(grad: torch.Tensor, images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor,
+                       img_lens: torch.Tensor, *, direction: str, norm: str, lambda_softmax: float, agg: str,
+                       lambda_lse: float, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused gradients of sum(grad * xattn_sim(...)) w.r.t. images (N_img, K, d) and captions (N_cap, L_max, d).
+
+    Two launches of ``_xattn_sim_bwd_kernel`` (one program per image, one per caption), each recomputing the
+    score tiles it needs; float32 accumulation (float64 for float64 inputs); gradients returned in the input
+    dtype, padding rows 0. Memory: the two gradients in the accumulation dtype plus the Gram tiles
+    (N_ctx x BLOCK_C^2), i.e. the forward's bound; nothing of size N_img x N_cap x K x L. No host sync: the tile
+    heights come from the tensors' shapes (K, L_max), not from the lengths (captions are not bucketed here).
+    """
+    interpret = interpreted()
+    _check_mode(interpret)
+    acc = acc_dtype(images.dtype)
+    grad = grad.to(acc).contiguous()
+    g_img = torch.zeros(images.shape, dtype=acc, device=images.device)
+    g_cap = torch.zeros(captions.shape, dtype=acc, device=captions.device)
+    n_img, n_cap = images.shape[0], captions.shape[0]
+    if n_img == 0 or n_cap == 0:
+        return g_img.to(images.dtype), g_cap.to(captions.dtype)
+    if direction == "t2i":
+        ctx, ctx_lens, qry, qry_lens, g_ctx, g_qry = images, img_lens, captions, cap_lens, g_img, g_cap
+        stride_gc, stride_gq = grad.stride(0), grad.stride(1)
+    else:
+        ctx, ctx_lens, qry, qry_lens, g_ctx, g_qry = captions, cap_lens, images, img_lens, g_cap, g_img
+        stride_gc, stride_gq = grad.stride(1), grad.stride(0)
+    block_c, block_q = block_rows(ctx.shape[1]), block_rows(qry.shape[1])
+    ctx_idx = torch.arange(ctx.shape[0], dtype=torch.int32, device=ctx.device)
+    gram = _gram(ctx, ctx_idx, ctx_lens, block_c, interpret)
+    kernel = jit_kernel("xattn_sim_bwd", interpret)
+    for outer_ctx, out, n_outer, n_inner in ((True, g_ctx, ctx.shape[0], qry.shape[0]),
+                                             (False, g_qry, qry.shape[0], ctx.shape[0])):
+        constexprs, options = bwd_config(images.dtype, block_c=block_c, block_q=block_q, d=ctx.shape[2], norm=norm,
+                                         agg=agg, outer_ctx=outer_ctx, precision=precision, interpret=interpret)
+        kernel[(n_outer,)](ctx, ctx_lens, gram, qry, qry_lens, grad, out, n_inner, ctx.shape[2],
+                           ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_gc, stride_gq,
+                           out.stride(0), out.stride(1), float(lambda_softmax), float(lambda_lse),
+                           **constexprs, **options)
+    return g_img.to(images.dtype), g_cap.to(captions.dtype)

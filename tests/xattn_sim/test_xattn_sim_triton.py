@@ -213,8 +213,8 @@ def test_compiles_for_sm80_and_sm90(tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_backward_through_triton_backend_gradcheck(direction):
-    """Training through backend="triton": its forward with the shared tiled backward, float64 gradcheck at tiny
-    sizes (the backward itself is the PyTorch tiled recomputation, ``itm_kernels.xattn_sim.torch.xattn_sim_backward``)."""
+    """Training through backend="triton": its forward with the fused Triton backward
+    (``itm_kernels.xattn_sim.triton.xattn_sim_backward``), float64 gradcheck at tiny sizes."""
     import itm_kernels
 
     if "triton" not in itm_kernels.available_backends(DEVICE):
@@ -226,3 +226,26 @@ def test_backward_through_triton_backend_gradcheck(direction):
     fn = lambda a, b: itm_kernels.xattn_sim(a, b, lens, direction=direction, norm="clipped_l2norm",  # noqa: E731
                                             lambda_softmax=4.0, agg="lse", lambda_lse=3.0, backend="triton")
     assert torch.autograd.gradcheck(fn, (img, cap), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_compile_check_samples_every_reachable_variant(tmp_path):
+    """--sample N --run R: 4 variants of the fixed shuffle of every reachable (fwd/bwd kernel x arch x dtype/precision
+    x direction x norm x agg), compiled to cubins in a fresh process; consecutive runs cover all of them."""
+    sys.path.insert(0, str(TOOL.parent))
+    import compile_check_triton as tool
+
+    variants = tool.all_variants()
+    assert len(variants) == len(set(variants)) == 2 * 2 * 6 * 2 * 7 * 4
+    runs = -(-len(variants) // 50)
+    assert {v for r in range(runs) for v in tool.sampled_variants(50, r)} == set(variants)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    ok, why = tool.cuda_compiler_available()
+    if not ok:
+        pytest.skip(f"triton's CUDA compiler backend is unavailable: {why}")
+    run = int(os.environ.get("GITHUB_RUN_NUMBER", "0"))
+    proc = subprocess.run([sys.executable, str(TOOL), "--sample", "4", "--run", str(run), "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 and all(r["cubin_bytes"] > 0 for r in results)

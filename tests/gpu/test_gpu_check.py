@@ -1,0 +1,76 @@
+"""tools/gpu_check.py without a GPU: the plan, the no-device exit, the report logic, and one correctness case run
+on the CPU through the Triton interpreter (the same function the GPU run calls)."""
+import os
+import subprocess
+import sys
+
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernel_helpers import REPO, triton_mode  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_check  # noqa: E402
+
+TOOL = REPO / "tools" / "gpu_check.py"
+
+
+def test_dry_run_prints_the_plan():
+    proc = subprocess.run([sys.executable, str(TOOL), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "correctness cases" in proc.stdout and "scan_coco5k_t2i_bf16_seconds" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_so_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_covers_every_kernel_dtype_and_option():
+    cases = gpu_check.correctness_cases()
+    for op, backend in gpu_check.OPS_BACKENDS:
+        mine = [c for c in cases if (c["op"], c["backend"]) == (op, backend)]
+        expected = {"float32", "bfloat16", "float16"} | ({"float64"} if op == "xattn_sim" or backend == "cuda" else
+                                                          set())
+        assert {c["dtype"].split("/")[0] for c in mine} == expected
+        assert {"odd", "model"} <= {c["size"] for c in mine}
+    xattn = [c for c in cases if c["op"] == "xattn_sim" and c["backend"] == "triton"]
+    assert {c["opts"]["direction"] for c in xattn} == {"t2i", "i2t"}
+    assert len({c["opts"]["norm"] for c in xattn}) >= 5 and len({c["opts"]["agg"] for c in xattn}) == 4
+    assert {c["dtype"] for c in xattn} >= {"float32/tf32", "float32/tf32x3"}
+    assert not [c for c in cases if c["backend"] == "cuda" and c["shape"]["K"] > 64]
+
+
+def test_targets_verified_rows_and_table():
+    report = gpu_check.target_report({"scan_coco5k_t2i_bf16_seconds": 0.8,
+                                      "scan_coco5k_fused_over_bare_gemm_rate": 0.3})
+    assert report["scan_coco5k_t2i_bf16_seconds"]["met"] is True
+    assert report["scan_coco5k_fused_over_bare_gemm_rate"]["met"] is False
+    assert report["scan_train_step_speedup_vs_reference"]["met"] is None
+    ok = dict(op="xattn_sim", backend="cuda", dtype="float32", err=1e-7, ok=True)
+    bad = dict(op="local_sim", backend="triton", dtype="bfloat16", err=5e-3, ok=False)
+    record = dict(date="2026-12-04", device="H200", capability=[9, 0], torch="2.x", triton="3.9.0",
+                  correctness=[ok, bad, dict(bad, backend="cuda", ok=True, err=1e-4)], targets=report,
+                  gradients=dict(ok=True), no_sync=dict(ok=False, error="x"), cuda_graph=dict(ok=True))
+    rows = gpu_check.verified_rows(record)
+    assert [(r["op"], r["backend"]) for r in rows] == [("xattn_sim", "cuda"), ("local_sim", "cuda")]
+    assert set(rows[0]) == {"op", "backend", "capability", "torch", "triton", "date", "device"}
+    record["verified"] = rows
+    table = gpu_check.markdown(record)
+    assert "| cuda `xattn_sim` | 1 | 1 |" in table and "verified" in table and "FAILED" in table and "**no**" in table
+
+
+@triton_mode().needs_kernels
+def test_one_case_runs_through_the_interpreter():
+    """run_case, as the GPU run calls it, on CPU tensors: the odd-size xattn_sim triton float32 case."""
+    case = next(c for c in gpu_check.correctness_cases() if c["op"] == "xattn_sim" and c["backend"] == "triton"
+                and c["size"] == "odd" and c["dtype"] == "float32")
+    result = gpu_check.run_case(case, torch.device("cpu"))
+    assert result["ok"], result
+    assert result["err"] < gpu_check.TOLERANCES["float32"]
