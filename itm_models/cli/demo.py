@@ -15,6 +15,8 @@ import time
 import numpy as np
 import torch
 
+from .args import nonnegative_int, output_dir, positive_float, positive_int, run_main
+
 
 def _official_seconds_per_pair(model, dataset, n_img=50, n_cap=100) -> float:
     """Official-style loop (caption loop, weighted context per caption) on a subset, in seconds per pair."""
@@ -37,21 +39,32 @@ def _official_seconds_per_pair(model, dataset, n_img=50, n_cap=100) -> float:
     return (time.perf_counter() - t0) / (n_img * n_cap)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itm-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="folder for the data and the checkpoints")
-    parser.add_argument("--n-train", type=int, default=2000, help="training images (5 captions each)")
-    parser.add_argument("--n-test", type=int, default=1000, help="test images (5 captions each)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--embed-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--out", type=output_dir, default="runs/demo", help="folder for the data and the "
+                        "checkpoints (the demo's own: a rerun replaces OUT/data and OUT/checkpoints)")
+    parser.add_argument("--n-train", type=positive_int, default=2000, help="training images (5 captions each)")
+    parser.add_argument("--n-test", type=positive_int, default=1000, help="test images (5 captions each)")
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--embed-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=5e-4)
     parser.add_argument("--max-violation", action="store_true", help="hardest negatives from the first step (the "
                         "official recipe; on this small synthetic set it can collapse to equal scores early on)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """``itm-demo``: exit status 0 on success; a bad option, an unusable --out or a failing step end with one line on
+    stderr and exit status 2."""
+    return run_main("itm-demo", _demo, argv)
+
+
+def _demo(argv) -> int:
+    args = _parser().parse_args(argv)
 
     from ..data import PrecompDataset
     from ..eval.similarity import similarity_matrix
@@ -76,7 +89,7 @@ def main(argv=None) -> int:
     print(f"2/3 training SCAN t2i (d={args.embed_size}, {args.epochs} epochs, {args.n_train * 5} captions)",
           flush=True)
     result = train(config, data_dir, os.path.join(args.out, "checkpoints"), seed=args.seed, device="cpu",
-                   progress=not args.no_progress, log=print)
+                   progress=not args.no_progress, log=print, overwrite=True)
     t_train = time.perf_counter()
     print("3/3 evaluating on the test split with the fused kernels", flush=True)
     from ..checkpoints import load_checkpoint

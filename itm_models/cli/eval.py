@@ -29,6 +29,8 @@ import time
 import numpy as np
 import torch
 
+from .args import USER_ERRORS, backend_name, device_name, one_line, positive_int
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -177,15 +179,16 @@ def main(argv=None) -> int:
     parser.add_argument("--fold5", action="store_true", help="COCO 1K protocol: 5 folds of 1,000 images, averaged")
     parser.add_argument("--save-sims", default=None, help="write the similarity matrix to this .npy file")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:1, ... (default: cuda "
+                        "when available)")
+    parser.add_argument("--backend", type=backend_name, default="auto")
     parser.add_argument("--trusted", action="store_true", help="unpickle official checkpoints without restriction "
                         "(weights_only=False; trusted files only)")
     parser.add_argument("--official-boxes", action="store_true", help="GSMN: feed the boxes the released "
                         "evaluation feeds (repeated in-place division, k // 5 pairing) to reproduce its numbers; "
                         "default: correct geometry")
-    parser.add_argument("--official-batch-size", type=int, default=None, help="GSMN with --official-boxes: the "
+    parser.add_argument("--official-batch-size", type=positive_int, default=None, help="GSMN with --official-boxes: the "
                         "released loader's batch size (default: the official checkpoint's opt.batch_size, else 64)")
     parser.add_argument("--allow-pickle", action="store_true", help="GSMN: read a pickled {split}_ims_size.npy "
                         "(the released files are object arrays of dicts; trusted files only)")
@@ -193,20 +196,22 @@ def main(argv=None) -> int:
                         "the ranks (gloo on CPUs, NCCL with --device cuda); no rank holds the matrix")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from ..checkpoints import CheckpointError
-    from ..data import DataFormatError
     from ..eval.metrics import format_metrics_table
 
     try:
         metrics = evaluate([args.checkpoint] + list(args.ensemble), args.data, args.split, vocab=args.vocab,
-                           fold5=args.fold5, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+                           fold5=args.fold5, dtype=args.dtype, batch_size=args.batch_size,
+                           device=None if args.device == "auto" else args.device,
                            backend=args.backend, save_sims=args.save_sims, trusted=args.trusted,
                            progress=not args.no_progress, official_boxes=args.official_boxes,
                            official_batch_size=args.official_batch_size, allow_pickle=args.allow_pickle,
                            distributed=args.distributed)
-    except (CheckpointError, DataFormatError, FileNotFoundError, ValueError) as exc:
-        print(f"itm-eval: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"itm-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("itm-eval: interrupted", file=sys.stderr)
+        return 130
     seconds = metrics.pop("seconds")
     world_size = metrics.pop("world_size", 1)
     if args.distributed and int(os.environ.get("RANK", "0")) != 0:

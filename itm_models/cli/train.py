@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ..data import DataFormatError, load_vocab
+from ..data import load_vocab
 from ..data.gsmn import load_split_caption_ids
 from ..gsmn import GSMNConfig
 from ..gsmn import recipe as gsmn_recipe
@@ -19,6 +19,8 @@ from ..scan import AGG_FUNCS, CROSS_ATTN, RAW_FEATURE_NORMS, SCANConfig
 from ..sgraf import MODULES as SGRAF_MODULES
 from ..sgraf import SGRAFConfig, recipe_schedule
 from ..train.loop import train
+from .args import (backend_name, device_name, finite_float, nonnegative_float, nonnegative_int, output_dir,
+                   positive_float, positive_int, run_main)
 
 __all__ = ["main", "cli"]
 
@@ -41,41 +43,43 @@ def _parser() -> argparse.ArgumentParser:
                    "{train,dev}_ims.npy, _ims_bbx.npy, _ims_size.npy, _precaps_stan.txt, _caps.json)")
     p.add_argument("--vocab", default=None, help="vocabulary JSON (default: DATA/vocab.json; GSMN: optional, "
                    "vocab_size = max(its size, largest caption id + 1))")
-    p.add_argument("--out", required=True, help="output folder for checkpoint_last.pt / checkpoint_best.pt")
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="output folder for checkpoint_last.pt / checkpoint_best.pt (new or empty, unless --resume or "
+                        "--overwrite)")
     p.add_argument("--model", choices=("scan", "sgraf", "gsmn"), default="scan", help="model to train (default scan)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="number of epochs (default: the official Flickr30K recipe of the model: SCAN 30, SGR 40, "
                         "SAF 30, GSMN 30; COCO: SCAN and SGRAF 20, GSMN --recipe coco 20)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 (GSMN: 64 Flickr30K, 32 COCO)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 128 (GSMN: 64 Flickr30K, 32 COCO)")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="initial learning rate (default 2e-4; SCAN COCO README and GSMN --recipe coco: 5e-4)")
-    p.add_argument("--lr-update", type=int, default=None,
+    p.add_argument("--lr-update", type=positive_int, default=None,
                    help="epochs per 10x learning-rate decay (default: SCAN 15, SGR 30, SAF 20, GSMN 15; COCO: 10, "
                         "GSMN 5)")
-    p.add_argument("--embed-size", type=int, default=1024)
-    p.add_argument("--word-dim", type=int, default=300)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--img-dim", type=int, default=2048)
+    p.add_argument("--embed-size", type=positive_int, default=1024)
+    p.add_argument("--word-dim", type=positive_int, default=300)
+    p.add_argument("--num-layers", type=positive_int, default=1)
+    p.add_argument("--img-dim", type=positive_int, default=2048)
     scan = p.add_argument_group("SCAN only (--model scan)")
     scan.add_argument("--direction", choices=CROSS_ATTN, default=None, help="cross attention direction (default t2i)")
     scan.add_argument("--agg", choices=(*AGG_FUNCS, *AGG_FUNCS.values()), default=None,
                       help="aggregation (default LogSumExp)")
-    scan.add_argument("--lambda-softmax", type=float, default=None,
+    scan.add_argument("--lambda-softmax", type=nonnegative_float, default=None,
                       help="SCAN and GSMN: attention temperature (SCAN lambda1, default 9; README: 9 for t2i, 4 for "
                            "i2t; GSMN: 20 Flickr30K, 10 COCO)")
-    scan.add_argument("--lambda-lse", type=float, default=None,
+    scan.add_argument("--lambda-lse", type=nonnegative_float, default=None,
                       help="lambda2 (default 6; README: 6 t2i; i2t 5 Flickr30K, 20 COCO)")
     scan.add_argument("--norm", choices=RAW_FEATURE_NORMS, default=None,
                       help="raw_feature_norm (default clipped_l2norm)")
     scan.add_argument("--precomp-enc-type", choices=("basic", "weight_norm"), default=None,
                       help="image encoder (default basic)")
-    scan.add_argument("--backend", default=None,
+    scan.add_argument("--backend", type=backend_name, default=None,
                       help="itm_kernels.xattn_sim backend (auto, cpu, torch, cuda, triton; default auto)")
     sgraf = p.add_argument_group("SGRAF only (--model sgraf)")
     sgraf.add_argument("--module", choices=SGRAF_MODULES, default=None,
                        help="similarity head: SGR (graph reasoning) or SAF (attention filtration); default SGR")
-    sgraf.add_argument("--sim-dim", type=int, default=None, help="similarity vector size s (default 256)")
-    sgraf.add_argument("--sgr-step", type=int, default=None, help="SGR reasoning steps (default 3)")
+    sgraf.add_argument("--sim-dim", type=positive_int, default=None, help="similarity vector size s (default 256)")
+    sgraf.add_argument("--sgr-step", type=positive_int, default=None, help="SGR reasoning steps (default 3)")
     gsmn = p.add_argument_group("GSMN only (--model gsmn)")
     gsmn.add_argument("--variant", choices=("dense", "sparse"), default=None,
                       help="textual graph: dense (all word pairs) or sparse (dependency parse); default dense")
@@ -90,16 +94,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="bidirectional GRU, halves averaged (README setting; default on)")
     p.add_argument("--max-violation", action=argparse.BooleanOptionalAction, default=True,
                    help="hardest negatives only (README setting; default on)")
-    p.add_argument("--margin", type=float, default=0.2)
-    p.add_argument("--grad-clip", type=float, default=2.0)
+    p.add_argument("--margin", type=finite_float, default=0.2)
+    p.add_argument("--grad-clip", type=nonnegative_float, default=2.0, help="global norm clip (0: none)")
     p.add_argument("--no-imgnorm", action="store_true")
     p.add_argument("--no-txtnorm", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue from OUT/checkpoint_last.pt, or from PATH")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--val-every-epoch", type=int, default=1, metavar="N",
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a non-empty OUT (its checkpoint_last.pt / checkpoint_best.pt are removed "
+                        "first); with --resume, replace a checkpoint_best.pt of another run")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--val-every-epoch", type=nonnegative_int, default=1, metavar="N",
                    help="validate on dev every N epochs and after the last (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
@@ -169,21 +177,17 @@ def main(argv=None) -> dict:
     config = _config_from_args(a, vocab_size)
     result = train(config, a.data, a.out, vocab=voc, seed=a.seed, device=a.device, backend=a.backend or "auto",
                    resume=a.resume, workers=a.workers, val_every_epoch=a.val_every_epoch,
-                   progress=not a.no_progress, allow_pickle=bool(a.allow_pickle))
+                   progress=not a.no_progress, allow_pickle=bool(a.allow_pickle), overwrite=a.overwrite)
     print(f"done: {result['epochs']} epochs, best dev rsum {result['best_rsum']} (epoch {result['best_epoch']}); "
           f"checkpoints in {a.out}")
     return result
 
 
-def cli() -> int:
-    """Console-script entry point (``itm-train``): exit status 0 on success, 2 with a one-line error on bad data."""
-    try:
-        main()
-    except (DataFormatError, FileNotFoundError) as exc:
-        print(f"itm-train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def cli(argv=None) -> int:
+    """Console-script entry point (``itm-train``): exit status 0 on success; a bad option, bad data, a corrupt
+    checkpoint, a run folder in use or a diverging loss end with one line on stderr and exit status 2."""
+    return run_main("itm-train", main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,6 +1,7 @@
 """Data: :mod:`.readers` (the SCAN precomputed-feature layout: :class:`PrecompDataset`, ...), :mod:`.tokenize`
 (official tokenisation and :class:`Vocabulary`), :mod:`.synthetic` (a learnable synthetic dataset), :mod:`.gsmn`
-(GSMN's extra files), :mod:`.errors` (:class:`DataFormatError`).
+(GSMN's extra files), :mod:`.files` (text and JSON files read with named errors), :mod:`.errors`
+(:class:`DataFormatError`).
 
 The names of the former module ``itm_models.data`` are all here.
 """

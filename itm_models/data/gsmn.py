@@ -12,12 +12,12 @@ Every problem raises :class:`itm_models.data.DataFormatError` naming the file.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .errors import DataFormatError
+from .files import read_json
 
 __all__ = ["load_split_boxes", "load_split_image_sizes", "load_split_caption_ids", "load_split_parses",
            "load_gsmn_split"]
@@ -98,11 +98,7 @@ def load_split_caption_ids(data_dir, split: str) -> list[list[int]]:
 def load_split_parses(data_dir, split: str) -> list[list[list[int]]]:
     """``{split}_caps.json`` -> one edge list ([governor, dependent] pairs) per caption."""
     path = _path(data_dir, split, "caps.json")
-    try:
-        with open(path) as f:
-            parses = json.load(f)
-    except (ValueError, OSError) as e:
-        raise DataFormatError(f"{path} is not readable JSON: {e}") from None
+    parses = read_json(path, "GSMN parse file")
     if not isinstance(parses, list):
         raise DataFormatError(f"{path}: expected a JSON list with one parse per caption")
     for c, edges in enumerate(parses):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import DataFormatError
+from .files import read_text_lines
 from .tokenize import Vocabulary
 
 __all__ = [
@@ -66,8 +67,8 @@ def load_split_images(
         files); nothing is read into memory.
 
     Raises:
-        DataFormatError: missing file, not a valid .npy, not 3-D, not floating point, no rows, or a width /
-            region count different from the expected one.
+        DataFormatError: missing file, not a valid .npy, not 3-D, not floating point, no rows, regions or features,
+            or a width / region count different from the expected one.
     """
     path = split_paths(data_dir, split)["ims"]
     _require_file(path, "image features file")
@@ -83,8 +84,10 @@ def load_split_images(
         )
     if ims.dtype.kind != "f":
         raise DataFormatError(f"{path} has dtype {ims.dtype}, expected float32 features")
-    if ims.shape[0] == 0:
-        raise DataFormatError(f"{path} has no image rows (shape {tuple(ims.shape)})")
+    if 0 in ims.shape:
+        empty = ("image rows", "regions per image", "features per region")[ims.shape.index(0)]
+        raise DataFormatError(f"{path} has no {empty} (shape {tuple(ims.shape)}); expected (rows, regions, img_dim), "
+                              "all > 0")
     if img_dim is not None and ims.shape[2] != img_dim:
         raise DataFormatError(f"{path} has feature width {ims.shape[2]}, expected img_dim={img_dim}")
     if n_regions is not None and ims.shape[1] != n_regions:
@@ -102,27 +105,14 @@ def read_caption_lines(data_dir: str | os.PathLike, split: str) -> list[str]:
     """
     path = split_paths(data_dir, split)["caps"]
     _require_file(path, "caption file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path} line {line} is not valid UTF-8") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines = read_text_lines(path, "caption file")
     if not lines:
         raise DataFormatError(f"caption file is empty: {path}")
     return [line.strip() for line in lines]
 
 
 def _read_ids(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.strip() for line in lines]
+    return [line.strip() for line in read_text_lines(path, "id file")]
 
 
 def load_vocab(vocab, data_dir: str | os.PathLike | None = None) -> Vocabulary:

@@ -31,6 +31,7 @@ from collections import Counter
 from typing import Iterable
 
 from .errors import DataFormatError
+from .files import read_json
 
 __all__ = [
     "word_tokenize", "treebank_tokenize", "split_sentences", "tokenize_caption", "Vocabulary",
@@ -337,14 +338,7 @@ class Vocabulary:
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
         """Read an official-format vocabulary JSON file."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise _vocab_error(f"vocabulary file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _vocab_error(f"vocabulary file {path} is not valid JSON: {e}") from None
-        return cls.from_json_dict(d, source=path)
+        return cls.from_json_dict(read_json(path, "vocabulary file"), source=path)
 
     @classmethod
     def build(cls, captions: Iterable[str], threshold: int = 4) -> "Vocabulary":

@@ -85,6 +85,13 @@ def gsmn_split(data_dir, split: str, *, img_dim: int | None = None, n_regions: i
     return dataset, graph
 
 
+def _check_positive_ints(**values) -> None:
+    """ValueError naming the first argument that is not an int >= 1 (bools refused)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _as_list(x):
     return (list(x), True) if isinstance(x, (list, tuple)) else ([x], False)
 
@@ -100,6 +107,7 @@ def encode_images(model, features, rows, *, batch_size=128, device="cpu", progre
     Returns (len(rows), K, d) float32 on ``device`` (a list of them, one per member, for an ensemble whose
     ``encode_images`` returns a list). Reads ``batch_size`` rows of the memmap at a time.
     """
+    _check_positive_ints(batch_size=batch_size)
     out, is_list = None, False
     for b0 in tqdm(range(0, len(rows), batch_size), desc=f"encode {desc}", disable=not progress, leave=False):
         idx = rows[b0:b0 + batch_size]
@@ -163,7 +171,9 @@ def similarity_matrix(model, dataset, *, batch_size=128, caption_chunk=1000, dev
         dataset: a :class:`itm_models.data.PrecompDataset` (``images`` memmap, ``im_div``, ``captions`` ids). For
             GSMN its captions must be GSMN's ids (``PrecompDataset(..., caption_ids=graph["caption_ids"])``, or
             :func:`gsmn_split`).
-        caption_chunk: captions encoded and scored at a time.
+        batch_size: images / captions encoded at a time (an int >= 1).
+        caption_chunk: captions encoded and scored at a time (an int >= 1).
+        captions_per_image: captions of each image (5 in the official splits; an int >= 1).
         dtype: dtype in which the embeddings are scored (float32; float64 reproduces the official float64
             evaluation to rounding; bfloat16 is faster on hardware with bf16 matrix units).
         backend: kernel backend of GSMN's ``sims`` (SCAN / SGRAF use the model's own ``backend``).
@@ -181,10 +191,16 @@ def similarity_matrix(model, dataset, *, batch_size=128, caption_chunk=1000, dev
     Returns:
         (N_img, N_cap) float32 numpy array on the host.
 
+    Raises:
+        ValueError: a size argument that is not a positive int (named), a caption count that is not a multiple of
+            ``captions_per_image``, or graph inputs that do not fit the dataset.
+
     Each image is encoded once (the official code encodes it once per caption). Peak memory: the image
     embeddings (N_img x K x d floats), one caption chunk's embeddings, the kernels' tile scratch, and the
     (N_img, N_cap) float32 result.
     """
+    _check_positive_ints(batch_size=batch_size, caption_chunk=caption_chunk, captions_per_image=captions_per_image,
+                         official_batch_size=official_batch_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_cap = len(dataset.captions)
     if n_cap % captions_per_image:

@@ -23,7 +23,10 @@ its images' pixel boxes and sizes (normalised once, by the model: correct geomet
 repeated in-place division) and its captions' parses (:class:`GSMNTrainSet`, :func:`collate_gsmn`).
 
 Outputs in ``out_dir``: ``checkpoint_last.pt`` (after every epoch, for resuming) and ``checkpoint_best.pt`` (best dev
-rsum), both in the safe format of :func:`itm_models.checkpoints.save_checkpoint`.
+rsum), both in the safe format of :func:`itm_models.checkpoints.save_checkpoint`. A run folder is never reused by
+accident: a non-empty ``out_dir`` is refused unless the run resumes (``resume``) or replaces it (``overwrite``).
+Each run stores its id (``extra["run_id"]``) in its checkpoints, and ``checkpoint_best.pt`` is only ever replaced by
+a better checkpoint of the same run (a resumed run keeps the best score found in the folder and compares with it).
 
 Determinism: the weights come from ``torch.manual_seed(seed)``; epoch ``e`` shuffles with its own generator seeded
 from ``(seed, e)``. A run resumed from ``checkpoint_last.pt`` therefore takes exactly the steps the uninterrupted run
@@ -43,8 +46,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoints import (CheckpointError, load_checkpoint, new_run_id, read_checkpoint, restore_optimizer,
+                           save_checkpoint)
 from ..data import OFFICIAL_DEV_CAPTIONS, PrecompDataset, collate, load_vocab, split_paths
+from ..devices import resolve_device
 from ..eval.metrics import format_metrics_table
 from ..eval.similarity import gsmn_split
 from ..gsmn import GSMN, GSMNConfig
@@ -141,17 +146,77 @@ def _drop_last(config, n_items: int) -> bool:
     return isinstance(config, SGRAFConfig) and n_items % config.batch_size == 1
 
 
-def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _check_run_folder(out_dir: str, *, resume, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is a file, or a non-empty folder when the run neither resumes nor overwrites."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"out_dir {out_dir} exists and is not a folder")
+    if resume or overwrite or not os.path.isdir(out_dir):
+        return
+    entries = sorted(os.listdir(out_dir))
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(f"{out_dir} is not empty ({shown}): resume its run (--resume / resume=True), replace "
+                              "it (--overwrite / overwrite=True), or choose a new folder")
+
+
+def _restored_run(ckpt, path: str) -> dict:
+    """The training state of a loaded checkpoint (run id, epochs done, best score and epoch, history, RNG state),
+    each checked so that a resumed run cannot fail later on a malformed entry."""
+    extra = ckpt.extra
+    history = extra.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{path}: extra['history'] must be a list of dicts (one per epoch)")
+    best_epoch = extra.get("best_epoch")
+    epoch = int(ckpt.epoch or 0)
+    if best_epoch is not None and not (isinstance(best_epoch, int) and not isinstance(best_epoch, bool)
+                                       and 1 <= best_epoch <= epoch):
+        raise CheckpointError(f"{path}: extra['best_epoch'] is {best_epoch!r}; expected None or an epoch in "
+                              f"1..{epoch}")
+    rng = extra.get("torch_rng")
+    if rng is not None:
+        reference = torch.get_rng_state()
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != reference.shape:
+            raise CheckpointError(f"{path}: extra['torch_rng'] is not a CPU generator state (a uint8 tensor of shape "
+                                  f"{tuple(reference.shape)})")
+    run_id = extra.get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise CheckpointError(f"{path}: extra['run_id'] is {run_id!r}; expected a string")
+    return {"epoch": epoch, "best_rsum": ckpt.best_rsum, "best_epoch": best_epoch, "history": list(history),
+            "torch_rng": rng, "run_id": run_id or new_run_id()}
+
+
+def _best_of_folder(best_path: str, run: dict, *, overwrite: bool) -> None:
+    """On resume: keep the better of the resumed checkpoint's best score and that of ``checkpoint_best.pt`` when the
+    latter belongs to the same run (ids equal, or either written before run ids were stored); a best checkpoint of
+    another run is refused unless ``overwrite`` (then it is removed)."""
+    if not os.path.exists(best_path):
+        return
+    try:
+        best = read_checkpoint(best_path)
+    except CheckpointError as exc:
+        if overwrite:
+            os.remove(best_path)
+            return
+        raise CheckpointError(f"cannot resume: the run's best checkpoint is unreadable ({exc}); remove it or pass "
+                              "overwrite=True (--overwrite)") from None
+    other = (best.get("extra") or {}).get("run_id")
+    if other is not None and other != run["run_id"]:
+        if overwrite:
+            os.remove(best_path)
+            return
+        raise CheckpointError(f"cannot resume into this folder: {best_path} belongs to another run ({other}, this run "
+                              f"is {run['run_id']}); pass overwrite=True (--overwrite) to replace it")
+    score = best.get("best_rsum")
+    if score is not None and (run["best_rsum"] is None or score > run["best_rsum"]):
+        run["best_rsum"] = float(score)
+        run["best_epoch"] = (best.get("extra") or {}).get("best_epoch", best.get("epoch"))
 
 
 def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
           vocab=None, seed: int = 0, device: str | torch.device | None = "auto", backend: str = "auto",
           resume: bool | str | os.PathLike = False, workers: int = 0, val_every_epoch: int = 1,
           progress: bool = True, on_step: Callable[[int, int, float], None] | None = None,
-          log: Callable[[str], None] | None = print, allow_pickle: bool = False) -> dict:
+          log: Callable[[str], None] | None = print, allow_pickle: bool = False, overwrite: bool = False) -> dict:
     """Train a SCAN, SGRAF or GSMN model on ``{data_dir}/train_*`` and validate on ``{data_dir}/dev_*``.
 
     Args:
@@ -163,7 +228,8 @@ def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.Path
         data_dir: folder in the precomputed layout (``train_ims.npy``, ``train_caps.txt``, ``dev_*``, ``vocab.json``;
             GSMN: ``{train,dev}_ims.npy`` and GSMN's files ``_ims_bbx.npy``, ``_ims_size.npy``,
             ``_precaps_stan.txt``, ``_caps.json``, no captions file and no vocabulary needed).
-        out_dir: where the checkpoints go (created).
+        out_dir: where the checkpoints go (created). If it exists it must be empty, unless ``resume`` or
+            ``overwrite``.
         vocab: :class:`itm_models.data.tokenize.Vocabulary`, a JSON path, or None for ``{data_dir}/vocab.json`` (GSMN:
             read only when given, to check ``vocab_size`` against it).
         seed: seeds the initial weights and every epoch's shuffle.
@@ -179,19 +245,31 @@ def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.Path
         on_step: called as ``on_step(epoch, step, loss)`` after every step.
         log: called with one line (or a metrics table) per epoch; None for silence.
         allow_pickle: GSMN: read pickled ``{split}_ims_size.npy`` files (the released layout; trusted files only).
+        overwrite: start a new run in a non-empty ``out_dir``: its ``checkpoint_last.pt`` / ``checkpoint_best.pt``
+            are removed first (other files are left alone). With ``resume``: replace a ``checkpoint_best.pt`` of
+            another run.
 
     Returns:
         dict: ``best_rsum`` (None without validation), ``best_epoch``, ``epochs`` (completed), ``history`` (one
         dict per epoch: ``epoch``, ``lr``, ``loss`` (mean per batch), ``steps``, ``time_s``, and the dev metrics
-        when validated), ``checkpoint_last``, ``checkpoint_best``, ``config`` (dict).
+        when validated), ``checkpoint_last``, ``checkpoint_best``, ``config`` (dict), ``run_id``.
+
+    Raises:
+        FileExistsError: a non-empty ``out_dir`` without ``resume`` or ``overwrite``.
+        NotADirectoryError: ``out_dir`` is a file.
+        CheckpointError: a missing, corrupt or incompatible checkpoint to resume from, or a best checkpoint of another
+            run in ``out_dir``.
+        ValueError: bad arguments (device, val_every_epoch, vocab_size); DataFormatError: bad data files.
+        FloatingPointError: the loss became NaN or infinite.
     """
     say = log or (lambda _msg: None)
     data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if not isinstance(config, (SCANConfig, SGRAFConfig, GSMNConfig)):
         raise TypeError(f"config must be a SCANConfig, an SGRAFConfig or a GSMNConfig, got {type(config).__name__}")
     if val_every_epoch < 0:
         raise ValueError(f"val_every_epoch must be >= 0, got {val_every_epoch}")
+    _check_run_folder(out_dir, resume=resume, overwrite=overwrite)
     is_gsmn = isinstance(config, GSMNConfig)
     voc = None if is_gsmn and vocab is None else load_vocab(vocab, data_dir)
     if voc is not None and config.vocab_size < len(voc):
@@ -215,27 +293,31 @@ def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.Path
                                      vocab_size=config.vocab_size, max_captions=OFFICIAL_DEV_CAPTIONS)
     os.makedirs(out_dir, exist_ok=True)
     last_path, best_path = os.path.join(out_dir, CHECKPOINT_LAST), os.path.join(out_dir, CHECKPOINT_BEST)
+    if overwrite and not resume:
+        for stale in (last_path, best_path):
+            if os.path.exists(stale):
+                os.remove(stale)
 
     torch.manual_seed(seed)
     model = _build_model(config, backend)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     criterion = ContrastiveLoss(config.margin, config.max_violation)
-    start_epoch, best_rsum, best_epoch, history = 0, None, None, []
+    start_epoch, best_rsum, best_epoch, history, run_id = 0, None, None, [], new_run_id()
 
     if resume:
         path = last_path if resume is True else os.fspath(resume)
         ckpt = load_checkpoint(path, map_location=device)
         _check_resume_config(ckpt.model.config, config, path)
+        run = _restored_run(ckpt, path)
+        _best_of_folder(best_path, run, overwrite=overwrite)
         model.load_state_dict(ckpt.model.state_dict())
         if ckpt.optimizer_state is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        start_epoch = int(ckpt.epoch or 0)
-        best_rsum = ckpt.best_rsum
-        best_epoch = ckpt.extra.get("best_epoch")
-        history = list(ckpt.extra.get("history", []))
-        if "torch_rng" in ckpt.extra:
-            torch.set_rng_state(ckpt.extra["torch_rng"].cpu())
+            restore_optimizer(optimizer, ckpt.optimizer_state, path=path)
+        start_epoch, best_rsum, best_epoch = run["epoch"], run["best_rsum"], run["best_epoch"]
+        history, run_id = run["history"], run["run_id"]
+        if run["torch_rng"] is not None:
+            torch.set_rng_state(run["torch_rng"].cpu())
         say(f"resumed from {path}: {start_epoch} epoch(s) done, best rsum {best_rsum}")
 
     pin = device.type == "cuda"
@@ -273,15 +355,16 @@ def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.Path
             if best_rsum is None or metrics["rsum"] > best_rsum:
                 best_rsum, best_epoch, is_best = metrics["rsum"], epoch + 1, True
             say(format_metrics_table(metrics, title=f"epoch {epoch + 1} dev ({metrics['n_images']} images)"))
-        elif dev_set is None:
+        elif dev_set is None and best_rsum is None:  # no score: the best is the last (unless one was scored)
             best_epoch, is_best = epoch + 1, True
         history.append(record)
         say(f"epoch {epoch + 1}: lr {lr:.3g}, mean loss {record['loss']:.4f}, {steps} steps, "
             f"{record['time_s']:.1f} s" + (" (best)" if is_best and dev_set is not None else ""))
-        extra = {"history": history, "best_epoch": best_epoch, "seed": int(seed), "torch_rng": torch.get_rng_state()}
+        extra = {"history": history, "best_epoch": best_epoch, "seed": int(seed), "torch_rng": torch.get_rng_state(),
+                 "run_id": run_id}
         save_checkpoint(model, last_path, optimizer=optimizer, epoch=epoch + 1, best_rsum=best_rsum, **extra)
         if is_best:
             save_checkpoint(model, best_path, optimizer=optimizer, epoch=epoch + 1, best_rsum=best_rsum, **extra)
     return {"best_rsum": best_rsum, "best_epoch": best_epoch, "epochs": max(start_epoch, config.num_epochs),
             "history": history, "checkpoint_last": last_path, "checkpoint_best": best_path,
-            "config": dataclasses.asdict(config)}
+            "config": dataclasses.asdict(config), "run_id": run_id}
