@@ -188,22 +188,26 @@ def _restored_run(ckpt, path: str) -> dict:
 def _best_of_folder(best_path: str, run: dict, *, overwrite: bool) -> None:
     """On resume: keep the better of the resumed checkpoint's best score and that of ``checkpoint_best.pt`` when the
     latter belongs to the same run (ids equal, or either written before run ids were stored); a best checkpoint of
-    another run is refused unless ``overwrite`` (then it is removed)."""
+    another run (or an unreadable one) is refused unless ``overwrite``: then it is removed and the best score
+    forgotten, so that the next validated epoch writes the folder's best."""
     if not os.path.exists(best_path):
         return
+
+    def replace_it() -> None:
+        os.remove(best_path)
+        run["best_rsum"] = run["best_epoch"] = None
+
     try:
         best = read_checkpoint(best_path)
     except CheckpointError as exc:
         if overwrite:
-            os.remove(best_path)
-            return
+            return replace_it()
         raise CheckpointError(f"cannot resume: the run's best checkpoint is unreadable ({exc}); remove it or pass "
                               "overwrite=True (--overwrite)") from None
     other = (best.get("extra") or {}).get("run_id")
     if other is not None and other != run["run_id"]:
         if overwrite:
-            os.remove(best_path)
-            return
+            return replace_it()
         raise CheckpointError(f"cannot resume into this folder: {best_path} belongs to another run ({other}, this run "
                               f"is {run['run_id']}); pass overwrite=True (--overwrite) to replace it")
     score = best.get("best_rsum")
