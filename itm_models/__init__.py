@@ -4,7 +4,7 @@ One home per model: :mod:`itm_models.scan`, :mod:`itm_models.sgraf`, :mod:`itm_m
 layers / head, model and official-checkpoint import); :mod:`itm_models.baselines` (the official-style loops);
 :mod:`itm_models.data`, :mod:`itm_models.eval`, :mod:`itm_models.train`, :mod:`itm_models.cli`; shared:
 :mod:`itm_models.encoders`, :mod:`itm_models.losses`, :mod:`itm_models.checkpoints`,
-:mod:`itm_models.config_utils`. Importing the package registers every model type with
+:mod:`itm_models.config_utils`, :mod:`itm_models.devices`. Importing the package registers every model type with
 :mod:`itm_models.checkpoints` (our format and the official one).
 """
 from .checkpoints import CheckpointError, load_checkpoint, load_official_checkpoint, register_official_loader, \

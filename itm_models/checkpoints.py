@@ -359,6 +359,19 @@ def read_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, 
     return out
 
 
+def _dry_run_on_meta(builder: OfficialBuilder, opt: dict, state_dicts: list, path: str) -> None:
+    """Run an official builder on the meta device first: the options are checked against the weights' shapes
+    without allocating anything, so an ``opt`` that describes a huge model (``vocab_size=1e9``) is refused by its
+    shapes before the real build. Builders that cannot run on the meta device skip the dry run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        try:
+            with torch.device("meta"):
+                builder(opt, state_dicts, path)
+        except NotImplementedError:
+            pass
+
+
 def load_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location="cpu",
                              backend: str = "auto") -> nn.Module:
     """Rebuild a model from an official checkpoint (``model_best.pth.tar``) and load its weights.
@@ -376,10 +389,12 @@ def load_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, 
         The model in eval mode (a :class:`itm_models.scan.SCAN` for SCAN files; other types once a builder is
         registered), with the checkpoint's ``epoch``, ``best_rsum`` and ``Eiters`` on ``model.checkpoint_info``.
 
+    The builder runs on the meta device first, so options that do not fit the weights are refused before any
+    memory is allocated for the model they describe.
+
     Raises:
-        CheckpointError: see :func:`read_official_checkpoint`; also a model type without a builder (SGRAF, GSMN
-            for now), options that do not describe a valid model, or weights that do not fit it (the message names
-            the key and both shapes).
+        CheckpointError: see :func:`read_official_checkpoint`; also a model type without a builder, options that do
+            not describe a valid model, or weights that do not fit it (the message names the key and both shapes).
     """
     path = os.fspath(path)
     ckpt = read_official_checkpoint(path, trusted=trusted, map_location=map_location)
@@ -390,6 +405,7 @@ def load_official_checkpoint(path: str | os.PathLike, *, trusted: bool = False, 
         detail = ", ".join(f"opt.{m}={opt[m]!r}" for _, ms in _OFFICIAL_TYPE_MARKERS for m in ms if m in opt)
         raise CheckpointError(f"{path} is a {kind.upper()} checkpoint ({detail}); load_official_checkpoint can "
                               f"rebuild {sorted(_OFFICIAL_LOADERS)} models only")
+    _dry_run_on_meta(builder, ckpt["opt"], ckpt["model"], path)
     model = builder(ckpt["opt"], ckpt["model"], path)
     if hasattr(model, "backend"):
         model.backend = backend

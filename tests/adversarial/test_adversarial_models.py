@@ -328,6 +328,34 @@ def test_official_checkpoints_load_and_a_damaged_copy_is_refused(tmp_path):
         load_official_checkpoint(copy)
 
 
+@pytest.mark.parametrize("golden", ["scan_checkpoint.pth.tar", "sgraf_checkpoint.pth.tar"])
+def test_an_official_opt_describing_a_huge_model_is_refused_before_building(golden, tmp_path, monkeypatch):
+    import argparse
+
+    import itm_models.scan.official as scan_official
+    import itm_models.sgraf.official as sgraf_official
+
+    with torch.serialization.safe_globals(checkpoints._official_safe_globals()):
+        ckpt = torch.load(golden_path(golden), weights_only=True)
+    assert isinstance(ckpt["opt"], argparse.Namespace)
+    ckpt["opt"].vocab_size = 10 ** 9
+    path = tmp_path / golden
+    torch.save(ckpt, path)
+    devices = []
+    for module in (scan_official, sgraf_official):
+        cls = module.SCAN if module is scan_official else module.SGRAF
+
+        class Spy(cls):
+            def __init__(self, *args, **kwargs):
+                devices.append(torch.get_default_device().type)
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(module, cls.__name__, Spy)
+    with pytest.raises(CheckpointError, match=r"embed.weight.*1000000000"):
+        load_official_checkpoint(path)
+    assert devices == ["meta"]
+
+
 def test_crc_checks_skip_files_written_without_crcs(tmp_path, vocab_size):
     """torch.serialization.set_crc32_options(False) writes CRC 0: such files are not called corrupt."""
     torch.serialization.set_crc32_options(False)
