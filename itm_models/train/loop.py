@@ -213,7 +213,7 @@ def _best_of_folder(best_path: str, run: dict, *, overwrite: bool) -> None:
     score = best.get("best_rsum")
     if score is not None and (run["best_rsum"] is None or score > run["best_rsum"]):
         run["best_rsum"] = float(score)
-        run["best_epoch"] = (best.get("extra") or {}).get("best_epoch", best.get("epoch"))
+        run["best_epoch"] = (best.get("extra") or {}).get("best_epoch") or best.get("epoch")
 
 
 def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
