@@ -33,7 +33,7 @@ from itm_kernels.local_sim import local_sim
 from ..sgraf.head import LAMBDA_SOFTMAX, SGRAFSimilarity
 from ..sgraf.layers import DROPOUT, NUM_REGIONS, TextSA, VisualSA
 from .config import FUSIONS, LEVELS, STREAMS
-from .layers import StreamReasoning
+from .layers import StreamReasoning, phrase_count
 
 __all__ = ["TSHSRSimilarity", "DEFAULT_BLOCK_ROWS", "GLOBAL_CHUNK"]
 
@@ -41,8 +41,6 @@ __all__ = ["TSHSRSimilarity", "DEFAULT_BLOCK_ROWS", "GLOBAL_CHUNK"]
 DEFAULT_BLOCK_ROWS = 8192
 # Items whose global / phrase / group vectors are computed at a time in ``sims``.
 GLOBAL_CHUNK = 64
-# Captions per chunk of ``sims`` (sorted by length, so a chunk's padding is small).
-CAPTION_CHUNK = 256
 
 
 class TSHSRSimilarity(nn.Module):
@@ -167,8 +165,8 @@ class TSHSRSimilarity(nn.Module):
         lsim = lambda a, b, ln, lin, **kw: local_sim(a, b, ln, lin.weight, lin.bias,  # noqa: E731
                                                     lambda_softmax=LAMBDA_SOFTMAX, **kw).to(cdtype)
         if "global" in self.levels:
-            parts.append(SGRAFSimilarity._global_sims(items_i["glo"], items_c["glo"], st.sim_tranglo_w.weight.to(cdtype),
-                                                      st.sim_tranglo_w.bias.to(cdtype))[:, :, None])
+            glo_w, glo_b = st.sim_tranglo_w.weight.to(cdtype), st.sim_tranglo_w.bias.to(cdtype)
+            parts.append(SGRAFSimilarity._global_sims(items_i["glo"], items_c["glo"], glo_w, glo_b)[:, :, None])
             valid.append(torch.ones(1, 1, 1, dtype=torch.bool, device=dev))
         if name == "t2i":
             if "intermediate" in self.levels:
@@ -223,6 +221,18 @@ class TSHSRSimilarity(nn.Module):
             w = valid.to(dt).expand(x.shape[0], x.shape[1], -1)
             vec = (w[..., None] * x).sum(2) / w.sum(2, keepdim=True)
         return torch.sigmoid(lin(vec, st.sim_eval_w)).squeeze(2)
+
+    def _max_nodes(self, length: int, k: int) -> int:
+        """Graph nodes per pair of the larger stream for a caption of ``length`` words and K = ``k`` regions."""
+        g = 1 if "global" in self.levels else 0
+        mid = "intermediate" in self.levels
+        sizes = []
+        if "t2i" in self.stream_names:
+            window = self.streams["t2i"].phrase_pool.window if mid else 0
+            sizes.append(g + length + (int(phrase_count(torch.tensor([length]), window)[0]) if mid else 0))
+        if "i2t" in self.stream_names:
+            sizes.append(g + k + (self.streams["i2t"].region_groups.n_groups if mid else 0))
+        return max(sizes)
 
     def _fuse(self, scores: list[Tensor]) -> Tensor:
         if self.fusion == "learned":
@@ -282,9 +292,10 @@ class TSHSRSimilarity(nn.Module):
         Returns:
             (N_img, N_cap) scores, float64 for float64, float32 otherwise.
 
-        Work: the per-item vectors (globals, phrases, region groups) once per image / caption, 64 at a time;
-        captions sorted by length and cut into chunks of at most 256 (each padded to its own longest caption);
-        per block of (images x caption chunk) pairs the nodes of each stream by local_sim (t2i, i2t), the SGR
+        Work: the per-item vectors (globals, phrases, region groups) once per image / caption (images 64 at a
+        time); captions grouped by exact length (no padding; i2t's local_sim then runs one t2i call per block)
+        and cut into chunks of about block_rows / (min(N_img, 16) x nodes) captions; per block of (images x
+        caption chunk) pairs, about block_rows nodes, the nodes of each stream by local_sim (t2i, i2t), the SGR
         steps and the scores. Peak memory beyond inputs and output: the per-item vectors ((N_img + N_cap) x d,
         N_img x G x d, N_cap x P x d) and per block a few node-sized tensors (block_rows x s values each) and the
         attention (block_rows x n values per step), plus local_sim's scratch: tens of MiB at the defaults.
@@ -307,27 +318,30 @@ class TSHSRSimilarity(nn.Module):
                                   for i in range(0, n_img, GLOBAL_CHUNK)])
             img_mm = img_emb.to(mm_dtype)
             out = torch.empty(n_img, n_cap, dtype=cdtype, device=img_emb.device)
-            order = torch.argsort(lens, descending=True, stable=True)
-            n_groups = getattr(getattr(module.streams, "i2t", None), "region_groups", None)
-            n_i2t = 1 + k + (n_groups.n_groups if n_groups is not None else 0)
-            for c0 in range(0, n_cap, CAPTION_CHUNK):
-                idx = order[c0:c0 + CAPTION_CHUNK]
-                lens_c = lens[idx]
-                cap_c = cap_emb[idx, : int(lens_c.max())]
-                items_c = module._caption_items(cap_c.to(cdtype), lens_c)
-                n_t2i = 1 + 2 * cap_c.shape[1]
-                n_nodes = max(n_t2i if "t2i" in module.stream_names else 0,
-                              n_i2t if "i2t" in module.stream_names else 0)
-                img_chunk = max(1, block_rows // (len(idx) * n_nodes))
-                cap_mm = cap_c.to(mm_dtype)
-                for i0 in range(0, n_img, img_chunk):
-                    i1 = min(n_img, i0 + img_chunk)
-                    block_items = {key: v[i0:i1] for key, v in items_i.items()}
-                    out[i0:i1, idx] = module._block_scores(img_mm[i0:i1], cap_mm, lens_c, block_items, items_c,
-                                                           cdtype)
+            for length, idx_all in _length_groups(lens):
+                n_nodes = self._max_nodes(length, k)
+                per_chunk = max(1, block_rows // min(n_img, 16) // n_nodes)
+                for c0 in range(0, len(idx_all), per_chunk):
+                    idx = idx_all[c0:c0 + per_chunk]
+                    lens_c = lens[idx]
+                    cap_c = cap_emb[idx, :length]
+                    items_c = module._caption_items(cap_c.to(cdtype), lens_c)
+                    cap_mm = cap_c.to(mm_dtype)
+                    img_chunk = max(1, block_rows // (len(idx) * n_nodes))
+                    for i0 in range(0, n_img, img_chunk):
+                        i1 = min(n_img, i0 + img_chunk)
+                        block_items = {key: v[i0:i1] for key, v in items_i.items()}
+                        out[i0:i1, idx] = module._block_scores(img_mm[i0:i1], cap_mm, lens_c, block_items, items_c,
+                                                               cdtype)
         finally:
             self.train(was_training)
         return out
+
+
+def _length_groups(lens: Tensor):
+    """(length, caption indices) for every distinct caption length, longest first."""
+    for length in torch.unique(lens.cpu()).flip(0).tolist():
+        yield int(length), (lens == length).nonzero().squeeze(1)
 
 
 def _cat_items(chunks: list[dict]) -> dict:
