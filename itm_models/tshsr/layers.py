@@ -95,8 +95,9 @@ class StreamReasoning(nn.Module):
 
     Names follow SGRAF's ``sim_enc`` where the meaning is the same (``sim_tranloc_w``, ``sim_tranglo_w``,
     ``SGR_module.<n>.*``, ``sim_eval_w``), so SGRAF's SGR weights load into the t2i stream as they are. Ours:
-    ``sim_tranmid_w`` (the intermediate level's projection), ``hierarchy_bias`` (sgr_step,) and the stream's
-    intermediate pooling (``phrase_pool`` in t2i, ``region_groups`` in i2t).
+    ``sim_tranmid_w`` (the intermediate level's projection), ``hierarchy_bias`` (sgr_step,; with a global level the
+    last entry is unused: that step computes the global node's row only, which the hierarchy does not touch) and the
+    stream's intermediate pooling (``phrase_pool`` in t2i, ``region_groups`` in i2t).
     """
 
     def __init__(self, direction: str, embed_size: int, sim_dim: int, sgr_step: int, levels: tuple[str, ...],
