@@ -6,6 +6,7 @@ the official-style loop.
     python benchmarks/bench_eval.py --quick                 # SCAN 200 x 1,000, SGRAF 100 x 500: about a minute
     python benchmarks/bench_eval.py --models sgr,saf --threads 1
     python benchmarks/bench_eval.py --models gsmn           # GSMN dense, sparse, ensemble (benchmarks/bench_gsmn.py)
+    python benchmarks/bench_eval.py --models tshsr          # TSHSR (our design) vs its per-pair loop (bench_tshsr.py)
 
 SCAN rows (t2i and i2t, float32 and bfloat16): the official-style loop's time (fed float32; on a subset,
 extrapolated linearly by pairs, and marked "~"), ours, the speed-up, ours over the bare packed GEMM (the hardware
@@ -57,7 +58,7 @@ from common import (Timing, bare_gemm_rate, bare_product_timing, machine_line, m
 
 LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
 SGRAF_HEADS = {"sgr": "SGR", "saf": "SAF"}
-MODELS = ("scan", *SGRAF_HEADS, "gsmn")
+MODELS = ("scan", *SGRAF_HEADS, "gsmn", "tshsr")
 K, D, S, SGR_STEPS = 36, 1024, 256, 3
 # Weight of the grounding region in each synthetic word of the SGRAF rows (noise weight 1): weak enough that a
 # briefly trained head ranks well but not perfectly (matched_features' 0.3 makes every metric 100 at once).
@@ -333,7 +334,7 @@ def main(argv=None):
     parser.add_argument("--n-img", type=int, default=1000)
     parser.add_argument("--quick", action="store_true",
                         help="SCAN at 200 images x 1,000 captions, SGRAF at 100 x 500")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of scan,sgr,saf,gsmn")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of scan,sgr,saf,gsmn,tshsr")
     parser.add_argument("--directions", default="t2i,i2t", help="SCAN directions")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=1)
@@ -363,6 +364,9 @@ def main(argv=None):
     if "gsmn" in models:
         from bench_gsmn import run_gsmn
         run_gsmn(n_img, 5 * n_img, official_subset=(50, 100) if args.quick else (100, 100), repeats=args.repeats)
+    if "tshsr" in models:
+        from bench_tshsr import run_tshsr_eval
+        run_tshsr_eval(100 if args.quick else args.n_img, repeats=args.repeats)
     print(f"# load average {os.getloadavg()[0]:.2f} at end")
 
 

@@ -1,8 +1,9 @@
 """Train SCAN, SGRAF (SGR / SAF) or GSMN (dense / sparse) on precomputed region features (the official ``train.py``
-recipes).
+recipes), or TSHSR (our design after the paper's abstract; SGRAF's SGR recipe by our choice).
 
 CLI: ``python -m itm_models.cli.train --data DIR --out DIR [--model scan | --model sgraf --module SGR|SAF |
---model gsmn --variant dense|sparse [--propagate] [--recipe f30k|coco]] [options]`` (``--help`` lists them).
+--model gsmn --variant dense|sparse [--propagate] [--recipe f30k|coco] | --model tshsr [--streams t2i,i2t]
+[--levels global,intermediate,local]] [options]`` (``--help`` lists them).
 The console script ``itm-train`` is :func:`cli`; the training itself is :func:`itm_models.train.train`.
 """
 from __future__ import annotations
@@ -19,6 +20,10 @@ from ..scan import AGG_FUNCS, CROSS_ATTN, RAW_FEATURE_NORMS, SCANConfig
 from ..sgraf import MODULES as SGRAF_MODULES
 from ..sgraf import SGRAFConfig, recipe_schedule
 from ..train.loop import train
+from ..tshsr import FUSIONS as TSHSR_FUSIONS
+from ..tshsr import LEVELS as TSHSR_LEVELS
+from ..tshsr import STREAMS as TSHSR_STREAMS
+from ..tshsr import TSHSRConfig
 from .args import (backend_name, device_name, finite_float, nonnegative_float, nonnegative_int, output_dir,
                    positive_float, positive_int, run_main)
 
@@ -32,7 +37,10 @@ _SCAN_ONLY = {"direction": "t2i", "agg": "LogSumExp", "lambda_softmax": 9.0, "la
               "norm": "clipped_l2norm", "precomp_enc_type": "basic", "backend": "auto"}
 _SGRAF_ONLY = {"module": "SGR", "sim_dim": 256, "sgr_step": 3}
 _GSMN_ONLY = {"variant": "dense", "propagate": False, "lambda_softmax": None, "recipe": "f30k", "allow_pickle": False}
-_MODEL_OPTIONS = {"scan": _SCAN_ONLY, "sgraf": _SGRAF_ONLY, "gsmn": _GSMN_ONLY}
+# TSHSR shares sim_dim and sgr_step with SGRAF; its recipe is SGRAF's SGR one (our choice: none is published).
+_TSHSR_ONLY = {"sim_dim": 256, "sgr_step": 3, "streams": "t2i,i2t", "levels": "global,intermediate,local",
+               "phrase_window": 3, "region_groups": 4, "fusion": "sum"}
+_MODEL_OPTIONS = {"scan": _SCAN_ONLY, "sgraf": _SGRAF_ONLY, "gsmn": _GSMN_ONLY, "tshsr": _TSHSR_ONLY}
 # SCAN's and SGRAF's (batch_size, learning_rate) when not given (GSMN's come from its recipe).
 _DEFAULT_BATCH_LR = (128, 2e-4)
 
@@ -46,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=output_dir,
                    help="output folder for checkpoint_last.pt / checkpoint_best.pt (new or empty, unless --resume or "
                         "--overwrite)")
-    p.add_argument("--model", choices=("scan", "sgraf", "gsmn"), default="scan", help="model to train (default scan)")
+    p.add_argument("--model", choices=("scan", "sgraf", "gsmn", "tshsr"), default="scan",
+                   help="model to train (default scan; tshsr: our design after the TSHSR abstract)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="number of epochs (default: the official Flickr30K recipe of the model: SCAN 30, SGR 40, "
                         "SAF 30, GSMN 30; COCO: SCAN and SGRAF 20, GSMN --recipe coco 20)")
@@ -75,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="image encoder (default basic)")
     scan.add_argument("--backend", type=backend_name, default=None,
                       help="itm_kernels.xattn_sim backend (auto, cpu, torch, cuda, triton; default auto)")
-    sgraf = p.add_argument_group("SGRAF only (--model sgraf)")
+    sgraf = p.add_argument_group("SGRAF (--model sgraf; --sim-dim and --sgr-step also --model tshsr)")
     sgraf.add_argument("--module", choices=SGRAF_MODULES, default=None,
                        help="similarity head: SGR (graph reasoning) or SAF (attention filtration); default SGR")
     sgraf.add_argument("--sim-dim", type=positive_int, default=None, help="similarity vector size s (default 256)")
@@ -90,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
                            "given: f30k 2e-4 / 30 / 15 / 64 / 20 (default), coco 5e-4 / 20 / 5 / 32 / 10")
     gsmn.add_argument("--allow-pickle", action="store_true", default=None,
                       help="read pickled {split}_ims_size.npy files (the released layout; trusted files only)")
+    tshsr = p.add_argument_group("TSHSR only (--model tshsr; our design, SGRAF's SGR recipe by default)")
+    tshsr.add_argument("--streams", default=None, help="comma-separated subset of t2i,i2t (default both)")
+    tshsr.add_argument("--levels", default=None, help="comma-separated subset of global,intermediate,local with "
+                       "local (default all three)")
+    tshsr.add_argument("--phrase-window", type=positive_int, default=None, help="words per phrase (default 3)")
+    tshsr.add_argument("--region-groups", type=positive_int, default=None, help="region groups of the i2t stream (default 4)")
+    tshsr.add_argument("--fusion", choices=TSHSR_FUSIONS, default=None, help="stream fusion (default sum)")
     p.add_argument("--bi-gru", action=argparse.BooleanOptionalAction, default=True,
                    help="bidirectional GRU, halves averaged (README setting; default on)")
     p.add_argument("--max-violation", action=argparse.BooleanOptionalAction, default=True,
@@ -125,12 +141,14 @@ def _resolve_model_options(parser: argparse.ArgumentParser, a: argparse.Namespac
     for name, default in own.items():
         if getattr(a, name) is None:
             setattr(a, name, default)
+    if a.model == "tshsr":
+        _check_tshsr_lists(parser, a)
     if a.model == "gsmn":
         r = gsmn_recipe(a.recipe)
         epochs, lr_update, batch_size, lr = r["num_epochs"], r["lr_update"], r["batch_size"], r["learning_rate"]
         a.lambda_softmax = r["lambda_softmax"] if a.lambda_softmax is None else a.lambda_softmax
     else:
-        epochs, lr_update = SCAN_SCHEDULE if a.model == "scan" else recipe_schedule(a.module)
+        epochs, lr_update = SCAN_SCHEDULE if a.model == "scan" else recipe_schedule(a.module or "SGR")
         batch_size, lr = _DEFAULT_BATCH_LR
     a.epochs = epochs if a.epochs is None else a.epochs
     a.lr_update = lr_update if a.lr_update is None else a.lr_update
@@ -138,7 +156,18 @@ def _resolve_model_options(parser: argparse.ArgumentParser, a: argparse.Namespac
     a.lr = lr if a.lr is None else a.lr
 
 
-def _config_from_args(a: argparse.Namespace, vocab_size: int) -> SCANConfig | SGRAFConfig | GSMNConfig:
+def _check_tshsr_lists(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--streams / --levels: comma-separated names of TSHSR's streams / levels (levels with local), else a usage
+    error."""
+    for flag, value, allowed in (("--streams", a.streams, TSHSR_STREAMS), ("--levels", a.levels, TSHSR_LEVELS)):
+        names = [x.strip() for x in value.split(",") if x.strip()]
+        if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+            parser.error(f"{flag} takes distinct comma-separated names from {','.join(allowed)}, got {value!r}")
+    if "local" not in a.levels.split(","):
+        parser.error(f"--levels must include local, got {a.levels!r}")
+
+
+def _config_from_args(a: argparse.Namespace, vocab_size: int) -> SCANConfig | SGRAFConfig | GSMNConfig | TSHSRConfig:
     """The config of the chosen model from resolved CLI arguments (see :func:`_resolve_model_options`)."""
     shared = dict(vocab_size=vocab_size, word_dim=a.word_dim, embed_size=a.embed_size, num_layers=a.num_layers,
                   bi_gru=a.bi_gru, img_dim=a.img_dim, no_imgnorm=a.no_imgnorm, no_txtnorm=a.no_txtnorm,
@@ -146,6 +175,10 @@ def _config_from_args(a: argparse.Namespace, vocab_size: int) -> SCANConfig | SG
                   lr_update=a.lr_update, num_epochs=a.epochs, batch_size=a.batch_size)
     if a.model == "sgraf":
         return SGRAFConfig(module_name=a.module, sim_dim=a.sim_dim, sgr_step=a.sgr_step, **shared)
+    if a.model == "tshsr":
+        names = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+        return TSHSRConfig(sim_dim=a.sim_dim, sgr_step=a.sgr_step, streams=names(a.streams), levels=names(a.levels),
+                           phrase_window=a.phrase_window, region_groups=a.region_groups, fusion=a.fusion, **shared)
     if a.model == "gsmn":
         return GSMNConfig(variant=a.variant, propagate=a.propagate, lambda_softmax=a.lambda_softmax, **shared)
     return SCANConfig(precomp_enc_type=a.precomp_enc_type, raw_feature_norm=a.norm, agg_func=a.agg,

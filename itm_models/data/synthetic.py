@@ -9,6 +9,8 @@ Hidden model:
   same image), and the rest show one of 24 shared background prototypes; every region gets ReLU-shaped noise, and
   the regions are shuffled. The features are non-negative with mean about 0.2 and many exact zeros, like
   bottom-up-attention features.
+- Optional harder negatives (``hard_negatives``): near-twin images sharing all concepts but one with the previous
+  image, with captions that name the distinguishing concept (so they share most words with the twin's captions).
 - Each caption names 3-6 of its image's concepts, in random order, joined by filler words (articles, prepositions,
   colours that carry no information), with commas, a final ``.`` / ``!`` or none, and sometimes a capital first
   letter (the tokeniser lower-cases).
@@ -112,6 +114,7 @@ def _write_split(
     n_regions: int,
     captions_per_image: int,
     id_offset: int,
+    hard_negatives: float = 0.0,
 ) -> int:
     n_concepts, dim = protos.shape
     table = np.concatenate([protos, background])  # (n_concepts + n_background, dim)
@@ -121,6 +124,7 @@ def _write_split(
     del created
     captions: list[str] = []
     n_fg = max(1, int(round(0.7 * n_regions)))
+    prev_shown = None
     for c0 in range(0, n_images, _CHUNK_IMAGES):
         b = min(_CHUNK_IMAGES, n_images - c0)
         main = np.empty((b, n_regions), dtype=np.int64)
@@ -128,6 +132,14 @@ def _write_split(
         for i in range(b):
             k = int(rng.integers(5, 9))
             shown = rng.choice(n_concepts, size=k, replace=False)
+            distinct = None
+            if hard_negatives > 0 and prev_shown is not None and rng.random() < hard_negatives:
+                # a near twin of the previous image: its concepts but one, replaced by a concept it lacks
+                distinct = int(rng.choice(np.setdiff1d(np.arange(n_concepts), prev_shown)))
+                shown = prev_shown.copy()
+                shown[rng.integers(len(shown))] = distinct
+                k = len(shown)
+            prev_shown = shown
             # every shown concept gets a region, the other foreground regions draw from them at random
             fg = np.concatenate([shown, rng.choice(shown, size=max(0, n_fg - k))])[:n_regions]
             bg = n_concepts + rng.integers(0, len(background), size=n_regions - len(fg))
@@ -138,6 +150,8 @@ def _write_split(
             for _ in range(captions_per_image):
                 m = int(rng.integers(3, min(6, k) + 1))
                 named = rng.choice(shown, size=m, replace=False)
+                if distinct is not None and distinct not in named:   # the one word that tells the twins apart
+                    named[rng.integers(m)] = distinct
                 captions.append(_caption(rng, [words[j] for j in named]))
         w_main = rng.uniform(0.7, 1.3, size=(b, n_regions, 1)).astype(np.float32)
         blend = rng.random((b, n_regions, 1)) < 0.25
@@ -171,6 +185,7 @@ def make_synthetic_dataset(
     seed: int = 0,
     captions_per_image: int = 5,
     n_concepts: int = 300,
+    hard_negatives: float = 0.0,
 ) -> dict:
     """Write a learnable synthetic dataset in the precomputed layout to ``out_dir``.
 
@@ -188,6 +203,10 @@ def make_synthetic_dataset(
         seed: random seed; the output is a deterministic function of all arguments.
         captions_per_image: 5 (as Flickr30K / COCO) or 1 (one feature row per caption).
         n_concepts: number of hidden concepts (= concept words).
+        hard_negatives: probability (0..1) that an image is a near twin of the previous image of its split: the
+            same concepts but one, replaced by a concept the previous image lacks, and every caption of it names
+            that concept; its captions then share most words with the twin's. 0 (default) draws nothing extra, so
+            the output is unchanged from the generator without the option.
 
     Returns:
         dict with ``out_dir``, ``vocab_size``, ``n_concepts`` and ``splits`` ({split: (n_images, n_captions)}).
@@ -197,6 +216,8 @@ def make_synthetic_dataset(
     for name, v in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
+    if not 0.0 <= hard_negatives <= 1.0:
+        raise ValueError(f"hard_negatives must be a probability in [0, 1], got {hard_negatives}")
     if n_regions < 1 or img_dim < 1:
         raise ValueError(f"n_regions and img_dim must be positive, got {n_regions}, {img_dim}")
     fixed = Vocabulary()
@@ -225,7 +246,8 @@ def make_synthetic_dataset(
         if n == 0:
             continue
         rng = np.random.default_rng([seed, k])
-        n_caps = _write_split(out_dir, split, n, rng, protos, background, words, n_regions, captions_per_image, offset)
+        n_caps = _write_split(out_dir, split, n, rng, protos, background, words, n_regions, captions_per_image, offset,
+                               hard_negatives)
         splits[split] = (n, n_caps)
         offset += n
     return {"out_dir": out_dir, "vocab_size": len(vocab), "n_concepts": n_concepts, "splits": splits}
@@ -244,11 +266,14 @@ def main(argv=None) -> None:
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard-negatives", type=float, default=0.0,
+                   help="probability that an image is a near twin of the previous one (default 0: none)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     info = make_synthetic_dataset(
         a.out_dir, n_train=a.n_train, n_dev=a.n_dev, n_test=a.n_test, n_regions=a.n_regions, img_dim=a.img_dim,
         vocab_size=a.vocab_size, seed=a.seed, captions_per_image=a.captions_per_image, n_concepts=a.n_concepts,
+        hard_negatives=a.hard_negatives,
     )
     dt = time.perf_counter() - t0
     for split, (n_img, n_cap) in info["splits"].items():

@@ -176,7 +176,8 @@ def similarity_matrix(model, dataset, *, batch_size=128, caption_chunk=1000, dev
         captions_per_image: captions of each image (5 in the official splits; an int >= 1).
         dtype: dtype in which the embeddings are scored (float32; float64 reproduces the official float64
             evaluation to rounding; bfloat16 is faster on hardware with bf16 matrix units).
-        backend: kernel backend of GSMN's ``sims`` (SCAN / SGRAF use the model's own ``backend``).
+        backend: kernel backend of GSMN's ``sims`` (SCAN / SGRAF / TSHSR use the model's own ``backend``; TSHSR's
+            ``sims`` scores each caption chunk in bounded-memory blocks of pairs).
         graph: GSMN only: :func:`itm_models.data.gsmn.load_gsmn_split`'s dict (``boxes`` and ``image_sizes`` per
             feature row, ``parses`` per caption). Each caption chunk is scored with the boxes of the distinct images
             and its own parses.

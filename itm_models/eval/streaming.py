@@ -148,7 +148,7 @@ def xattn_tile_fn(images: torch.Tensor, captions: torch.Tensor, cap_lens, **opts
 
 
 def model_tile_fn(model, img_embs, cap_embs, cap_lens, *, graph_inputs=None, **kwargs) -> TileFn:
-    """Tiles of a model head's ``sims`` (SCAN, SGRAF, GSMN and their ensembles) over encoded embeddings.
+    """Tiles of a model head's ``sims`` (SCAN, SGRAF, GSMN, TSHSR and their ensembles) over encoded embeddings.
 
     Args:
         img_embs: (N_img, K, d) (or a list, one per ensemble member); cap_embs: (N_cap, L, d) (or a list);
@@ -222,7 +222,7 @@ def streaming_topk(tile_fn: TileFn, n_img: int, n_cap: int, k: int, *, queries: 
 @torch.no_grad()
 def similarity_topk(model, img_embs, cap_embs, cap_lens, k: int, *, queries: str = "images", graph_inputs=None,
                     img_chunk: int = 256, cap_chunk: int = 1024, group=None, **kwargs):
-    """Top-k per query for a model head (SCAN, SGRAF, GSMN) over encoded embeddings, without the matrix.
+    """Top-k per query for a model head (SCAN, SGRAF, GSMN, TSHSR) over encoded embeddings, without the matrix.
 
     ``img_embs``/``cap_embs``/``cap_lens``/``graph_inputs``/``kwargs`` as in :func:`model_tile_fn`; the rest as
     :func:`streaming_topk`.

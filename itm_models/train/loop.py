@@ -11,6 +11,8 @@ recomputes tiles instead of storing the attention; SGRAF's is :meth:`itm_models.
 The model follows the config's type: :class:`itm_models.scan.SCANConfig` (batch 128, lr 2e-4, 30 epochs, decay at
 15 on Flickr30K), :class:`itm_models.sgraf.SGRAFConfig` (batch 128, Adam 2e-4, margin 0.2, hardest negatives,
 grad clip 2, sim_dim 256, 3 SGR steps; Flickr30K SGR 40 epochs / decay at 30, SAF 30 / 20; COCO 20 / 10) or
+:class:`itm_models.tshsr.TSHSRConfig` (our design; SGRAF's SGR recipe by our choice: batch 128, Adam 2e-4, 40
+epochs, decay at 30),
 :class:`itm_models.gsmn.config.GSMNConfig` (Flickr30K: batch 64, Adam 2e-4, 30 epochs, decay at 15, lambda 20;
 COCO: batch 32, 5e-4, 20 epochs, decay at 5, lambda 10; :func:`itm_models.gsmn.config.recipe`). Dev scores: SCAN
 through :func:`itm_models.scan.encode_and_score`, SGRAF and GSMN through
@@ -57,6 +59,7 @@ from ..losses import ContrastiveLoss
 from ..scan import SCAN, SCANConfig
 from ..sgraf import NUM_REGIONS as SGRAF_REGIONS
 from ..sgraf import SGRAF, SGRAFConfig
+from ..tshsr import TSHSR, TSHSRConfig
 from .datasets import GSMNBatch, GSMNTrainSet, collate_gsmn
 from .validation import validate
 
@@ -137,13 +140,15 @@ def _build_model(config: SCANConfig | SGRAFConfig | GSMNConfig, backend: str) ->
         return SCAN(config, backend=backend)
     if isinstance(config, GSMNConfig):
         return GSMN.from_config(config)
+    if isinstance(config, TSHSRConfig):
+        return TSHSR.from_config(config)
     return SGRAF.from_config(config)
 
 
 def _drop_last(config, n_items: int) -> bool:
     """SGRAF's VisualSA BatchNorm over d cannot take a training batch of one image: drop a last batch of exactly
     one caption (the official Flickr30K / COCO sizes never produce one); SCAN keeps every batch."""
-    return isinstance(config, SGRAFConfig) and n_items % config.batch_size == 1
+    return isinstance(config, (SGRAFConfig, TSHSRConfig)) and n_items % config.batch_size == 1
 
 
 def _check_run_folder(out_dir: str, *, resume, overwrite: bool) -> None:
@@ -269,8 +274,9 @@ def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.Path
     say = log or (lambda _msg: None)
     data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
     device = resolve_device(device)
-    if not isinstance(config, (SCANConfig, SGRAFConfig, GSMNConfig)):
-        raise TypeError(f"config must be a SCANConfig, an SGRAFConfig or a GSMNConfig, got {type(config).__name__}")
+    if not isinstance(config, (SCANConfig, SGRAFConfig, GSMNConfig, TSHSRConfig)):
+        raise TypeError(f"config must be a SCANConfig, an SGRAFConfig, a GSMNConfig or a TSHSRConfig, got "
+                        f"{type(config).__name__}")
     if val_every_epoch < 0:
         raise ValueError(f"val_every_epoch must be >= 0, got {val_every_epoch}")
     _check_run_folder(out_dir, resume=resume, overwrite=overwrite)
@@ -278,7 +284,7 @@ def train(config: SCANConfig | SGRAFConfig | GSMNConfig, data_dir: str | os.Path
     voc = None if is_gsmn and vocab is None else load_vocab(vocab, data_dir)
     if voc is not None and config.vocab_size < len(voc):
         raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the vocabulary ({len(voc)} tokens)")
-    n_regions = SGRAF_REGIONS if isinstance(config, SGRAFConfig) else None
+    n_regions = SGRAF_REGIONS if isinstance(config, (SGRAFConfig, TSHSRConfig)) else None
     dev_set = dev_graph = None
     if val_every_epoch and not os.path.isfile(split_paths(data_dir, "dev")["ims"]):
         raise FileNotFoundError(f"no dev split in {data_dir} (dev_ims.npy); pass val_every_epoch=0 to train "

@@ -13,6 +13,7 @@ from ..eval.similarity import similarity_matrix
 from ..gsmn import GSMN, GSMNEnsemble
 from ..scan import SCAN, SCANEnsemble, encode_and_score
 from ..sgraf import SGRAF, SGRAFEnsemble
+from ..tshsr import TSHSR, TSHSREnsemble
 
 __all__ = ["validate", "CAPTIONS_PER_IMAGE"]
 
@@ -85,7 +86,7 @@ def validate(model: SCAN | SGRAF | GSMN, dataset: PrecompDataset, *, batch_size:
         ids, lengths = _pad_ids(dataset.captions[:n_cap])
         sims = encode_and_score(model, _ImageRows(dataset.images, rows), ids, lengths, batch_size=batch_size,
                                 device=device, backend=backend, sims_dtype=sims_dtype)
-    elif isinstance(model, (SGRAF, SGRAFEnsemble, GSMN, GSMNEnsemble)):
+    elif isinstance(model, (SGRAF, SGRAFEnsemble, GSMN, GSMNEnsemble, TSHSR, TSHSREnsemble)):
         is_gsmn = isinstance(model, (GSMN, GSMNEnsemble))
         if is_gsmn and graph is None:
             raise ValueError("validating GSMN needs graph=: the split's boxes, image sizes and parses "
@@ -104,7 +105,8 @@ def validate(model: SCAN | SGRAF | GSMN, dataset: PrecompDataset, *, batch_size:
             for m, training in modes:
                 m.training = training
     else:
-        raise TypeError(f"model must be a SCAN, SCANEnsemble, SGRAF, SGRAFEnsemble, GSMN or GSMNEnsemble, got "
+        raise TypeError(f"model must be a SCAN, SCANEnsemble, SGRAF, SGRAFEnsemble, GSMN, GSMNEnsemble, TSHSR or "
+                        f"TSHSREnsemble, got "
                         f"{type(model).__name__}")
     metrics = recall(sims, captions_per_image=CAPTIONS_PER_IMAGE)
     metrics["n_images"], metrics["n_captions"] = len(rows), n_cap
