@@ -22,7 +22,7 @@ def _masked_softmax(x, valid, dim):
 
 
 def _tile_inputs(img, img_lens, cap, cap_lens, direction):
-    """Zero the padding and lay the tile out as context x query for ``attend_forward``.
+    """Zero the padding (selected out, so NaN/Inf there never propagate) and lay the tile out as context x query for ``attend_forward``.
 
     Returns (img, cap, s (Ni, Nc, C, Q), q_valid (., ., 1, Q), c_valid (., ., C, 1), gram (., ., C, C),
     q_norm (., ., Q)): for t2i context = regions, query = words; for i2t the reverse.
@@ -30,8 +30,9 @@ def _tile_inputs(img, img_lens, cap, cap_lens, direction):
     K, Lc = img.shape[1], cap.shape[1]
     r_valid = torch.arange(K, device=img.device)[None, :] < img_lens[:, None]      # (Ni, K)
     w_valid = torch.arange(Lc, device=cap.device)[None, :] < cap_lens[:, None]     # (Nc, Lc)
-    img = img * r_valid[..., None].to(img.dtype)
-    cap = cap * w_valid[..., None].to(cap.dtype)
+    zero = torch.zeros((), dtype=img.dtype, device=img.device)
+    img = torch.where(r_valid[..., None], img, zero)        # select, never multiply: padding may hold NaN/Inf
+    cap = torch.where(w_valid[..., None], cap, zero)
     s = torch.einsum("ikd,ctd->ickt", img, cap)                                     # (Ni, Nc, K, Lc)
     if direction == "t2i":
         return (img, cap, s, w_valid[None, :, None, :], r_valid[:, None, :, None],
@@ -163,7 +164,8 @@ def tile_backward(grad, img, img_lens, cap, cap_lens, *, direction, norm, lambda
         g_img = g_img + g_q_norm.sum(1)[..., None] * img / torch.where(img_norm > 0, img_norm, 1.0)
     r_valid = torch.arange(img.shape[1], device=img.device)[None, :] < img_lens[:, None]
     w_valid = torch.arange(cap.shape[1], device=cap.device)[None, :] < cap_lens[:, None]
-    return g_img * r_valid[..., None], g_cap * w_valid[..., None]
+    zero = torch.zeros((), dtype=g_img.dtype, device=g_img.device)
+    return torch.where(r_valid[..., None], g_img, zero), torch.where(w_valid[..., None], g_cap, zero)
 
 
 def caption_chunks(cap_lens: torch.Tensor, words_per_chunk: int):
