@@ -10,15 +10,42 @@ from __future__ import annotations
 
 import torch
 
+from .._common.constants import GRAM_CANCEL_RATIO
 from .._common.dtypes import compute_dtype as compute_dtype_for
 from . import reference
 
 DEFAULT_TILE_BYTES = 32 << 20
 TILE_TENSORS = 5
+# Scratch of the Gram guard's exact recompute (explicit attended vectors of the flagged queries, float64).
+EXACT_CHUNK_BYTES = 8 << 20
 
 
 def _masked_softmax(x, valid, dim):
     return torch.softmax(x.masked_fill(~valid, float("-inf")), dim=dim)
+
+
+def cancelled(a_sq, alpha, gram):
+    """Where the Gram identity cancels: alpha^T G alpha < GRAM_CANCEL_RATIO (sum_c alpha_c |v_c|)^2, |v_c| =
+    sqrt(G_cc). alpha (..., C, Q) has the context axis second to last; gram (..., C, C) broadcasts against it."""
+    v_norm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    b = (alpha * v_norm.unsqueeze(-1)).sum(-2)
+    return a_sq < GRAM_CANCEL_RATIO * b * b
+
+
+def exact_attended(weights, context, query, *, max_bytes=EXACT_CHUNK_BYTES):
+    """q.a and |a|^2 in float64 for a = sum_c weights_c context_c, per row: weights (n, C), context (n, C, d) or a
+    callable giving rows [j0, j1) of it, query (n, d). The rare path of the Gram guard; memory in chunks of
+    ``max_bytes``."""
+    n, C = weights.shape
+    d = query.shape[-1]
+    step = max(1, max_bytes // (8 * C * d))
+    dots, sqs = [], []
+    for j0 in range(0, n, step):
+        ctx = context(j0, min(n, j0 + step)) if callable(context) else context[j0:j0 + step]
+        a = torch.einsum("nc,ncd->nd", weights[j0:j0 + step].double(), ctx.double())
+        dots.append((a * query[j0:j0 + step].double()).sum(-1))
+        sqs.append((a * a).sum(-1))
+    return torch.cat(dots), torch.cat(sqs)
 
 
 def _tile_inputs(img, img_lens, cap, cap_lens, direction):
@@ -39,6 +66,11 @@ def _tile_inputs(img, img_lens, cap, cap_lens, direction):
                 torch.bmm(img, img.transpose(1, 2))[:, None], cap.norm(dim=2)[None])
     return (img, cap, s.transpose(2, 3), r_valid[:, None, None, :], w_valid[None, :, :, None],
             torch.bmm(cap, cap.transpose(1, 2))[None], img.norm(dim=2)[:, None])
+
+
+def _features(img, cap, direction):
+    """(context, query, t2i) of a tile, for the Gram guard's exact recompute."""
+    return (img, cap, True) if direction == "t2i" else (cap, img, False)
 
 
 def _per_image(gram, alpha) -> bool:
@@ -62,22 +94,38 @@ def _gram_grad(gram, left, alpha):
     return torch.einsum("icjq,ickq->cjk", left, alpha)[None]
 
 
-def attend_forward(s, q_valid, c_valid, gram, q_norm, *, norm, lambda_softmax):
+def attend_forward(s, q_valid, c_valid, gram, q_norm, *, norm, lambda_softmax, features=None):
     """Cosines R (Ni, Nc, Q) of each query item with its attended context, from the score tile s (Ni, Nc, C, Q).
 
-    Uses q.a = sum_c alpha s and |a|^2 = alpha^T gram alpha. Returns R and the intermediates the backward needs.
+    Uses q.a = sum_c alpha s and |a|^2 = alpha^T gram alpha. Where that cancels (``cancelled``), q.a and |a|^2 are
+    recomputed from the explicit attended vector in float64, given ``features`` = (context, query, t2i) of
+    ``_tile_inputs``. Returns R and the intermediates the backward needs.
     """
     x = reference.normalize_scores(s, q_valid, norm, dim=3)
     alpha = _masked_softmax(lambda_softmax * x, c_valid, dim=2)
     num = (alpha * s).sum(2)
     g_alpha = _gram_times(gram, alpha)
     a_sq = (alpha * g_alpha).sum(2)
+    if features is not None:
+        num, a_sq = _guard(num, a_sq, alpha, gram, q_valid, *features)
     # Clamping |a|^2 at the smallest normal number changes nothing (the denominator is then clamped to eps
     # anyway) and keeps the gradient finite where rounding makes |a|^2 <= 0.
     a_norm = a_sq.clamp_min(torch.finfo(a_sq.dtype).tiny).sqrt()
     denom = q_norm * a_norm
     r = num / denom.clamp_min(reference.EPS)
     return r, dict(alpha=alpha, num=num, g_alpha=g_alpha, a_sq=a_sq, a_norm=a_norm, denom=denom)
+
+
+def _guard(num, a_sq, alpha, gram, q_valid, context, query, t2i):
+    """Replace q.a and |a|^2 of the valid queries where the Gram identity cancels by their exact values."""
+    bad = cancelled(a_sq, alpha, gram) & q_valid[:, :, 0]
+    if not bool(bad.any()):
+        return num, a_sq
+    i, c, q = bad.nonzero(as_tuple=True)
+    weights = alpha.permute(0, 1, 3, 2)[i, c, q]                                     # (n, C)
+    ctx_rows, q_rows = (i, c) if t2i else (c, i)
+    dot, sq = exact_attended(weights, lambda j0, j1: context[ctx_rows[j0:j1]], query[q_rows, q])
+    return num.index_put((i, c, q), dot.to(num.dtype)), a_sq.index_put((i, c, q), sq.to(a_sq.dtype))
 
 
 def aggregate_weights(r, valid, agg, lambda_lse):
@@ -135,15 +183,17 @@ def tile_sims(img, img_lens, cap, cap_lens, *, direction, norm, lambda_softmax, 
 
     Padding rows of ``img``/``cap`` may hold anything: they are zeroed before use.
     """
-    _, _, s, q_valid, c_valid, gram, q_norm = _tile_inputs(img, img_lens, cap, cap_lens, direction)
-    r, _ = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax)
+    img, cap, s, q_valid, c_valid, gram, q_norm = _tile_inputs(img, img_lens, cap, cap_lens, direction)
+    r, _ = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax,
+                          features=_features(img, cap, direction))
     return reference.aggregate(r, q_valid[:, :, 0].expand_as(r), agg, lambda_lse)
 
 
 def tile_backward(grad, img, img_lens, cap, cap_lens, *, direction, norm, lambda_softmax, agg, lambda_lse):
     """Gradients of sum(grad * tile_sims(...)): grad (Ni, Nc) -> (g_img (Ni, K, d), g_cap (Nc, Lc, d))."""
     img, cap, s, q_valid, c_valid, gram, q_norm = _tile_inputs(img, img_lens, cap, cap_lens, direction)
-    r, saved = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax)
+    r, saved = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax,
+                              features=_features(img, cap, direction))
     valid = q_valid[:, :, 0].expand_as(r)
     g_r = grad[:, :, None] * aggregate_weights(r, valid, agg, lambda_lse)
     g_s, g_gram, g_q_norm = attend_backward(g_r, s, q_valid, c_valid, gram, q_norm, saved, norm=norm,
