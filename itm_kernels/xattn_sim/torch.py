@@ -10,42 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .._common.constants import GRAM_CANCEL_RATIO
+from .._common.gram_guard import cancelled, exact_attended
 from .._common.dtypes import compute_dtype as compute_dtype_for
 from . import reference
 
 DEFAULT_TILE_BYTES = 32 << 20
 TILE_TENSORS = 5
-# Scratch of the Gram guard's exact recompute (explicit attended vectors of the flagged queries, float64).
-EXACT_CHUNK_BYTES = 8 << 20
 
 
 def _masked_softmax(x, valid, dim):
     return torch.softmax(x.masked_fill(~valid, float("-inf")), dim=dim)
-
-
-def cancelled(a_sq, alpha, gram):
-    """Where the Gram identity cancels: alpha^T G alpha < GRAM_CANCEL_RATIO (sum_c alpha_c |v_c|)^2, |v_c| =
-    sqrt(G_cc). alpha (..., C, Q) has the context axis second to last; gram (..., C, C) broadcasts against it."""
-    v_norm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    b = (alpha * v_norm.unsqueeze(-1)).sum(-2)
-    return a_sq < GRAM_CANCEL_RATIO * b * b
-
-
-def exact_attended(weights, context, query, *, max_bytes=EXACT_CHUNK_BYTES):
-    """q.a and |a|^2 in float64 for a = sum_c weights_c context_c, per row: weights (n, C), context (n, C, d) or a
-    callable giving rows [j0, j1) of it, query (n, d). The rare path of the Gram guard; memory in chunks of
-    ``max_bytes``."""
-    n, C = weights.shape
-    d = query.shape[-1]
-    step = max(1, max_bytes // (8 * C * d))
-    dots, sqs = [], []
-    for j0 in range(0, n, step):
-        ctx = context(j0, min(n, j0 + step)) if callable(context) else context[j0:j0 + step]
-        a = torch.einsum("nc,ncd->nd", weights[j0:j0 + step].double(), ctx.double())
-        dots.append((a * query[j0:j0 + step].double()).sum(-1))
-        sqs.append((a * a).sum(-1))
-    return torch.cat(dots), torch.cat(sqs)
 
 
 def _tile_inputs(img, img_lens, cap, cap_lens, direction):
@@ -124,7 +98,8 @@ def _guard(num, a_sq, alpha, gram, q_valid, context, query, t2i):
     i, c, q = bad.nonzero(as_tuple=True)
     weights = alpha.permute(0, 1, 3, 2)[i, c, q]                                     # (n, C)
     ctx_rows, q_rows = (i, c) if t2i else (c, i)
-    dot, sq = exact_attended(weights, lambda j0, j1: context[ctx_rows[j0:j1]], query[q_rows, q])
+    dot, sq = exact_attended(weights, lambda j0, j1: context[ctx_rows[j0:j1]], context.shape[-1],
+                             query[q_rows, q])
     return num.index_put((i, c, q), dot.to(num.dtype)), a_sq.index_put((i, c, q), sq.to(a_sq.dtype))
 
 
