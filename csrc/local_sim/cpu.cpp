@@ -715,6 +715,9 @@ void local_sim_cpu_(at::Tensor out, const at::Tensor& images, const at::Tensor& 
               "sharing memory (an expanded tensor), got strides ", out.strides());
   TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "local_sim_cpu_: lambda_softmax must be finite "
               "and >= 0, got ", lambda_softmax);
+  TORCH_CHECK(lambda_softmax <= (images.scalar_type() == at::kDouble ? kLambdaMaxF64 : kLambdaMaxF32),
+              "local_sim_cpu_: lambda_softmax must be <= ", (images.scalar_type() == at::kDouble ? kLambdaMaxF64 :
+              kLambdaMaxF32), " for ", images.scalar_type(), " inputs, got ", lambda_softmax);
   TORCH_CHECK(max_tile_bytes >= 0, "local_sim_cpu_: max_tile_bytes must be >= 0 (0: default), got ", max_tile_bytes);
   const int64_t* lens = cap_lens.data_ptr<int64_t>();
   for (int64_t c = 0; c < NC; ++c)

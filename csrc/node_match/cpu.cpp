@@ -358,6 +358,9 @@ void node_match_fused_cpu(at::Tensor region, at::Tensor word, const at::Tensor& 
   }
   TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "node_match_fused: lambda_softmax must be "
               "finite and >= 0, got ", lambda_softmax);
+  TORCH_CHECK(lambda_softmax <= (dtype == at::kDouble ? itm::kLambdaMaxF64 : itm::kLambdaMaxF32),
+              "node_match_fused: lambda_softmax must be <= ", (dtype == at::kDouble ? itm::kLambdaMaxF64 :
+              itm::kLambdaMaxF32), " for ", dtype, " inputs, got ", lambda_softmax);
   const Out O{n_cap, L_out, 0, index};
   // Work items: (image, group of up to kGroup captions); within one, the image's features stay in L1/L2 while the
   // group's captions (kGroup x Lp x d values) stay in L2.
