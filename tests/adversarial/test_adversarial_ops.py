@@ -284,6 +284,7 @@ def test_raw_cpu_op_rejects_meta_lengths_and_bad_lambdas():
         torch.ops.itm_kernels.xattn_sim_fwd(im, cap, lens, img_lens, 0, 2, 9.0, 0, 1e300, 0)
 
 
+@pytest.mark.slow  # ~10 s of Dynamo tracing
 def test_checks_hold_under_torch_compile():
     im, cap, _, _ = _small()
     f = torch.compile(lambda a, b, lens: xattn_sim(a, b, lens, backend="torch"), fullgraph=True)
