@@ -17,7 +17,9 @@ How the chunked torch implementation avoids the (pairs x L x d) tensor: the atte
 Per tile: the scores are one GEMM (images*K x d) @ (d x words); the normalisations and the softmax run on the small
 (images, K, words) tensor; |a_t|^2 = alpha_t^T G alpha_t with the per-image Gram matrix G = V V^T, so 1/(|a|+eps)
 is folded into alpha and one batched GEMM writes a^ - e straight into the scratch (e enters as the GEMM's
-accumulator); one in-place pass squares it and one GEMM with W^T (+ b) contracts d away. (The expansion
+accumulator); words where that quadratic form cancels in float32 (``itm_kernels._common.gram_guard``: the
+attended vector nearly vanishes) take a^ from the explicit a in float64 instead (torch and cpu backends; the Triton
+kernel has no such guard yet); one in-place pass squares it and one GEMM with W^T (+ b) contracts d away. (The expansion
 W(a^2) - 2 W(a*e) + W(e^2) saves nothing: a^2 and a*e still need a^ in d-space, and two contractions cost twice
 one.) Per pair and word the FLOPs are the
 official ones: 4 K d for the scores and the attended vector, 2 d s for the projection, which dominates (s = 256).

@@ -17,7 +17,9 @@ For every image i (regions v_k, k < K), caption c (words e_t, t < cap_len[c]) an
 How the attended contexts are avoided: with per-block scores s^b_kt = v_k,b . e_t,b (the 16 partial sums of the
 score GEMM, so no extra FLOPs), the numerator of cos_b is sum_t alpha_kt s^b_kt, and |sum_t alpha_kt e_t,b|^2 =
 alpha_k^T G^b alpha_k with the caption's per-block Gram matrix G^b = E_b E_b^T (L x L; the image's K x K Gram
-for the other direction). Everything per pair is K x L x 16-sized; nothing d-sized exists per pair.
+for the other direction). Everything per pair is K x L x 16-sized; nothing d-sized exists per pair. Where that
+quadratic form cancels in float32 (``itm_kernels._common.gram_guard``: the block context nearly vanishes), the
+"torch" and "cpu" backends recompute the block cosine from the explicit block context in float64.
 
 Tiles: captions are visited in length order and padded only to the longest of their tile; one tile holds a few
 images x a few captions, sized so that its K x L x 16 tensors stay under ``max_tile_bytes``.

@@ -3,7 +3,9 @@
 Captions are sorted by length and cut into chunks of similar lengths (each chunk padded only to its own longest
 caption); images are cut into chunks; each (image chunk, caption chunk) tile computes its (Ni, Nc, K, Lc) score
 tensor, the attention weights and the cosines through the Gram-matrix identity |a|^2 = alpha^T G alpha, so the
-weighted context is never formed. Peak extra memory: about ``TILE_TENSORS`` tile-sized tensors, each at most
+weighted context is never formed, except for the rare queries where alpha^T G alpha cancels (the attended vector
+nearly vanishes; ``itm_kernels._common.gram_guard``): their q.a and |a|^2 are recomputed from the explicit vector in
+float64. Padding is selected out with ``where`` (NaN/Inf there never propagate). Peak extra memory: about ``TILE_TENSORS`` tile-sized tensors, each at most
 ``max_tile_bytes`` (default 32 MiB), plus the (N_img, N_cap) output.
 """
 from __future__ import annotations
