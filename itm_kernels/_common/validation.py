@@ -103,9 +103,9 @@ def check_op_features(op: str, **features) -> None:
 def check_op_lengths(op: str, name: str, lens, count: int, max_len: int, device: torch.device) -> None:
     """A registered op's lengths argument: an integer (count,) tensor on ``device`` with values in 1..max_len.
 
-    The values are checked on the host for CPU tensors (a min/max of ``count`` integers) and on the device for
-    GPU tensors (``torch._assert_async``: no host synchronisation); fake/meta tensors (tracing) are checked by
-    metadata only. This runs inside the op, so it holds under ``torch.compile`` and for direct calls."""
+    The values are checked by ``torch._assert_async`` (on a GPU an on-device assert: no host synchronisation; on
+    the CPU it raises at once, turned into a ``ValueError`` with the values found); fake/meta tensors (tracing) are
+    checked by metadata only. This runs inside the op, so it holds under ``torch.compile`` and for direct calls."""
     if not isinstance(lens, torch.Tensor) or lens.dtype.is_floating_point or lens.dtype.is_complex \
             or lens.dtype == torch.bool:
         raise TypeError(f"{op}: {name} must be an integer tensor, got {getattr(lens, 'dtype', type(lens).__name__)}")
@@ -115,12 +115,14 @@ def check_op_lengths(op: str, name: str, lens, count: int, max_len: int, device:
         raise ValueError(f"{op}: {name} must be on {device} like the features, got {lens.device}")
     if lens.device.type == "meta" or isinstance(lens, torch._subclasses.FakeTensor):
         return
-    if lens.device.type == "cpu":
-        lo, hi = int(lens.min()), int(lens.max())
-        if lo < 1 or hi > max_len:
-            raise ValueError(f"{op}: {name} must lie in 1..{max_len}, got values in {lo}..{hi}")
-    else:
-        torch._assert_async(((lens >= 1) & (lens <= max_len)).all(), f"{op}: {name} must lie in 1..{max_len}")
+    message = f"{op}: {name} must lie in 1..{max_len}"
+    if lens.device.type != "cpu":
+        torch._assert_async(((lens >= 1) & (lens <= max_len)).all(), message)
+        return
+    try:
+        torch._assert_async(((lens >= 1) & (lens <= max_len)).all(), message)
+    except RuntimeError:
+        raise ValueError(f"{message}, got values in {int(lens.min())}..{int(lens.max())}") from None
 
 
 def check_op_grad(op: str, name: str, grad, shape: tuple, device: torch.device) -> None:
