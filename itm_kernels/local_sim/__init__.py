@@ -140,7 +140,6 @@ def local_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
                                     max_tile_bytes=max_tile_bytes or None)
 
 
-@local_sim_backward_op.register_fake
 def _check_backward_args(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes):
     op = "itm_kernels::local_sim_backward"
     _check_op_args(op, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes)
@@ -148,6 +147,7 @@ def _check_backward_args(grad, images, captions, cap_lens, weight, bias, lambda_
                   images.device)
 
 
+@local_sim_backward_op.register_fake
 def _local_sim_backward_fake(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes):
     _check_backward_args(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes)
     return (_torch.empty_like(images), _torch.empty_like(captions), _torch.empty_like(weight),
