@@ -211,6 +211,50 @@ ITM_INLINE void attention_impl(T* S, int64_t ld, int64_t K, int64_t K2, int64_t 
   }
 }
 
+// Gram guard (kGramCancelRatio): words whose |a_t|^2 = alpha_t^T G alpha_t cancelled (|a_t| < sqrt(ratio) sum_k
+// alpha_kt |v_k|; |a_t| is read back from Pt = alpha / (|a| + eps) at the largest alpha) get their a^_t from the
+// explicit a_t in float64: `words` lists them, `rows` holds their a^ (d each). Rare; K per word otherwise.
+template <class T> struct GuardRows {
+  std::vector<int64_t> words;
+  std::vector<T> rows;
+};
+
+template <class T, class E>
+void gram_guard_words(const T* alpha, int64_t ld, int64_t K, int64_t K2, int64_t W, const T* G, const E* const* v,
+                      int64_t d, const E* Pt, GuardRows<T>& g) {
+  g.words.clear();
+  g.rows.clear();
+  const T ratio = static_cast<T>(kGramCancelRatio);
+  for (int64_t t = 0; t < W; ++t) {
+    T b = 0, top = 0;
+    int64_t kt = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = alpha[k * ld + t], gk = G[k * K + k];
+      b += a * std::sqrt(gk > T(0) ? gk : T(0));
+      if (a > top) top = a, kt = k;
+    }
+    if (!(top > T(0))) continue;
+    const T norm = top / static_cast<T>(Pt[t * K2 + kt]) - T(kEps);  // |a_t| as the kernel took it
+    if (norm * norm >= ratio * b * b) continue;
+    std::vector<double> acc(d, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = static_cast<double>(alpha[k * ld + t]);
+      for (int64_t j = 0; j < d; ++j) acc[j] += a * static_cast<double>(static_cast<T>(v[k][j]));
+    }
+    double n2 = 0;
+    for (int64_t j = 0; j < d; ++j) n2 += acc[j] * acc[j];
+    const double f = 1.0 / (std::sqrt(n2) + kEps);
+    g.words.push_back(t);
+    for (int64_t j = 0; j < d; ++j) g.rows.push_back(static_cast<T>(acc[j] * f));
+  }
+}
+
+// Overwrite the guarded words' rows of A (features [k0, k0 + kc), row stride lda) with their exact a^.
+template <class T> void gram_guard_patch(T* A, int64_t lda, int64_t k0, int64_t kc, int64_t d, const GuardRows<T>& g) {
+  for (size_t n = 0; n < g.words.size(); ++n)
+    for (int64_t j = 0; j < kc; ++j) A[g.words[n] * lda + j] = k0 + j < d ? g.rows[n * d + k0 + j] : T(0);
+}
+
 // X[t, j] = (A[t, j] - e_t[k0 + j])^2 in the GEMM input dtype, j < kc, t < W (features >= d: e = 0).
 template <class T, class E>
 ITM_INLINE void diff_sq_impl(const T* A, int64_t lda, const E* const* rows, int64_t k0, int64_t kc, int64_t d, E* X,
@@ -464,10 +508,13 @@ template <class E> void run_item(const Problem<E>& P, int64_t b, int64_t i0, int
     for (int64_t i = g0; i < g0 + gi; ++i) {
       attention(s.S + (i - g0) * K * Wp, Wp, K, K2, W, s.seg_off, s.seg_len, nseg, P.gram + i * K * K, P.lam, s.Pt);
       for (int64_t k = 0; k < K; ++k) s.vrows[k] = P.img + (i * K + k) * d;
+      thread_local GuardRows<Acc<E>> guard;
+      gram_guard_words(s.S + (i - g0) * K * Wp, Wp, K, K2, W, P.gram + i * K * K, s.vrows, d, s.Pt, guard);
       pack_rows(s.Vp, s.vrows, K2, d, d2, nb);  // B of the attended vectors: V_i (K2 x d2)
       for (int64_t k0 = 0; k0 < d2; k0 += P.kc) {
         const int64_t kc = std::min(P.kc, d2 - k0);
         gemm_packed(W, s.Pt, K2, s.Vp, K2, d2, nb, k0, k0 + kc, 0, K2, s.A, kc, false);
+        if (!guard.words.empty()) gram_guard_patch(s.A, kc, k0, kc, d, guard);
         diff_sq_any(s.A, kc, s.cols, k0, kc, d, s.X, kc, W);
         gemm_packed(W, s.X, kc, P.wpk, d2, P.s, nb, 0, P.s, k0, kc, s.Y, P.s, k0 > 0);
       }
@@ -668,6 +715,9 @@ void local_sim_cpu_(at::Tensor out, const at::Tensor& images, const at::Tensor& 
               "sharing memory (an expanded tensor), got strides ", out.strides());
   TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "local_sim_cpu_: lambda_softmax must be finite "
               "and >= 0, got ", lambda_softmax);
+  TORCH_CHECK(lambda_softmax <= (images.scalar_type() == at::kDouble ? kLambdaMaxF64 : kLambdaMaxF32),
+              "local_sim_cpu_: lambda_softmax must be <= ", (images.scalar_type() == at::kDouble ? kLambdaMaxF64 :
+              kLambdaMaxF32), " for ", images.scalar_type(), " inputs, got ", lambda_softmax);
   TORCH_CHECK(max_tile_bytes >= 0, "local_sim_cpu_: max_tile_bytes must be >= 0 (0: default), got ", max_tile_bytes);
   const int64_t* lens = cap_lens.data_ptr<int64_t>();
   for (int64_t c = 0; c < NC; ++c)

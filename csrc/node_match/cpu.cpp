@@ -161,6 +161,44 @@ struct Out {
   const int64_t* cap_index;
 };
 
+// Gram guard (kGramCancelRatio) of one pair: a block cosine whose |ctx_b|^2 = w^T G^b w (q, as the kernel took it)
+// cancelled (q < ratio (sum_j w_j |x_j,b|)^2) is recomputed from the explicit block context in float64. `alpha`
+// (K rows of stride Lw) and `beta_t` (L rows of stride Kw) are the pair's attention weights; q_reg (K, B) and
+// q_word (L, B) the quadratic forms; out_reg / out_word the pair's output rows. Rare; K L B per pair otherwise.
+template <typename T>
+__attribute__((noinline)) void gram_guard_pair(const T* vi, const T* ec, const T* vsq, const T* esq, int64_t K,
+                                               int64_t L, int64_t db, int64_t B, const T* alpha, int64_t Lw,
+                                               const T* beta_t, int64_t Kw, const T* q_reg, const T* q_word,
+                                               T* out_reg, T* out_word) {
+  const T ratio = static_cast<T>(itm::kGramCancelRatio);
+  // the block cosine of query row x (stride B over e) with sum_j w_j ctx row j, in float64
+  auto exact = [&](const T* x, const T* w, const T* ctx, int64_t n, int64_t b) {
+    double dot = 0, xx = 0, aa = 0;
+    for (int64_t e = 0; e < db; ++e) {
+      double a = 0;
+      for (int64_t j = 0; j < n; ++j) a += static_cast<double>(w[j]) * static_cast<double>(ctx[(j * db + e) * B + b]);
+      const double xe = static_cast<double>(x[e * B + b]);
+      dot += a * xe, xx += xe * xe, aa += a * a;
+    }
+    const double den = std::sqrt(xx) * std::sqrt(aa);
+    return static_cast<T>(dot / (den > kEps ? den : kEps));
+  };
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      T scale = 0;
+      for (int64_t t = 0; t < L; ++t) scale += alpha[k * Lw + t] * std::sqrt(esq[t * B + b]);
+      if (q_reg[k * B + b] < ratio * scale * scale)
+        out_reg[k * B + b] = exact(vi + k * db * B, alpha + k * Lw, ec, L, b);
+    }
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t b = 0; b < B; ++b) {
+      T scale = 0;
+      for (int64_t k = 0; k < K; ++k) scale += beta_t[t * Kw + k] * std::sqrt(vsq[k * B + b]);
+      if (q_word[t * B + b] < ratio * scale * scale)
+        out_word[t * B + b] = exact(ec + t * db * B, beta_t + t * Kw, vi, K, b);
+    }
+}
+
 // NV vectors of Vec<T>::N blocks each: the block count is a multiple of the vector width (16 in GSMN: one
 // AVX-512 vector of float32, two of float64).
 template <typename T, int NV>
@@ -174,7 +212,10 @@ ITM_SIMD_CLONES void pair_epilogue(const T* __restrict__ vi, const T* __restrict
   constexpr int64_t B = NV * W;
   const int64_t K = D.K, Lt = D.Lt, Kp = D.Kp, Lp = D.Lp;
   const int64_t Lw = (L + W - 1) / W * W, Kw = (K + W - 1) / W * W;
-  buf.resize(static_cast<size_t>(K * L * B + K * L + K * Lw + L * Kw + Lw + Kw + K + L + 2 * W));
+  const size_t n_main = static_cast<size_t>(K * L * B + K * L + K * Lw + L * Kw + Lw + Kw + K + L + 2 * W);
+  buf.resize(n_main + static_cast<size_t>((K + L) * B));
+  T* q_reg = buf.data() + n_main;   // (K, B) and (L, B): the quadratic forms, for the Gram guard
+  T* q_word = q_reg + K * B;
   T* s_blk = buf.data();            // (K, L, B)
   T* h = s_blk + K * L * B;         // (K, L)
   T* alpha = h + K * L;             // (K, Lw)
@@ -226,6 +267,7 @@ ITM_SIMD_CLONES void pair_epilogue(const T* __restrict__ vi, const T* __restrict
     T* out = region + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * K + k) * B;
     for (int v = 0; v < NV; ++v) {
       V q = vmax(qacc[v], zero);
+      vstore(q_reg + k * B + v * W, q);
       V den = vmax(vsqrt(vload(vsq + v * W)) * vsqrt(q), eps);
       vstore(out + v * W, nacc[v] / den);
     }
@@ -237,10 +279,14 @@ ITM_SIMD_CLONES void pair_epilogue(const T* __restrict__ vi, const T* __restrict
     T* out = word + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out + t) * B;
     for (int v = 0; v < NV; ++v) {
       V q = vmax(quad[v], zero);
+      vstore(q_word + t * B + v * W, q);
       V den = vmax(vsqrt(vload(esq + v * W)) * vsqrt(q), eps);
       vstore(out + v * W, num[v] / den);
     }
   }
+  gram_guard_pair<T>(vi, ec, img_sq + i * K * B, cap_sq + c * Lt * B, K, L, D.db, B, alpha, Lw, beta_t, Kw, q_reg,
+                     q_word, region + ((O.i0 + i) * O.n_cap + O.cap_index[c]) * K * B,
+                     word + ((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out * B);
   T* pad = word + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out + L) * B;
   std::fill(pad, pad + (O.L_out - L) * B, T(0));
 }
@@ -312,6 +358,9 @@ void node_match_fused_cpu(at::Tensor region, at::Tensor word, const at::Tensor& 
   }
   TORCH_CHECK(std::isfinite(lambda_softmax) && lambda_softmax >= 0, "node_match_fused: lambda_softmax must be "
               "finite and >= 0, got ", lambda_softmax);
+  TORCH_CHECK(lambda_softmax <= (dtype == at::kDouble ? itm::kLambdaMaxF64 : itm::kLambdaMaxF32),
+              "node_match_fused: lambda_softmax must be <= ", (dtype == at::kDouble ? itm::kLambdaMaxF64 :
+              itm::kLambdaMaxF32), " for ", dtype, " inputs, got ", lambda_softmax);
   const Out O{n_cap, L_out, 0, index};
   // Work items: (image, group of up to kGroup captions); within one, the image's features stay in L1/L2 while the
   // group's captions (kGroup x Lp x d values) stay in L2.

@@ -929,6 +929,14 @@ at::Tensor xattn_sim_fwd_cpu(const at::Tensor& images, const at::Tensor& caption
   TORCH_CHECK(agg != kLse || lambda_lse > 0, "xattn_sim_fwd: lambda_lse must be > 0 for LogSumExp, got ",
               lambda_lse);
   TORCH_CHECK(max_tile_bytes >= 0, "xattn_sim_fwd: max_tile_bytes must be >= 0 (0: default), got ", max_tile_bytes);
+  {
+    const bool wide = images.scalar_type() == at::kDouble;
+    const double hi = wide ? itm::kLambdaMaxF64 : itm::kLambdaMaxF32, lo = wide ? itm::kLambdaMinF64 : itm::kLambdaMinF32;
+    TORCH_CHECK(lambda_softmax <= hi, "xattn_sim_fwd: lambda_softmax must be <= ", hi, " for ", images.scalar_type(),
+                " inputs, got ", lambda_softmax);
+    TORCH_CHECK(agg != kLse || (lambda_lse >= lo && lambda_lse <= hi), "xattn_sim_fwd: lambda_lse must lie in ", lo,
+                "..", hi, " for ", images.scalar_type(), " inputs, got ", lambda_lse);
+  }
   const int64_t NI = images.size(0), K = images.size(1), NC = captions.size(0), L = captions.size(1);
   check_lengths(cap_lens, "cap_lens", NC, L);
   check_lengths(img_lens, "img_lens", NI, K);

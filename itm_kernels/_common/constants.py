@@ -6,6 +6,10 @@ import torch
 
 # The official eps: l2norm/l1norm add it to the norm; cosines clamp |x| |y| to it.
 EPS = 1e-8
+# Gram-identity guard (C++: itm::kGramCancelRatio): |a|^2 = alpha^T G alpha cancels in float32 when the attended
+# context nearly vanishes; an item with alpha^T G alpha < GRAM_CANCEL_RATIO (sum_k alpha_k |v_k|)^2 is recomputed
+# from the explicit context (float64 on the torch backends).
+GRAM_CANCEL_RATIO = 1e-3
 # LeakyReLU slope of SCAN's clipped norms, SGRAF's and GSMN's attention.
 LEAKY_SLOPE = 0.1
 

@@ -17,7 +17,9 @@ How the chunked torch implementation avoids the (pairs x L x d) tensor: the atte
 Per tile: the scores are one GEMM (images*K x d) @ (d x words); the normalisations and the softmax run on the small
 (images, K, words) tensor; |a_t|^2 = alpha_t^T G alpha_t with the per-image Gram matrix G = V V^T, so 1/(|a|+eps)
 is folded into alpha and one batched GEMM writes a^ - e straight into the scratch (e enters as the GEMM's
-accumulator); one in-place pass squares it and one GEMM with W^T (+ b) contracts d away. (The expansion
+accumulator); words where that quadratic form cancels in float32 (``itm_kernels._common.gram_guard``: the
+attended vector nearly vanishes) take a^ from the explicit a in float64 instead (torch and cpu backends; the Triton
+kernel has no such guard yet); one in-place pass squares it and one GEMM with W^T (+ b) contracts d away. (The expansion
 W(a^2) - 2 W(a*e) + W(e^2) saves nothing: a^2 and a*e still need a^ in d-space, and two contractions cost twice
 one.) Per pair and word the FLOPs are the
 official ones: 4 K d for the scores and the attended vector, 2 d s for the projection, which dominates (s = 256).
@@ -59,7 +61,8 @@ from .._common.constants import BACKENDS, EPS, LEAKY_SLOPE  # noqa: F401
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
 from .._common.dtypes import out_dtype as _out_dtype  # noqa: F401
-from .._common.validation import check_choice, check_feature_pair, check_lambda, check_lengths
+from .._common.validation import (check_choice, check_feature_pair, check_lambda, check_lengths, check_op_features,
+                                  check_op_grad, check_op_lengths, check_tile_bytes)
 from .cpu import _CPU_OUT_DTYPES, _have_cpu_kernel, local_sim_cpu  # noqa: F401
 from .cuda import CUDA_MAX_K, CUDA_MAX_L, CUDA_MAX_S, _check_cuda_backend, local_sim_cuda  # noqa: F401
 from .i2t import local_sim_i2t, local_sim_i2t_reference
@@ -71,10 +74,36 @@ from .torch import (DEFAULT_TILE_BYTES, LOW_PRECISION_ROW_BUCKET, _caption_range
 # torch.library registration: forward, backward, fake implementations, autograd
 # --------------------------------------------------------------------------------------------------------------
 
+def _check_op_args(op, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes, backend=None):
+    """The checks the registered ops run on their own arguments (direct calls, compiled graphs): metadata, the
+    length values (on the host for CPU tensors, ``torch._assert_async`` on a GPU) and the options."""
+    check_op_features(op, images=images, captions=captions)
+    check_op_lengths(op, "cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
+    _check_weight_bias(weight, bias, images, op)
+    check_lambda("lambda_softmax", lambda_softmax, dtype=images.dtype)
+    check_tile_bytes(op, max_tile_bytes)
+    if backend is not None and (backend not in BACKENDS or backend == "auto"):
+        raise ValueError(f"{op}: backend must be a resolved backend {BACKENDS[1:]}, got {backend!r}")
+
+
+def _check_weight_bias(weight, bias, images, where="local_sim"):
+    for name, t, dims in (("weight", weight, 2), ("bias", bias, 1)):
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{where}: {name} must be a floating-point torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims or t.device != images.device:
+            raise ValueError(f"{where}: {name} must be {dims}-D on {images.device}, got shape {tuple(t.shape)} on "
+                             f"{t.device}")
+    if weight.shape[1] != images.shape[2] or bias.shape[0] != weight.shape[0] or weight.shape[0] < 1:
+        raise ValueError(f"{where}: weight must be (s, d={images.shape[2]}) with s >= 1 and bias (s,), got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+
+
 @_torch.library.custom_op("itm_kernels::local_sim", mutates_args=())
 def local_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Tensor, bias: Tensor,
                  lambda_softmax: float, backend: str, max_tile_bytes: int) -> Tensor:
     """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,), (s, d), (s,) -> (N_img, N_cap, L, s)."""
+    _check_op_args("itm_kernels::local_sim", images, captions, cap_lens, weight, bias, lambda_softmax,
+                   max_tile_bytes, backend)
     if backend == "reference":
         out = local_sim_reference(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                                   compute_dtype=compute_dtype(images.dtype))
@@ -95,6 +124,8 @@ def local_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Ten
 
 @local_sim_op.register_fake
 def _local_sim_fake(images, captions, cap_lens, weight, bias, lambda_softmax, backend, max_tile_bytes):
+    _check_op_args("itm_kernels::local_sim", images, captions, cap_lens, weight, bias, lambda_softmax,
+                   max_tile_bytes, backend)
     return images.new_empty((images.shape[0], captions.shape[0], captions.shape[1], weight.shape[0]),
                             dtype=out_dtype(images.dtype))
 
@@ -104,12 +135,21 @@ def local_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
                           bias: Tensor, lambda_softmax: float, max_tile_bytes: int
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Registered backward: grad (N_img, N_cap, L, s) -> grads of (images, captions, weight, bias)."""
+    _check_backward_args(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes)
     return local_sim_backward_torch(grad, images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                                     max_tile_bytes=max_tile_bytes or None)
 
 
+def _check_backward_args(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes):
+    op = "itm_kernels::local_sim_backward"
+    _check_op_args(op, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes)
+    check_op_grad(op, "grad", grad, (images.shape[0], captions.shape[0], captions.shape[1], weight.shape[0]),
+                  images.device)
+
+
 @local_sim_backward_op.register_fake
 def _local_sim_backward_fake(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes):
+    _check_backward_args(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes)
     return (_torch.empty_like(images), _torch.empty_like(captions), _torch.empty_like(weight),
             _torch.empty_like(bias))
 
@@ -183,16 +223,9 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
     once, d s values): the (pairs x L x d) attended vectors never exist all at once ("reference" excepted).
     """
     check_feature_pair(images, captions)
-    for name, t, dims in (("weight", weight, 2), ("bias", bias, 1)):
-        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(t).__name__}")
-        if t.dim() != dims or t.device != images.device:
-            raise ValueError(f"{name} must be {dims}-D on {images.device}, got shape {tuple(t.shape)} on {t.device}")
-    if weight.shape[1] != images.shape[2] or bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"weight must be (s, d={images.shape[2]}) and bias (s,), got {tuple(weight.shape)} and "
-                         f"{tuple(bias.shape)}")
+    _check_weight_bias(weight, bias, images)
     cap_lens = check_lengths("cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
-    lambda_softmax = check_lambda("lambda_softmax", lambda_softmax)
+    lambda_softmax = check_lambda("lambda_softmax", lambda_softmax, dtype=images.dtype)
     check_choice("backend", backend, BACKENDS)
     if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
                                        or max_tile_bytes <= 0):

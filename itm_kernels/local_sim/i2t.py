@@ -44,7 +44,8 @@ def local_sim_i2t_reference(images: Tensor, captions: Tensor, cap_lens, weight: 
     h = torch.nn.functional.leaky_relu(s, LEAKY_SLOPE)
     sq = h.pow(2).sum(dim=2, keepdim=True)                                                  # over the regions
     pad = ~valid[None, :, None, :]
-    n = h / (torch.where(pad, torch.ones((), dtype=dtype, device=e.device), sq).sqrt() + EPS)  # no sqrt'(0) at pads
+    usable = ~pad & (sq > 0)                                                                # no sqrt'(0) anywhere
+    n = h / (torch.where(usable, sq, 1.0).sqrt() * usable + EPS)
     logits = torch.where(valid[None, :, None, :], lambda_softmax * n,
                          torch.tensor(float("-inf"), dtype=dtype, device=e.device))
     alpha = torch.softmax(logits, dim=3)                                                    # over the words

@@ -27,7 +27,8 @@ def local_sim_reference(images: Tensor, captions: Tensor, cap_lens, weight: Tens
     e = torch.where(valid[..., None], e, zero)                                              # padding never read
     s = torch.einsum("ikd,ctd->ickt", v, e)                                                 # (Ni, Nc, K, L)
     h = torch.where(valid[None, :, None, :], torch.nn.functional.leaky_relu(s, LEAKY_SLOPE), zero)
-    n = h / (h.pow(2).sum(dim=3, keepdim=True).sqrt() + EPS)                               # over the words
+    sq = h.pow(2).sum(dim=3, keepdim=True)
+    n = h / (torch.where(sq > 0, sq, 1.0).sqrt() * (sq > 0) + EPS)  # over the words; sqrt'(0) never taken
     alpha = torch.softmax(lambda_softmax * n, dim=2)                                        # over the regions
     a = torch.einsum("ickt,ikd->ictd", alpha, v)                                            # (Ni, Nc, L, d)
     a_hat = a / (a.norm(dim=3, keepdim=True) + EPS)

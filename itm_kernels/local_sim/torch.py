@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .._common.constants import EPS, LEAKY_SLOPE
 from .._common.dtypes import out_dtype as _out_dtype
+from .._common.gram_guard import attended_vectors, cancelled
 
 # Scratch of the d-sized tile: a few MiB keeps the element-wise pass in the L2/L3 caches while the GEMMs
 # stay large enough (>= 1,000 rows) to run near their peak; measured on 2 Zen cores, 4-16 MiB are equivalent.
@@ -59,6 +60,14 @@ class _Tile:
         self.den = (self.word_norm + EPS)[:, :, seg]                                              # (ni, K, W)
         self.alpha = torch.softmax(lambda_softmax * (self.h / self.den), dim=1)                   # over K
         a_sq = (self.alpha * torch.bmm(gram, self.alpha)).sum(1)                                  # (ni, W)
+        bad = cancelled(a_sq, self.alpha, gram)
+        self.exact = None
+        if bool(bad.any()):           # the Gram identity cancelled: those a^ come from the explicit a (float64)
+            j, w = bad.nonzero(as_tuple=True)
+            a = attended_vectors(self.alpha.transpose(1, 2)[j, w], lambda j0, j1: v_mm[j[j0:j1]], d)
+            a_norm = torch.linalg.vector_norm(a, dim=1)
+            a_sq = a_sq.index_put((j, w), a_norm.square().to(a_sq.dtype))
+            self.exact = (j, w, (a / (a_norm[:, None] + EPS)).to(v_mm.dtype))
         self.a_norm = a_sq.clamp_min(0).sqrt()
         self.inv = 1.0 / (self.a_norm + EPS)
 
@@ -67,8 +76,13 @@ class _Tile:
         added inside the GEMM (one rounding in low precision)."""
         scaled = (self.alpha * self.inv[:, None, :]).to(v_mm.dtype).transpose(1, 2)
         if minus is None:
-            return torch.bmm(scaled, v_mm, out=out)
-        return torch.baddbmm(minus.expand(out.shape), scaled, v_mm, out=out)
+            out = torch.bmm(scaled, v_mm, out=out)
+        else:
+            out = torch.baddbmm(minus.expand(out.shape), scaled, v_mm, out=out)
+        if self.exact is not None:
+            j, w, rows = self.exact
+            out[j, w] = rows if minus is None else rows + minus[w]
+        return out
 
 
 def _gram(images, cdtype):

@@ -17,7 +17,9 @@ For every image i (regions v_k, k < K), caption c (words e_t, t < cap_len[c]) an
 How the attended contexts are avoided: with per-block scores s^b_kt = v_k,b . e_t,b (the 16 partial sums of the
 score GEMM, so no extra FLOPs), the numerator of cos_b is sum_t alpha_kt s^b_kt, and |sum_t alpha_kt e_t,b|^2 =
 alpha_k^T G^b alpha_k with the caption's per-block Gram matrix G^b = E_b E_b^T (L x L; the image's K x K Gram
-for the other direction). Everything per pair is K x L x 16-sized; nothing d-sized exists per pair.
+for the other direction). Everything per pair is K x L x 16-sized; nothing d-sized exists per pair. Where that
+quadratic form cancels in float32 (``itm_kernels._common.gram_guard``: the block context nearly vanishes), the
+"torch" and "cpu" backends recompute the block cosine from the explicit block context in float64.
 
 Tiles: captions are visited in length order and padded only to the longest of their tile; one tile holds a few
 images x a few captions, sized so that its K x L x 16 tensors stay under ``max_tile_bytes``.
@@ -49,7 +51,8 @@ from .._common.constants import BACKENDS, EPS, LEAKY_SLOPE  # noqa: F401
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
 from .._common.dtypes import out_dtype as _out_dtype  # noqa: F401
-from .._common.validation import check_choice, check_feature_pair, check_lambda, check_lengths
+from .._common.validation import (check_choice, check_feature_pair, check_lambda, check_lengths, check_op_features,
+                                  check_op_grad, check_op_lengths, check_tile_bytes)
 from .cpu import CPU_NUM_BLOCKS, _blocked, _have_cpu_kernel, node_match_cpu  # noqa: F401
 from .cuda import CUDA_MAX_K, CUDA_MAX_L, _have_cuda_kernel, node_match_cuda  # noqa: F401
 from .cuda import supports as cuda_supports
@@ -61,10 +64,39 @@ from .torch import (DEFAULT_TILE_BYTES, GRAM_MIN_BLOCK_WIDTH, _block_cosine, _pl
 # torch.library registration
 # --------------------------------------------------------------------------------------------------------------
 
+def _check_op_args(op, images, captions, cap_lens, lambda_softmax, num_blocks, max_tile_bytes, backend=None):
+    """The checks the registered ops run on their own arguments (direct calls, compiled graphs): metadata, the
+    length values (on the host for CPU tensors, ``torch._assert_async`` on a GPU) and the options."""
+    check_op_features(op, images=images, captions=captions)
+    check_op_lengths(op, "cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
+    check_lambda("lambda_softmax", lambda_softmax, dtype=images.dtype)
+    _check_num_blocks(num_blocks, images.shape[2], op)
+    check_tile_bytes(op, max_tile_bytes)
+    if backend is not None and (backend not in BACKENDS or backend == "auto"):
+        raise ValueError(f"{op}: backend must be a resolved backend {BACKENDS[1:]}, got {backend!r}")
+
+
+def _check_num_blocks(num_blocks, d, where="node_match"):
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1 or d % num_blocks:
+        raise ValueError(f"{where}: num_blocks must be a positive int that divides d={d}, got {num_blocks!r}")
+
+
+def _check_backward_args(grad_region, grad_word, images, captions, cap_lens, lambda_softmax, num_blocks,
+                         max_tile_bytes):
+    op = "itm_kernels::node_match_backward"
+    _check_op_args(op, images, captions, cap_lens, lambda_softmax, num_blocks, max_tile_bytes)
+    n_img, K, _ = images.shape
+    n_cap, L, _ = captions.shape
+    check_op_grad(op, "grad_region", grad_region, (n_img, n_cap, K, num_blocks), images.device)
+    check_op_grad(op, "grad_word", grad_word, (n_img, n_cap, L, num_blocks), images.device)
+
+
 @_torch.library.custom_op("itm_kernels::node_match", mutates_args=())
 def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
                   backend: str, max_tile_bytes: int) -> tuple[Tensor, Tensor]:
     """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,) -> (N_img, N_cap, K, B), (N_img, N_cap, L, B)."""
+    _check_op_args("itm_kernels::node_match", images, captions, cap_lens, lambda_softmax, num_blocks,
+                   max_tile_bytes, backend)
     if backend == "cpu" and num_blocks == CPU_NUM_BLOCKS and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
         return node_match_cpu(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
                               max_tile_bytes=max_tile_bytes or None)
@@ -85,6 +117,8 @@ def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_sof
 
 @node_match_op.register_fake
 def _node_match_fake(images, captions, cap_lens, lambda_softmax, num_blocks, backend, max_tile_bytes):
+    _check_op_args("itm_kernels::node_match", images, captions, cap_lens, lambda_softmax, num_blocks,
+                   max_tile_bytes, backend)
     dtype = out_dtype(images.dtype)
     n_img, K, _ = images.shape
     n_cap, L, _ = captions.shape
@@ -103,6 +137,8 @@ def node_match_backward_op(grad_region: Tensor, grad_word: Tensor, images: Tenso
                            cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
                            max_tile_bytes: int) -> tuple[Tensor, Tensor]:
     """Registered backward: grads (N_img, N_cap, K, B), (N_img, N_cap, L, B) -> grads of (images, captions)."""
+    _check_backward_args(grad_region, grad_word, images, captions, cap_lens, lambda_softmax, num_blocks,
+                         max_tile_bytes)
     return node_match_backward_torch(grad_region, grad_word, images, captions, cap_lens,
                                      lambda_softmax=lambda_softmax, num_blocks=num_blocks,
                                      max_tile_bytes=max_tile_bytes or None)
@@ -111,6 +147,8 @@ def node_match_backward_op(grad_region: Tensor, grad_word: Tensor, images: Tenso
 @node_match_backward_op.register_fake
 def _node_match_backward_fake(grad_region, grad_word, images, captions, cap_lens, lambda_softmax, num_blocks,
                               max_tile_bytes):
+    _check_backward_args(grad_region, grad_word, images, captions, cap_lens, lambda_softmax, num_blocks,
+                         max_tile_bytes)
     return _torch.empty_like(images), _torch.empty_like(captions)
 
 
@@ -165,10 +203,8 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
     """
     check_feature_pair(images, captions)
     cap_lens = check_lengths("cap_lens", cap_lens, captions.shape[0], captions.shape[1], images.device)
-    lambda_softmax = check_lambda("lambda_softmax", lambda_softmax)
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1 \
-            or images.shape[2] % num_blocks:
-        raise ValueError(f"num_blocks must be a positive int that divides d={images.shape[2]}, got {num_blocks!r}")
+    lambda_softmax = check_lambda("lambda_softmax", lambda_softmax, dtype=images.dtype)
+    _check_num_blocks(num_blocks, images.shape[2])
     check_choice("backend", backend, BACKENDS)
     if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
                                        or max_tile_bytes <= 0):

@@ -11,6 +11,13 @@ DEFAULT_LAMBDA_SOFTMAX = 20.0          # Flickr30K (COCO: 10)
 DEFAULT_NUM_BLOCKS = 16
 
 
+def _norm(x: Tensor, dim: int, keepdim: bool = True) -> Tensor:
+    """The l2 norm over ``dim``, with gradient 0 (not NaN) where it is 0 (an all-zero word or region vector)."""
+    sq = x.pow(2).sum(dim=dim, keepdim=keepdim)
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, 1.0).sqrt(), 0.0)
+
+
 def node_match_reference(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX,
                          num_blocks: int = DEFAULT_NUM_BLOCKS, compute_dtype=None) -> tuple[Tensor, Tensor]:
     """The readable spec: materialises every attended context (pairs x (K + L) x d). Small inputs only.
@@ -32,11 +39,11 @@ def node_match_reference(images: Tensor, captions: Tensor, cap_lens, *, lambda_s
     word_ok = valid[None, :, None, :]
     h = torch.where(word_ok, h, zero)
     # regions query the words: l2 over the regions, softmax over the caption's words
-    n_v = h / (h.pow(2).sum(dim=2, keepdim=True).sqrt() + EPS)
+    n_v = h / (_norm(h, dim=2) + EPS)
     alpha = torch.softmax(torch.where(word_ok, lambda_softmax * n_v, float("-inf")), dim=3)
     ctx_v = torch.einsum("ickt,ctd->ickd", alpha, e)                                        # (Ni, Nc, K, d)
     # words query the regions: l2 over the words, softmax over the regions
-    n_t = h / (h.pow(2).sum(dim=3, keepdim=True).sqrt() + EPS)
+    n_t = h / (_norm(h, dim=3) + EPS)
     beta = torch.softmax(lambda_softmax * n_t, dim=2)
     ctx_t = torch.einsum("ickt,ikd->ictd", beta, v)                                         # (Ni, Nc, L, d)
 
@@ -44,7 +51,7 @@ def node_match_reference(images: Tensor, captions: Tensor, cap_lens, *, lambda_s
         return x.reshape(*x.shape[:-1], num_blocks, d // num_blocks)
 
     def cos(x, y):
-        return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(EPS)
+        return (x * y).sum(-1) / (_norm(x, -1, keepdim=False) * _norm(y, -1, keepdim=False)).clamp_min(EPS)
 
     region = cos(blocks(v)[:, None], blocks(ctx_v))                                         # (Ni, Nc, K, B)
     word = cos(blocks(e)[None], blocks(ctx_t))                                              # (Ni, Nc, L, B)

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from .._common.constants import EPS, LEAKY_SLOPE
+from .._common.constants import GRAM_CANCEL_RATIO
 from .._common.dtypes import out_dtype as _out_dtype
+from .._common.gram_guard import exact_attended
 from .reference import node_match_reference
 
 # K x L x 16 tensors of one tile; ~6 of them live at once. 4 MiB each keeps the tile's work in the L2/L3 caches
@@ -18,9 +20,31 @@ DEFAULT_TILE_BYTES = 4 << 20
 GRAM_MIN_BLOCK_WIDTH = 16
 
 
+def _sqrt0(x: Tensor) -> Tensor:
+    """sqrt(max(x, 0)) with gradient 0 (not NaN) at 0: an all-zero word or region vector has finite gradients."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, 1.0).sqrt(), 0.0)
+
+
 def _block_cosine(dot: Tensor, sq_x: Tensor, sq_y: Tensor) -> Tensor:
     """Official ``cosine_similarity``: x.y / max(|x| |y|, eps), given x.y, |x|^2 and |y|^2."""
-    return dot / (sq_x.clamp_min(0).sqrt() * sq_y.clamp_min(0).sqrt()).clamp_min(EPS)
+    return dot / (_sqrt0(sq_x) * _sqrt0(sq_y)).clamp_min(EPS)
+
+
+def _guard(num: Tensor, ctx_sq: Tensor, ctx_norm: Tensor, weights, context, query, ok: Tensor):
+    """The Gram guard of one direction, in the output layout (ni, nc, Q, B): where ctx_sq = |sum_c w_c x_c,b|^2
+    cancels against (sum_c w_c |x_c,b|)^2 (``ctx_norm`` holds that sum), q.x and |x|^2 are recomputed exactly.
+    ``weights(i, c, q)`` gives the (n, C) attention rows, ``context(b, i, c)`` the (n, C, db) block contexts and
+    ``query(b, i, c, q)`` the (n, db) query blocks; ``ok`` masks the valid queries."""
+    with torch.no_grad():
+        bad = (ctx_sq < GRAM_CANCEL_RATIO * ctx_norm * ctx_norm) & ok
+        if not bool(bad.any()):
+            return num, ctx_sq
+        i, c, q, b = bad.nonzero(as_tuple=True)
+    w = weights(i, c, q)
+    db = query(b[:1], i[:1], c[:1], q[:1]).shape[-1]
+    dot, sq = exact_attended(w, lambda j0, j1: context(b[j0:j1], i[j0:j1], c[j0:j1]), db, query(b, i, c, q))
+    return num.index_put((i, c, q, b), dot.to(num.dtype)), ctx_sq.index_put((i, c, q, b), sq.to(ctx_sq.dtype))
 
 
 def _tile(v: Tensor, e: Tensor, valid: Tensor, lambda_softmax: float, num_blocks: int) -> tuple[Tensor, Tensor]:
@@ -44,27 +68,35 @@ def _tile_gram(v: Tensor, e: Tensor, valid: Tensor, lambda_softmax: float, num_b
     word_ok = valid[None, None]                                                    # (1, 1, nc, Lt)
     h = torch.where(word_ok, h, 0.0)
     # regions query the words
-    n_v = h / (h.square().sum(1, keepdim=True).sqrt() + EPS)
+    n_v = h / (_sqrt0(h.square().sum(1, keepdim=True)) + EPS)
     alpha = torch.softmax(torch.where(word_ok, lambda_softmax * n_v, float("-inf")), dim=3)
     num_v = (sb * alpha).sum(4)                                                    # (B, ni, K, nc)
     gram_e = torch.einsum("bcte,bcue->cbtu", eb.view(B, nc, Lt, db), eb.view(B, nc, Lt, db))   # (nc, B, Lt, Lt)
     a_c = alpha.permute(2, 0, 1, 3).reshape(nc, 1, ni * K, Lt)
     ctx_sq_v = (torch.matmul(a_c, gram_e) * a_c).sum(3)                            # (nc, B, ni K)
     v_sq = vb.square().sum(2).view(B, ni, K)
-    region = _block_cosine(num_v.permute(1, 3, 2, 0),                              # (ni, nc, K, B)
-                           v_sq.permute(1, 2, 0)[:, None],
-                           ctx_sq_v.view(nc, B, ni, K).permute(2, 0, 3, 1))
+    e_sq = eb.square().sum(2).view(B, nc, Lt)
+    vb4, eb4 = vb.view(B, ni, K, db), eb.view(B, nc, Lt, db)
+    num_v, ctx_sq_v = num_v.permute(1, 3, 2, 0), ctx_sq_v.view(nc, B, ni, K).permute(2, 0, 3, 1)   # (ni, nc, K, B)
+    with torch.no_grad():
+        norm_v = torch.einsum("ikct,bct->ickb", alpha, _sqrt0(e_sq))
+    num_v, ctx_sq_v = _guard(num_v, ctx_sq_v, norm_v, lambda i, c, k: alpha[i, k, c],
+                             lambda b, i, c: eb4[b, c], lambda b, i, c, k: vb4[b, i, k],
+                             torch.ones((), dtype=torch.bool, device=v.device))
+    region = _block_cosine(num_v, v_sq.permute(1, 2, 0)[:, None], ctx_sq_v)     # (ni, nc, K, B)
     # words query the regions
-    n_t = h / (h.square().sum(3, keepdim=True).sqrt() + EPS)
+    n_t = h / (_sqrt0(h.square().sum(3, keepdim=True)) + EPS)
     beta = torch.softmax(lambda_softmax * n_t, dim=1)                              # (ni, K, nc, Lt)
     num_t = (sb * beta).sum(2)                                                     # (B, ni, nc, Lt)
     gram_v = torch.einsum("bike,bije->ibkj", vb.view(B, ni, K, db), vb.view(B, ni, K, db))     # (ni, B, K, K)
     b_i = beta.reshape(ni, K, nc * Lt).transpose(1, 2)[:, None]                    # (ni, 1, nc Lt, K)
     ctx_sq_t = (torch.matmul(b_i, gram_v) * b_i).sum(3)                            # (ni, B, nc Lt)
-    e_sq = eb.square().sum(2).view(B, nc, Lt)
-    word = _block_cosine(num_t.permute(1, 2, 3, 0),                                # (ni, nc, Lt, B)
-                         e_sq.permute(1, 2, 0)[None],
-                         ctx_sq_t.view(ni, B, nc, Lt).permute(0, 2, 3, 1))
+    num_t, ctx_sq_t = num_t.permute(1, 2, 3, 0), ctx_sq_t.view(ni, B, nc, Lt).permute(0, 2, 3, 1)  # (ni, nc, Lt, B)
+    with torch.no_grad():
+        norm_t = torch.einsum("ikct,bik->ictb", beta, _sqrt0(v_sq))
+    num_t, ctx_sq_t = _guard(num_t, ctx_sq_t, norm_t, lambda i, c, t: beta[i, :, c, t],
+                             lambda b, i, c: vb4[b, i], lambda b, i, c, t: eb4[b, c, t], valid[None, :, :, None])
+    word = _block_cosine(num_t, e_sq.permute(1, 2, 0)[None], ctx_sq_t)          # (ni, nc, Lt, B)
     return region, torch.where(valid[None, :, :, None], word, 0.0)
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch as _torch
 from torch import Tensor
 
+from .._common.constants import BACKENDS
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
-from .._common.precision import resolve_precision
-from .._common.validation import check_xattn_args
+from .._common.precision import PRECISIONS, resolve_precision
+from .._common.validation import check_op_grad, check_xattn_args, check_xattn_op_args
 from . import reference
 from . import torch as torch_backend
 
@@ -118,7 +119,14 @@ def run_forward(backend: str, images, captions, cap_lens, img_lens, opts: dict, 
 def xattn_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor, direction: str, norm: str,
                  lambda_softmax: float, agg: str, lambda_lse: float, backend: str, max_tile_bytes: int,
                  precision: str = "ieee") -> Tensor:
-    """Registered forward: (N_img, K, d), (N_cap, L_max, d), (N_cap,), (N_img,) -> (N_img, N_cap)."""
+    """Registered forward: (N_img, K, d), (N_cap, L_max, d), (N_cap,), (N_img,) -> (N_img, N_cap).
+
+    Checks its own arguments (``check_xattn_op_args``: shapes, dtypes, devices, length values, options), so that a
+    direct call or a compiled graph (where the public function's value checks are traced away) never returns
+    garbage."""
+    check_xattn_op_args("itm_kernels::xattn_sim", images, captions, cap_lens, img_lens, direction, norm,
+                        lambda_softmax, agg, lambda_lse, max_tile_bytes)
+    _check_backend_precision(backend, precision)
     opts = dict(direction=direction, norm=norm, lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse)
     out = run_forward(backend, images, captions, cap_lens, img_lens, opts, max_tile_bytes or None, precision)
     return out.to(out_dtype(images.dtype)).contiguous()
@@ -127,6 +135,8 @@ def xattn_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: T
 @xattn_sim_op.register_fake
 def _xattn_sim_fake(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend,
                     max_tile_bytes, precision="ieee"):
+    check_xattn_op_args("itm_kernels::xattn_sim", images, captions, cap_lens, img_lens, direction, norm,
+                        lambda_softmax, agg, lambda_lse, max_tile_bytes)
     return images.new_empty((images.shape[0], captions.shape[0]), dtype=out_dtype(images.dtype))
 
 
@@ -139,6 +149,8 @@ def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
 
     ``backend``: the forward's; "triton" runs the fused Triton backward (``triton.xattn_sim_backward``), every
     other backend the tiled PyTorch one."""
+    _check_backward_args(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
+                         lambda_lse, max_tile_bytes, backend, precision)
     if backend == "triton":
         from . import triton as triton_backend
         return triton_backend.xattn_sim_backward(grad, images, captions, cap_lens, img_lens, direction=direction,
@@ -152,7 +164,25 @@ def xattn_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_le
 @xattn_sim_backward_op.register_fake
 def _xattn_sim_backward_fake(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
                              lambda_lse, max_tile_bytes, backend="torch", precision="ieee"):
+    _check_backward_args(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
+                         lambda_lse, max_tile_bytes, backend, precision)
     return _torch.empty_like(images), _torch.empty_like(captions)
+
+
+def _check_backend_precision(backend, precision):
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"itm_kernels::xattn_sim: backend must be a resolved backend {BACKENDS[1:]}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"itm_kernels::xattn_sim: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _check_backward_args(grad, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
+                         lambda_lse, max_tile_bytes, backend, precision):
+    op = "itm_kernels::xattn_sim_backward"
+    check_xattn_op_args(op, images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
+                        max_tile_bytes)
+    check_op_grad(op, "grad", grad, (images.shape[0], captions.shape[0]), images.device)
+    _check_backend_precision(backend, precision)
 
 
 def _setup_context(ctx, inputs, output):

@@ -3,13 +3,16 @@
 Captions are sorted by length and cut into chunks of similar lengths (each chunk padded only to its own longest
 caption); images are cut into chunks; each (image chunk, caption chunk) tile computes its (Ni, Nc, K, Lc) score
 tensor, the attention weights and the cosines through the Gram-matrix identity |a|^2 = alpha^T G alpha, so the
-weighted context is never formed. Peak extra memory: about ``TILE_TENSORS`` tile-sized tensors, each at most
+weighted context is never formed, except for the rare queries where alpha^T G alpha cancels (the attended vector
+nearly vanishes; ``itm_kernels._common.gram_guard``): their q.a and |a|^2 are recomputed from the explicit vector in
+float64. Padding is selected out with ``where`` (NaN/Inf there never propagate). Peak extra memory: about ``TILE_TENSORS`` tile-sized tensors, each at most
 ``max_tile_bytes`` (default 32 MiB), plus the (N_img, N_cap) output.
 """
 from __future__ import annotations
 
 import torch
 
+from .._common.gram_guard import cancelled, exact_attended
 from .._common.dtypes import compute_dtype as compute_dtype_for
 from . import reference
 
@@ -22,7 +25,7 @@ def _masked_softmax(x, valid, dim):
 
 
 def _tile_inputs(img, img_lens, cap, cap_lens, direction):
-    """Zero the padding and lay the tile out as context x query for ``attend_forward``.
+    """Zero the padding (selected out, so NaN/Inf there never propagate) and lay the tile out as context x query for ``attend_forward``.
 
     Returns (img, cap, s (Ni, Nc, C, Q), q_valid (., ., 1, Q), c_valid (., ., C, 1), gram (., ., C, C),
     q_norm (., ., Q)): for t2i context = regions, query = words; for i2t the reverse.
@@ -30,14 +33,20 @@ def _tile_inputs(img, img_lens, cap, cap_lens, direction):
     K, Lc = img.shape[1], cap.shape[1]
     r_valid = torch.arange(K, device=img.device)[None, :] < img_lens[:, None]      # (Ni, K)
     w_valid = torch.arange(Lc, device=cap.device)[None, :] < cap_lens[:, None]     # (Nc, Lc)
-    img = img * r_valid[..., None].to(img.dtype)
-    cap = cap * w_valid[..., None].to(cap.dtype)
+    zero = torch.zeros((), dtype=img.dtype, device=img.device)
+    img = torch.where(r_valid[..., None], img, zero)        # select, never multiply: padding may hold NaN/Inf
+    cap = torch.where(w_valid[..., None], cap, zero)
     s = torch.einsum("ikd,ctd->ickt", img, cap)                                     # (Ni, Nc, K, Lc)
     if direction == "t2i":
         return (img, cap, s, w_valid[None, :, None, :], r_valid[:, None, :, None],
                 torch.bmm(img, img.transpose(1, 2))[:, None], cap.norm(dim=2)[None])
     return (img, cap, s.transpose(2, 3), r_valid[:, None, None, :], w_valid[None, :, :, None],
             torch.bmm(cap, cap.transpose(1, 2))[None], img.norm(dim=2)[:, None])
+
+
+def _features(img, cap, direction):
+    """(context, query, t2i) of a tile, for the Gram guard's exact recompute."""
+    return (img, cap, True) if direction == "t2i" else (cap, img, False)
 
 
 def _per_image(gram, alpha) -> bool:
@@ -61,22 +70,39 @@ def _gram_grad(gram, left, alpha):
     return torch.einsum("icjq,ickq->cjk", left, alpha)[None]
 
 
-def attend_forward(s, q_valid, c_valid, gram, q_norm, *, norm, lambda_softmax):
+def attend_forward(s, q_valid, c_valid, gram, q_norm, *, norm, lambda_softmax, features=None):
     """Cosines R (Ni, Nc, Q) of each query item with its attended context, from the score tile s (Ni, Nc, C, Q).
 
-    Uses q.a = sum_c alpha s and |a|^2 = alpha^T gram alpha. Returns R and the intermediates the backward needs.
+    Uses q.a = sum_c alpha s and |a|^2 = alpha^T gram alpha. Where that cancels (``cancelled``), q.a and |a|^2 are
+    recomputed from the explicit attended vector in float64, given ``features`` = (context, query, t2i) of
+    ``_tile_inputs``. Returns R and the intermediates the backward needs.
     """
     x = reference.normalize_scores(s, q_valid, norm, dim=3)
     alpha = _masked_softmax(lambda_softmax * x, c_valid, dim=2)
     num = (alpha * s).sum(2)
     g_alpha = _gram_times(gram, alpha)
     a_sq = (alpha * g_alpha).sum(2)
+    if features is not None:
+        num, a_sq = _guard(num, a_sq, alpha, gram, q_valid, *features)
     # Clamping |a|^2 at the smallest normal number changes nothing (the denominator is then clamped to eps
     # anyway) and keeps the gradient finite where rounding makes |a|^2 <= 0.
     a_norm = a_sq.clamp_min(torch.finfo(a_sq.dtype).tiny).sqrt()
     denom = q_norm * a_norm
     r = num / denom.clamp_min(reference.EPS)
     return r, dict(alpha=alpha, num=num, g_alpha=g_alpha, a_sq=a_sq, a_norm=a_norm, denom=denom)
+
+
+def _guard(num, a_sq, alpha, gram, q_valid, context, query, t2i):
+    """Replace q.a and |a|^2 of the valid queries where the Gram identity cancels by their exact values."""
+    bad = cancelled(a_sq, alpha, gram) & q_valid[:, :, 0]
+    if not bool(bad.any()):
+        return num, a_sq
+    i, c, q = bad.nonzero(as_tuple=True)
+    weights = alpha.permute(0, 1, 3, 2)[i, c, q]                                     # (n, C)
+    ctx_rows, q_rows = (i, c) if t2i else (c, i)
+    dot, sq = exact_attended(weights, lambda j0, j1: context[ctx_rows[j0:j1]], context.shape[-1],
+                             query[q_rows, q])
+    return num.index_put((i, c, q), dot.to(num.dtype)), a_sq.index_put((i, c, q), sq.to(a_sq.dtype))
 
 
 def aggregate_weights(r, valid, agg, lambda_lse):
@@ -134,15 +160,17 @@ def tile_sims(img, img_lens, cap, cap_lens, *, direction, norm, lambda_softmax, 
 
     Padding rows of ``img``/``cap`` may hold anything: they are zeroed before use.
     """
-    _, _, s, q_valid, c_valid, gram, q_norm = _tile_inputs(img, img_lens, cap, cap_lens, direction)
-    r, _ = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax)
+    img, cap, s, q_valid, c_valid, gram, q_norm = _tile_inputs(img, img_lens, cap, cap_lens, direction)
+    r, _ = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax,
+                          features=_features(img, cap, direction))
     return reference.aggregate(r, q_valid[:, :, 0].expand_as(r), agg, lambda_lse)
 
 
 def tile_backward(grad, img, img_lens, cap, cap_lens, *, direction, norm, lambda_softmax, agg, lambda_lse):
     """Gradients of sum(grad * tile_sims(...)): grad (Ni, Nc) -> (g_img (Ni, K, d), g_cap (Nc, Lc, d))."""
     img, cap, s, q_valid, c_valid, gram, q_norm = _tile_inputs(img, img_lens, cap, cap_lens, direction)
-    r, saved = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax)
+    r, saved = attend_forward(s, q_valid, c_valid, gram, q_norm, norm=norm, lambda_softmax=lambda_softmax,
+                              features=_features(img, cap, direction))
     valid = q_valid[:, :, 0].expand_as(r)
     g_r = grad[:, :, None] * aggregate_weights(r, valid, agg, lambda_lse)
     g_s, g_gram, g_q_norm = attend_backward(g_r, s, q_valid, c_valid, gram, q_norm, saved, norm=norm,
@@ -163,7 +191,8 @@ def tile_backward(grad, img, img_lens, cap, cap_lens, *, direction, norm, lambda
         g_img = g_img + g_q_norm.sum(1)[..., None] * img / torch.where(img_norm > 0, img_norm, 1.0)
     r_valid = torch.arange(img.shape[1], device=img.device)[None, :] < img_lens[:, None]
     w_valid = torch.arange(cap.shape[1], device=cap.device)[None, :] < cap_lens[:, None]
-    return g_img * r_valid[..., None], g_cap * w_valid[..., None]
+    zero = torch.zeros((), dtype=g_img.dtype, device=g_img.device)
+    return torch.where(r_valid[..., None], g_img, zero), torch.where(w_valid[..., None], g_cap, zero)
 
 
 def caption_chunks(cap_lens: torch.Tensor, words_per_chunk: int):
