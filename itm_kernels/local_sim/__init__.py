@@ -58,6 +58,7 @@ from .._common import dispatch
 from .._common.constants import BACKENDS, EPS, LEAKY_SLOPE  # noqa: F401
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
+from .._common.precision import resolve_precision
 from .._common.dtypes import out_dtype as _out_dtype  # noqa: F401
 from .._common.validation import check_choice, check_feature_pair, check_lambda, check_lengths
 from .cpu import _CPU_OUT_DTYPES, _have_cpu_kernel, local_sim_cpu  # noqa: F401
@@ -73,8 +74,15 @@ from .torch import (DEFAULT_TILE_BYTES, LOW_PRECISION_ROW_BUCKET, _caption_range
 
 @_torch.library.custom_op("itm_kernels::local_sim", mutates_args=())
 def local_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Tensor, bias: Tensor,
-                 lambda_softmax: float, backend: str, max_tile_bytes: int) -> Tensor:
-    """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,), (s, d), (s,) -> (N_img, N_cap, L, s)."""
+                 lambda_softmax: float, backend: str, max_tile_bytes: int, direction: str = "t2i",
+                 precision: str = "ieee") -> Tensor:
+    """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,), (s, d), (s,) -> (N_img, N_cap, L, s).
+
+    ``direction`` "i2t" (result (N_img, N_cap, K, s)) is taken by the "triton" backend only (one kernel with the
+    roles swapped); the public function delegates i2t to t2i calls on the other backends. ``precision``: the
+    float32 tl.dot precision of "triton" (``itm_kernels._common.precision``), ignored by the other backends."""
+    if direction != "t2i" and backend != "triton":
+        raise ValueError(f"local_sim_op takes direction={direction!r} with backend 'triton' only")
     if backend == "reference":
         out = local_sim_reference(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                                   compute_dtype=compute_dtype(images.dtype))
@@ -86,7 +94,8 @@ def local_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Ten
     elif backend == "triton":
         from .triton import local_sim_triton
 
-        out = local_sim_triton(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax)
+        out = local_sim_triton(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
+                               direction=direction, precision=precision)
     else:
         out = local_sim_torch(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                               max_tile_bytes=max_tile_bytes or None)
@@ -94,30 +103,45 @@ def local_sim_op(images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Ten
 
 
 @local_sim_op.register_fake
-def _local_sim_fake(images, captions, cap_lens, weight, bias, lambda_softmax, backend, max_tile_bytes):
-    return images.new_empty((images.shape[0], captions.shape[0], captions.shape[1], weight.shape[0]),
+def _local_sim_fake(images, captions, cap_lens, weight, bias, lambda_softmax, backend, max_tile_bytes,
+                    direction="t2i", precision="ieee"):
+    rows = captions.shape[1] if direction == "t2i" else images.shape[1]
+    return images.new_empty((images.shape[0], captions.shape[0], rows, weight.shape[0]),
                             dtype=out_dtype(images.dtype))
 
 
 @_torch.library.custom_op("itm_kernels::local_sim_backward", mutates_args=())
 def local_sim_backward_op(grad: Tensor, images: Tensor, captions: Tensor, cap_lens: Tensor, weight: Tensor,
-                          bias: Tensor, lambda_softmax: float, max_tile_bytes: int
+                          bias: Tensor, lambda_softmax: float, max_tile_bytes: int, backend: str = "torch",
+                          direction: str = "t2i", precision: str = "ieee"
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Registered backward: grad (N_img, N_cap, L, s) -> grads of (images, captions, weight, bias)."""
+    """Registered backward: grad (N_img, N_cap, L, s) -> grads of (images, captions, weight, bias).
+
+    ``backend``: the forward's; after a "triton" forward the fused Triton backward
+    (``triton.local_sim_backward_triton``) runs when its shapes allow (``triton.bwd_supported``; always for
+    i2t, which the public function routes here only then), every other case the tiled torch one."""
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        if direction == "i2t" or triton_backend.bwd_supported(images, captions, weight, direction):
+            return triton_backend.local_sim_backward_triton(grad, images, captions, cap_lens, weight, bias,
+                                                            lambda_softmax=lambda_softmax, direction=direction,
+                                                            precision=precision)
     return local_sim_backward_torch(grad, images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                                     max_tile_bytes=max_tile_bytes or None)
 
 
 @local_sim_backward_op.register_fake
-def _local_sim_backward_fake(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes):
+def _local_sim_backward_fake(grad, images, captions, cap_lens, weight, bias, lambda_softmax, max_tile_bytes,
+                             backend="torch", direction="t2i", precision="ieee"):
     return (_torch.empty_like(images), _torch.empty_like(captions), _torch.empty_like(weight),
             _torch.empty_like(bias))
 
 
 def _setup_context(ctx, inputs, output):
-    images, captions, cap_lens, weight, bias, lambda_softmax, _, max_tile_bytes = inputs
+    images, captions, cap_lens, weight, bias, lambda_softmax, backend, max_tile_bytes, direction, precision = inputs
     ctx.save_for_backward(images, captions, cap_lens, weight, bias)
-    ctx.opts = (lambda_softmax, max_tile_bytes)
+    ctx.opts = (lambda_softmax, max_tile_bytes, backend, direction, precision)
 
 
 def _backward(ctx, grad):
@@ -125,7 +149,7 @@ def _backward(ctx, grad):
     grads = local_sim_backward_op(grad.contiguous(), images, captions, cap_lens, weight, bias, *ctx.opts)
     needs = ctx.needs_input_grad
     return (grads[0] if needs[0] else None, grads[1] if needs[1] else None, None,
-            grads[2] if needs[3] else None, grads[3] if needs[4] else None, None, None, None)
+            grads[2] if needs[3] else None, grads[3] if needs[4] else None, None, None, None, None, None)
 
 
 local_sim_op.register_autograd(_backward, setup_context=_setup_context)
@@ -148,7 +172,7 @@ def _check_triton_backend(images: Tensor) -> None:
 
 def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: Tensor, *,
               lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX, backend: str = "auto",
-              max_tile_bytes: int | None = None, direction: str = "t2i") -> Tensor:
+              max_tile_bytes: int | None = None, direction: str = "t2i", precision: str | None = None) -> Tensor:
     """SGRAF local similarity vectors of every (image, caption) pair of a block, every word.
 
     Args:
@@ -166,7 +190,11 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
             thread's work item (default 2 MiB).
         direction: "t2i" (default: every word attends over the regions, as above) or "i2t" (every region attends
             over the caption's words; result (N_img, N_cap, K, s), see :mod:`itm_kernels.local_sim.i2t`: the same
-            t2i kernels of the chosen backend, exactly, one call per distinct caption length).
+            t2i kernels of the chosen backend, exactly, one call per distinct caption length; "triton" runs its
+            one kernel with the roles swapped instead, when L_max <= 128 and its fused backward takes the shapes).
+        precision: float32 products of the "triton" backend: "ieee" (exact float32, the default unless
+            ``torch.backends.cuda.matmul.allow_tf32`` is on), "tf32" or "tf32x3" (tensor cores); other backends
+            and dtypes ignore it (bf16/fp16 products always run on tensor cores on "triton").
 
     Returns:
         (N_img, N_cap, L_max, s): row [i, c, t] = l2norm(W (a^_t - e_t)^2 + b) for the pair (image i, caption c)
@@ -175,8 +203,10 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
         results to it, "cpu" accumulates and keeps them in float32) and every normalisation, the softmax and the
         output are float32.
 
-    Autograd: differentiable w.r.t. images, captions, weight and bias (analytic tiled backward computed in float32,
-    float64 for float64 inputs; it saves only the inputs).
+    Autograd: differentiable w.r.t. images, captions, weight and bias, saving only the inputs: after a "triton"
+    forward the fused Triton backward (``triton.local_sim_backward_triton``: recomputes each pair's tiles, float32
+    accumulation, dW/db from per-image partials, N_img x s x d float32) where its shapes allow
+    (``triton.bwd_supported``), otherwise the analytic tiled torch backward (float32, float64 for float64 inputs).
 
     Memory: the output (N_img N_cap L_max s values; call it on blocks of pairs), the per-image Gram matrices
     (N_img K K) and scratch of at most ``max_tile_bytes`` ("torch": one; "cpu": one per thread, plus W^T packed
@@ -204,12 +234,25 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
     if backend == "triton":
         _check_triton_backend(images)
     check_choice("direction", direction, DIRECTIONS)
+    precision = resolve_precision(precision)
+    if direction == "i2t" and backend == "triton" and _triton_i2t_fused(images, captions, weight):
+        return local_sim_op(images.contiguous(), captions.contiguous(), cap_lens, weight.contiguous(),
+                            bias.contiguous(), lambda_softmax, "triton", max_tile_bytes or 0, "i2t", precision)
     if direction == "i2t":
         if backend == "reference":
             return local_sim_i2t_reference(images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
                                            compute_dtype=compute_dtype(images.dtype)).to(out_dtype(images.dtype))
         return local_sim_i2t(local_sim, images, captions, cap_lens, weight, bias, lambda_softmax=lambda_softmax,
-                             backend=backend, max_tile_bytes=max_tile_bytes)
+                             backend=backend, max_tile_bytes=max_tile_bytes, precision=precision)
     name = choose_backend(backend, images.device, op="local_sim", inputs=(images, captions, weight))
     return local_sim_op(images.contiguous(), captions.contiguous(), cap_lens, weight.contiguous(),
-                        bias.contiguous(), lambda_softmax, name, max_tile_bytes or 0)
+                        bias.contiguous(), lambda_softmax, name, max_tile_bytes or 0, "t2i", precision)
+
+
+def _triton_i2t_fused(images: Tensor, captions: Tensor, weight: Tensor) -> bool:
+    """Whether i2t on "triton" runs as one swapped-roles kernel (forward and fused backward take the shapes)
+    rather than by caption-length delegation to t2i calls."""
+    from . import triton as triton_backend
+
+    return triton_backend.supports(images, captions) and captions.shape[1] <= triton_backend.MAX_K and \
+        triton_backend.bwd_supported(images, captions, weight, "i2t")

@@ -283,8 +283,10 @@ def test_kernel_tests_on_gpu_in_fresh_process():
 
 @needs_kernels
 def test_public_api_backend_triton_and_its_gradients():
-    """local_sim(backend="triton") returns the kernel's output, and autograd through it (the shared analytic
-    backward) gives the gradients of backend="torch" on the same inputs."""
+    """local_sim(backend="triton") returns the kernel's output, and autograd through it (the fused Triton backward)
+    gives the gradients of backend="torch" on the same inputs, within float32 summation-order noise relative to the
+    gradients' size (rtol 2e-5: the two backwards sum in different orders; both are checked against the float64
+    reference in test_local_sim_triton_backward.py)."""
     from itm_kernels.local_sim import local_sim
 
     images, captions, lens, clean, weight, bias = make_inputs(2, 3, 5, 6, 16, 8, [6, 2, 1], seed=7)
@@ -299,7 +301,7 @@ def test_public_api_backend_triton_and_its_gradients():
     ref_leaves = [t.clone().requires_grad_(True) for t in (args[0], args[1])]
     local_sim(ref_leaves[0], ref_leaves[1], args[2], args[3], args[4], backend="torch").backward(grad)
     for a, b in zip(leaves, ref_leaves):
-        assert_close_report(a.grad, b.grad, atol=1e-5, rtol=0, what="gradient through backend='triton'")
+        assert_close_report(a.grad, b.grad, atol=1e-5, rtol=2e-5, what="gradient through backend='triton'")
 
 
 @needs_kernels
