@@ -571,7 +571,7 @@ def bwd_shapes(images: torch.Tensor, captions: torch.Tensor, weight: torch.Tenso
 def bwd_supported(images: torch.Tensor, captions: torch.Tensor, weight: torch.Tensor, direction: str) -> bool:
     """Whether the fused backward takes these shapes (context rows <= ``MAX_K``, query rows x s <= ``BWD_MAX_QS``
     after padding to powers of two); a shape question only, no sync."""
-    if images.dtype not in SUPPORTED_DTYPES:
+    if images.dtype not in SUPPORTED_DTYPES + (torch.float64,):
         return False
     block_c, block_q, block_s = bwd_shapes(images, captions, weight, direction)
     return block_c <= MAX_K and block_q * block_s <= BWD_MAX_QS
@@ -580,9 +580,11 @@ def bwd_supported(images: torch.Tensor, captions: torch.Tensor, weight: torch.Te
 def bwd_config(dtype: torch.dtype, *, block_c: int, block_q: int, block_s: int, outer_ctx: bool,
                precision: str = FP32_DOT_PRECISION, interpret: bool = False) -> tuple[dict, dict]:
     """Constexpr values and launch options of ``_local_sim_bwd_kernel`` (shared with the compile check). Loads are
-    widened to float32, so every product is a float32 tl.dot at the caller's ``precision`` on a GPU ("ieee" in
-    the interpreter)."""
-    constexprs = dict(ACC=tl.float32, DOT_PRECISION="ieee" if interpret else precision, OUTER_CTX=outer_ctx,
+    widened to float32 (float64 for float64 inputs), so every product is a float32 tl.dot at the caller's
+    ``precision`` on a GPU ("ieee" in the interpreter and for float64)."""
+    wide = dtype == torch.float64
+    constexprs = dict(ACC=tl.float64 if wide else tl.float32,
+                      DOT_PRECISION="ieee" if interpret or wide else precision, OUTER_CTX=outer_ctx,
                       BLOCK_C=block_c, BLOCK_Q=block_q, BLOCK_S=block_s,
                       BLOCK_D=MIN_BLOCK if interpret else BWD_BLOCK_D)
     return constexprs, dict(num_warps=BWD_NUM_WARPS, num_stages=1, enable_fp_fusion=True)
@@ -596,6 +598,8 @@ def local_sim_backward_triton(grad: torch.Tensor, images: torch.Tensor, captions
 
     Args: ``grad`` (N_img, N_cap, L_max, s) for t2i, (N_img, N_cap, K, s) for i2t, any float dtype and strides;
     the rest as :func:`local_sim_triton` (shapes must pass :func:`bwd_supported`; the registered backward checks).
+    float64 inputs are taken too (float64 accumulation; the forward kernel has no float64, but this lets the
+    backward's algebra be gradchecked in float64 against the reference's numerical Jacobian).
     Two launches of ``_local_sim_bwd_kernel`` (one program per context item, one per query item), each recomputing
     the pair tiles it needs in float32 (low-precision inputs are widened on load); float32 accumulation; gradients
     returned in the dtypes of images/captions/weight/bias, padding rows 0. No host sync (tile heights from the
@@ -610,7 +614,7 @@ def local_sim_backward_triton(grad: torch.Tensor, images: torch.Tensor, captions
     """
     interpret = triton_utils.interpreted()
     triton_utils.check_mode(interpret)
-    acc = torch.float32
+    acc = triton_utils.acc_dtype(images.dtype)
     grad = grad.contiguous()
     n_img, K, d = images.shape
     s = weight.shape[0]
@@ -632,7 +636,7 @@ def local_sim_backward_triton(grad: torch.Tensor, images: torch.Tensor, captions
         return (g_img.to(images.dtype), g_cap.to(captions.dtype), g_w_parts.sum(0).to(weight.dtype),
                 g_b_parts.sum(0).to(bias.dtype))
     w = weight.to(images.dtype).contiguous()
-    b = bias.to(torch.float32).contiguous()
+    b = bias.to(acc).contiguous()
     block_c, block_q, block_s = bwd_shapes(images, captions, weight, direction)
     ctx_idx = torch.arange(n_ctx, dtype=torch.int32, device=images.device)
     gram = triton_utils.gram(ctx, ctx_idx, ctx_lens, block_c, interpret)
