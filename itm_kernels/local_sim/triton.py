@@ -556,9 +556,12 @@ def local_sim_triton(images: torch.Tensor, captions: torch.Tensor, cap_lens: tor
 # The backward holds a pair's whole query side (t2i: the caption's words, i2t: the image's regions) and all of s in
 # one (BLOCK_Q x BLOCK_S) float32 tile, twice (y and its gradient): at most this many values each. Larger shapes
 # run the tiled torch backward (``local_sim_backward_torch``).
+# Compiled for sm_90 at SGRAF size (K = 36, d = 1024, s = 256, 32-word captions, bf16; tools/compile_check_triton.py
+# --ops): the kernel compiles but SPILLS: 16-wide d-chunks with 16 warps 2,080 bytes of stack per thread, with 8 warps
+# 4,672; 32-wide with 8 warps 6,432 (t2i) and 8,560-9,184 (i2t, 64 query rows). Untuned: no GPU has run it.
 BWD_MAX_QS = 16384
-BWD_BLOCK_D = 32
-BWD_NUM_WARPS = 8
+BWD_BLOCK_D = 16
+BWD_NUM_WARPS = 16
 
 
 def bwd_shapes(images: torch.Tensor, captions: torch.Tensor, weight: torch.Tensor, direction: str) -> tuple:
