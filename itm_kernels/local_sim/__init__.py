@@ -35,13 +35,16 @@ Measured on one Zen 5 core (60 x 300 pairs, ``benchmarks/bench_local_sim.py``): 
 bfloat16 GEMM rate (1.5x "torch"), float32 2.5x "torch".
 
 GPU kernels: "triton" (``itm_kernels/local_sim/triton.py``: one program per (image, caption, word block), the
-per-image Gram matrix computed once, a^ formed per feature chunk and contracted with W at once) and "cuda"
-(``csrc/local_sim/kernel.cuh``: one thread block per pair, K <= 64, L_max <= 128, s <= 1024). Neither has run
-on a GPU yet (they are tested under the Triton interpreter and a host emulation of the CUDA block code), so "auto"
-never picks them: on CUDA tensors it runs "torch".
+per-image Gram matrix computed once, a^ formed per feature chunk and contracted with W at once; tensor-core tile
+products (bf16/fp16 natively, float32 per ``precision=``), autotuned on a GPU, no host sync, t2i and i2t) and
+"cuda" (``csrc/local_sim/kernel.cuh``: one thread block per pair, K <= 64, L_max <= 128, s <= 1024). Neither has
+run on a GPU yet (they are compiled for sm_80/sm_90 and tested under the Triton interpreter and a host emulation
+of the CUDA block code), so "auto" never picks them (``itm_kernels._common.dispatch``: the verified table is
+empty): on CUDA tensors it runs "torch".
 
-The backward is analytic and recomputes each tile (:func:`local_sim_backward_torch`): autograd saves only the
-inputs; it is the same for every forward backend.
+The backward saves only the inputs and recomputes each tile: after a "triton" forward the fused Triton backward
+(:func:`itm_kernels.local_sim.triton.local_sim_backward_triton`) where its shapes allow, otherwise the analytic
+tiled torch one (:func:`local_sim_backward_torch`), for every other backend.
 
 This package is the one home of the op: the public :func:`local_sim` and its ``torch.library`` registration live
 here; the backends are the submodules ``reference`` (the spec), ``torch`` (chunked forward, and the backward of
@@ -185,7 +188,8 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
         backend: "auto" ("cpu" for CPU tensors when the extension is built, else "torch"), "cpu" (the fused C++
             kernel; float16 features run on "torch"), "cuda" (fused CUDA kernel: K <= 64, L_max <= 128,
             s <= 1024), "triton" (fused Triton kernel; no float64), "torch" (chunked torch ops, bounded memory) or
-            "reference" (the readable spec). "cuda" and "triton" have not run on a GPU yet; "auto" never picks them.
+            "reference" (the readable spec). "cuda" and "triton" are compiled and interpreter-tested but have not
+            run on a GPU; "auto" never picks them.
         max_tile_bytes: cap on the scratch: "torch": the one tile of attended vectors (default 8 MiB); "cpu": each
             thread's work item (default 2 MiB).
         direction: "t2i" (default: every word attends over the regions, as above) or "i2t" (every region attends
@@ -211,6 +215,8 @@ def local_sim(images: Tensor, captions: Tensor, cap_lens, weight: Tensor, bias: 
     Memory: the output (N_img N_cap L_max s values; call it on blocks of pairs), the per-image Gram matrices
     (N_img K K) and scratch of at most ``max_tile_bytes`` ("torch": one; "cpu": one per thread, plus W^T packed
     once, d s values): the (pairs x L x d) attended vectors never exist all at once ("reference" excepted).
+    "triton": the output, the Gram tiles and index tensors (no scratch); its fused backward adds the float32
+    feature gradients and N_img x s x d float32 dW partials (N_cap x s x d for i2t).
     """
     check_feature_pair(images, captions)
     for name, t, dims in (("weight", weight, 2), ("bias", bias, 1)):

@@ -1,7 +1,14 @@
 """The "triton" backend of ``local_sim``: SGRAF's local similarity vectors, one fused program per (image, caption).
 
-Layout of this file: the kernel (math in its docstring), the launcher that picks block sizes and buckets captions by
-length, then :func:`local_sim_triton` (to be called by ``itm_kernels.local_sim`` with validated inputs).
+Layout of this file: the forward kernel (math in its docstring), the fused backward kernel, the forward launcher
+that picks block sizes (autotuned on a GPU) and buckets captions by length on the device, :func:`local_sim_triton`
+(called by ``itm_kernels.local_sim`` with validated inputs), then :func:`local_sim_backward_triton` (the registered
+backward after a "triton" forward). Neither direction synchronises the host.
+
+Directions: the kernel sees a CONTEXT set attended over ("images", rows with per-item lengths) and a QUERY set
+("captions"); t2i runs it as named, i2t (regions attend over the caption's words, ``itm_kernels.local_sim.i2t``)
+with captions as the context (their lengths as region counts) and images as the queries (all K rows valid),
+writing out[image, caption, region] through its strides: one launch set, no delegation by caption length.
 
 Formulation (as the "torch" backend, without its scratch): a program holds one pair's K x L score tile, computes the
 attention weights alpha (K x L) from it, and folds 1/(|a_t| + eps) into alpha with |a_t|^2 = alpha_t^T G alpha_t,
@@ -30,17 +37,30 @@ K = 36, d = 1024, s = 256, 8 warps: 98-255 registers and no spill for every buck
   * s: in chunks of BLOCK_S = min(256, 8192 / BLOCK_L) columns (the float32 BLOCK_L x BLOCK_S accumulator stays at
     <= 8192 values, 32 registers per thread); larger s loops over chunks, recomputing the a^ chunks for each (a
     BLOCK_K / BLOCK_S share of extra work), writes the unnormalised y and rescales it in place at the end.
-  * d: in chunks of BLOCK_D = 32 (16 in the interpreter, so that tiny tests cover the loop and its ragged end).
-  * dtypes: float32 (IEEE float32 tile products, ``FP32_DOT_PRECISION``), bfloat16 and float16 (the score, a^ and
+  * d: in chunks of BLOCK_D = 32 untuned (16 in the interpreter, so that tiny tests cover the loop and its ragged
+    end); on a GPU ``triton.autotune`` picks BLOCK_D in {16, 32, 64} x 4/8 warps x 2/3 stages per shape key
+    (``AUTOTUNE_PARAMS``; never run on a GPU yet, and only the untuned config was checked for spills).
+  * no host sync: the caption buckets come from a device searchsorted (``triton_utils.device_length_buckets``); each
+    bucket's launch covers all captions and programs past the bucket's device-side count return at once.
+  * dtypes: float32 (tile products at the caller's ``precision``: "ieee" exact float32 FMA, the default, or
+    "tf32"/"tf32x3" on tensor cores; ``itm_kernels._common.precision``), bfloat16 and float16 (the score, a^ and
     projection products in the input dtype with float32 accumulation, as autocast does and as the "torch" backend
     rounds: alpha / (|a| + eps) and (a^ - e)^2 are rounded to the input dtype before their products; everything
     else is float32). float64 raises ValueError: the "torch" backend handles float64 (Triton's float64 tile
     products are limited and slow).
 
-Memory: the float32 output (N_img x N_cap x L_max x s, written exactly once, padding rows included; no zero-fill
-pass), the Gram tiles (N_img x BLOCK_K^2 float32, 16 KiB per image at K = 36), the caption index tensors, and a copy
-of ``weight`` in the input dtype / of ``bias`` in float32 when they come in another dtype (s x d). Nothing
-d-sized per pair.
+Memory (forward peak): the float32 output (N_img x N_cap x L_max x s, written exactly once, padding rows included;
+no zero-fill pass), the Gram tiles (N_img x BLOCK_K^2 float32, 16 KiB per image at K = 36), the caption index
+tensors, and a copy of ``weight`` in the input dtype / of ``bias`` in float32 when they come in another dtype
+(s x d). Nothing d-sized per pair.
+
+Backward (``_local_sim_bwd_kernel``): FlashAttention-style, each pair's tiles are recomputed (scores, attention,
+a^ and y over d) and back-propagated in registers: one launch with a program per context item (dV, and dW/db as
+per-item partials summed at the end: no atomics), one per query item (dE). The whole query side of a pair and all
+of s sit in one tile (query rows x s <= ``BWD_MAX_QS`` after padding: t2i at s = 256 takes captions up to 64
+words; larger shapes run the tiled torch backward). Memory: the float32 feature gradients, the Gram tiles and the
+dW/db partials (N_ctx x s x d float32); no N_img x N_cap x K x L or x L x d tensor. It compiles for sm_80/sm_90 but
+spills at SGRAF size (see ``BWD_NUM_WARPS``) and has not run on a GPU.
 
 Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``itm_kernels._common.triton_utils``),
 and call no other ``@triton.jit`` function of ours.

@@ -26,7 +26,9 @@ Backends: "cpu" is one fused C++ kernel per caption range (``csrc/node_match/cpu
 scores as a register-tiled product with the 16 blocks as the lanes of one SIMD vector, then both attentions and
 the Gram-form cosines in cache (16 blocks of >= 16 features; other shapes run on "torch"); "triton"
 (``itm_kernels/node_match/triton.py``, GPU, or CPU tensors under ``TRITON_INTERPRET=1``) and "cuda"
-(``csrc/node_match/kernel.cuh``: one thread block per pair, K <= 64, L <= 128) form the contexts on chip;
+(``csrc/node_match/kernel.cuh``: one thread block per pair, K <= 64, L <= 128) form the contexts on chip
+("triton": tl.dot products, ``precision=`` for float32, autotuned, no host sync; neither GPU kernel has run on a
+GPU, so "auto" never picks them);
 "torch" runs the Gram-form algebra as torch ops on whole tiles; "reference" is the spec.
 
 Autograd: a registered backward op (``itm_kernels::node_match_backward``) recomputes each tile under

@@ -10,6 +10,12 @@ step are small register tiles (K x 16 and L x 16 at GSMN size), so the kernel fo
 Gram matrices, no cancellation at any block width, and two more tile products (alpha E, beta^T V) of the size of
 the score product. Only the K x L score, alpha and beta tiles live across the feature loop.
 
+Products: tl.dot throughout; bf16/fp16 score products on tensor cores in the input dtype, the float32 ones (and the
+float32 context products) at the caller's ``precision`` ("ieee" exact by default, "tf32"/"tf32x3" on tensor cores;
+``itm_kernels._common.precision``). On a GPU ``triton.autotune`` picks warps and stages per shape key (not run on
+a GPU yet). No host sync for L_max <= ``MAX_ROWS``: the caption buckets come from a device searchsorted and
+programs past a bucket's device-side count return at once. Compiled for sm_80/sm_90, never run on a GPU.
+
 Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``itm_kernels._common.triton_utils``), and
 call no other ``@triton.jit`` function of ours.
 """
