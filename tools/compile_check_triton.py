@@ -12,7 +12,7 @@ Runs in its own process: a process that imported triton with ``TRITON_INTERPRET=
     python tools/compile_check_triton.py --all-options       # every norm x agg: 232 kernels, a few minutes
     python tools/compile_check_triton.py --arch 90 --dtype float64
     python tools/compile_check_triton.py --sample 6 --run 3    # slice 3 of every reachable variant (fwd + bwd)
-    python tools/compile_check_triton.py --ops                 # local_sim (fwd + fused bwd) and node_match, SGRAF/GSMN size
+    python tools/compile_check_triton.py --ops       # local_sim (fwd + fused bwd) and node_match, SGRAF/GSMN size
 
 local_sim and node_match are compiled at SGRAF/GSMN size (``OP_SHAPES``: K = 36, d = 1024, s = 256, captions of up
 to 32 words, 16 blocks) with their launchers' configs (``kernel_config``/``bwd_config`` of their modules); the

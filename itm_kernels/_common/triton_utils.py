@@ -1,7 +1,8 @@
 """Triton helpers shared by the three ops' Triton backends (itm_kernels/xattn_sim/triton.py,
 itm_kernels/local_sim/triton.py, itm_kernels/node_match/triton.py): the ``tl.constexpr`` copies of the shared
 constants, the interpreter/compiler mode checks, tile sizes, one kernel-wrapping rule, the caption length buckets
-(host-side and device-side), and the per-item Gram kernel (G = X X^T over valid rows) that xattn_sim and local_sim both use.
+(host-side and device-side), the float32 tl.dot precision rule, autotune configs, and the per-item Gram kernel
+(G = X X^T over valid rows) that xattn_sim and local_sim both use.
 
 Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (:func:`jit`), so importing this
 module fixes nothing. triton itself fixes the mode of its own library (tl.sum, tl.max, tl.cdiv) when it is first
