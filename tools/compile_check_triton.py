@@ -1,4 +1,4 @@
-"""Compile the Triton kernels of ``itm_kernels.xattn_sim.triton`` for NVIDIA targets without a GPU.
+"""Compile the Triton kernels of ``itm_kernels`` (xattn_sim, local_sim, node_match) for NVIDIA targets without a GPU.
 
 For each target (default sm_80 and sm_90), input dtype (default float32 and bfloat16) and direction, this compiles
 the Gram kernel of the context side (t2i: images, 64-row tiles; i2t: captions, 32-row tiles) and the attention
@@ -12,6 +12,11 @@ Runs in its own process: a process that imported triton with ``TRITON_INTERPRET=
     python tools/compile_check_triton.py --all-options       # every norm x agg: 232 kernels, a few minutes
     python tools/compile_check_triton.py --arch 90 --dtype float64
     python tools/compile_check_triton.py --sample 6 --run 3    # slice 3 of every reachable variant (fwd + bwd)
+    python tools/compile_check_triton.py --ops       # local_sim (fwd + fused bwd) and node_match, SGRAF/GSMN size
+
+local_sim and node_match are compiled at SGRAF/GSMN size (``OP_SHAPES``: K = 36, d = 1024, s = 256, captions of up
+to 32 words, 16 blocks) with their launchers' configs (``kernel_config``/``bwd_config`` of their modules); the
+sampled variants (``--sample``) include them.
 """
 from __future__ import annotations
 
@@ -95,9 +100,88 @@ def _resources(cubin: bytes) -> dict:
     return found
 
 
+# SGRAF / GSMN launches: K = 36 regions, d = 1024, s = 256 (local_sim), 16 blocks (node_match), L_max = 32.
+OP_SHAPES = dict(K=36, L_MAX=32, D=1024, S=256, NB=16, N_IMG=1000, N_CAP=5000)
+OP_KERNELS = ("local_sim", "local_sim_bwd", "node_match")
+
+
+def _compile(fn, types, values, constexprs, options, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _specialize(fn, types, values, constexprs)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, round(time.perf_counter() - start, 2)
+
+
+def compile_op_one(kernel: str, arch: int, dtype_name: str, direction: str = "t2i", precision: str = "ieee") -> dict:
+    """Compile one local_sim / node_match kernel variant (``OP_KERNELS``) for sm_<arch> at ``OP_SHAPES``."""
+    import torch
+
+    from itm_kernels._common.triton_utils import block_rows
+    from itm_kernels.local_sim import triton as tls
+    from itm_kernels.node_match import triton as tnm
+
+    dtype = getattr(torch, dtype_name)
+    elem = "*" + DTYPES[dtype_name]
+    sh = OP_SHAPES
+    K, L, D, S = sh["K"], sh["L_MAX"], sh["D"], sh["S"]
+    ctx_rows, qry_rows = (K, L) if direction == "t2i" else (L, K)
+    n_ctx, n_qry = (sh["N_IMG"], sh["N_CAP"]) if direction == "t2i" else (sh["N_CAP"], sh["N_IMG"])
+    if kernel == "local_sim":
+        constexprs, options = tls.kernel_config(dtype, K=ctx_rows, bucket=block_rows(qry_rows), s=S,
+                                                precision=precision)
+        fn = tls.jit_kernel(False)
+        types = dict(img_ptr=elem, img_len_ptr="*i64", cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64",
+                     cap_range_ptr="*i32", gram_ptr="*fp32", w_ptr=elem, b_ptr="*fp32", out_ptr="*fp32",
+                     lambda_softmax="fp64")
+        out_rows = L if direction == "t2i" else K
+        pair = out_rows * S
+        strides = (sh["N_CAP"] * pair, pair) if direction == "t2i" else (pair, sh["N_CAP"] * pair)
+        values = dict(n_img=n_ctx, n_cap=n_qry, L_out=out_rows, D=D, S=S, stride_in=ctx_rows * D, stride_ik=D,
+                      stride_cn=qry_rows * D, stride_ct=D, stride_ws=D, stride_oi=strides[0], stride_oc=strides[1])
+    elif kernel == "local_sim_bwd":
+        # The per-context-item launch (OUTER_CTX: the one that also accumulates dW/db).
+        constexprs, options = tls.bwd_config(dtype, block_c=block_rows(ctx_rows), block_q=block_rows(qry_rows),
+                                             block_s=block_rows(S), outer_ctx=True, precision=precision)
+        fn = tls.jit_kernel(False, "local_sim_bwd")
+        types = dict(ctx_ptr=elem, ctx_len_ptr="*i64", qry_ptr=elem, qry_len_ptr="*i64", gram_ptr="*fp32",
+                     w_ptr=elem, b_ptr="*fp32", grad_ptr="*fp32", gout_ptr="*fp32", gw_ptr="*fp32", gb_ptr="*fp32",
+                     lambda_softmax="fp64")
+        out_rows = L if direction == "t2i" else K
+        pair = out_rows * S
+        g_strides = (sh["N_CAP"] * pair, pair) if direction == "t2i" else (pair, sh["N_CAP"] * pair)
+        values = dict(n_inner=n_qry, D=D, S=S, stride_cn=ctx_rows * D, stride_cr=D, stride_qn=qry_rows * D,
+                      stride_qr=D, stride_ws=D, stride_gc=g_strides[0], stride_gq=g_strides[1], stride_gt=S,
+                      stride_on=ctx_rows * D, stride_or=D)
+    elif kernel == "node_match":
+        constexprs, options = tnm.kernel_config(dtype, K=K, block_l=block_rows(L), d=D, num_blocks=sh["NB"],
+                                                precision=precision)
+        fn = tnm.jit_kernel(False)
+        types = dict(img_ptr=elem, cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64", cap_range_ptr="*i32",
+                     region_ptr="*fp32", word_ptr="*fp32", lambda_softmax="fp64")
+        values = dict(n_img=sh["N_IMG"], n_cap=sh["N_CAP"], K=K, L_out=L, D=D, DB=D // sh["NB"], NB=sh["NB"],
+                      stride_in=K * D, stride_ik=D, stride_cn=L * D, stride_ct=D)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {OP_KERNELS}")
+    compiled, seconds = _compile(fn, types, values, constexprs, options, arch)
+    info = dict(kernel=kernel, arch=f"sm_{arch}", dtype=dtype_name, direction=direction, norm="-", agg="-",
+                precision=precision if dtype_name == "float32" else "-",
+                ptx_bytes=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
+                shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                num_stages=compiled.metadata.num_stages, seconds=seconds)
+    info.update(_resources(compiled.asm["cubin"]))
+    return info
+
+
 def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: str = "clipped_l2norm",
                 agg: str = "lse", precision: str = "ieee") -> dict:
     """Compile one kernel variant to a cubin for sm_<arch>; returns what was compiled and its resource use."""
+    if kernel in OP_KERNELS:
+        return compile_op_one(kernel, arch, dtype_name, direction, precision)
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -184,9 +268,16 @@ def all_variants(archs=(80, 90)) -> list[tuple]:
 
     dtypes = [("float32", p) for p in ("ieee", "tf32", "tf32x3")] + [(d, "ieee") for d in ("bfloat16", "float16",
                                                                                              "float64")]
-    return [(kernel, arch, dtype, direction, norm, agg, precision)
-            for kernel in ("xattn_sim", "xattn_sim_bwd") for arch in archs for dtype, precision in dtypes
-            for direction in ("t2i", "i2t") for norm in reference.NORMS for agg in reference.AGGS]
+    xattn = [(kernel, arch, dtype, direction, norm, agg, precision)
+             for kernel in ("xattn_sim", "xattn_sim_bwd") for arch in archs for dtype, precision in dtypes
+             for direction in ("t2i", "i2t") for norm in reference.NORMS for agg in reference.AGGS]
+    # local_sim (forward and fused backward, both directions) and node_match (t2i only: it computes both ways at
+    # once): no norm/agg options; no float64 kernels (float64 runs on "torch").
+    op_dtypes = [d for d in dtypes if d[0] != "float64"]
+    ops = [(kernel, arch, dtype, direction, "-", "-", precision)
+           for kernel in OP_KERNELS for arch in archs for dtype, precision in op_dtypes
+           for direction in (("t2i",) if kernel == "node_match" else ("t2i", "i2t"))]
+    return xattn + ops
 
 
 def sampled_variants(count: int, run: int, archs=(80, 90)) -> list[tuple]:
@@ -213,6 +304,8 @@ def main(argv=None) -> int:
                              "norm x agg), slice --run of a fixed shuffle, instead of the default set")
     parser.add_argument("--run", type=int, default=int(os.environ.get("GITHUB_RUN_NUMBER", "0")),
                         help="which slice --sample takes (default $GITHUB_RUN_NUMBER, else 0)")
+    parser.add_argument("--ops", action="store_true",
+                        help="compile local_sim (forward + fused backward) and node_match instead of xattn_sim")
     args = parser.parse_args(argv)
     # Compile for real every time: a cache hit would prove only that an earlier run compiled.
     os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")
@@ -223,6 +316,22 @@ def main(argv=None) -> int:
     if not available:
         print(f"FAILED: cannot compile for CUDA targets: {why}", file=sys.stderr)
         return 1
+    if args.ops:
+        results = []
+        for arch, dtype in itertools.product(args.arch or (80, 90), args.dtype or ("float32", "bfloat16")):
+            for kernel in OP_KERNELS:
+                for direction in (("t2i",) if kernel == "node_match" else args.direction or ("t2i", "i2t")):
+                    try:
+                        info = compile_op_one(kernel, arch, dtype, direction)
+                    except Exception as exc:
+                        print(f"FAILED: compiling {kernel} sm_{arch} {dtype} {direction}: {exc}", file=sys.stderr)
+                        return 1
+                    print("  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+                    results.append(info)
+        print(f"OK: {len(results)} kernels compiled")
+        if args.json:
+            print(json.dumps(results))
+        return 0
     if args.sample:
         results = []
         for variant in sampled_variants(args.sample, args.run, tuple(args.arch or (80, 90))):

@@ -9,13 +9,19 @@ Sections, each recorded pass/fail with numbers:
  1. correctness: every GPU kernel (xattn_sim, local_sim, node_match x triton, cuda) against the float64 reference
     on the inputs rounded to the tested dtype, at small odd sizes and at model sizes (SCAN/SGRAF/GSMN: K = 36,
     d = 1024; K = 100 for the Triton kernels), dtypes and options sampled; per-dtype tolerances in ``TOLERANCES``.
- 2. gradients: the fused Triton backward of xattn_sim against autograd through the reference.
- 3. no host sync: the Triton xattn_sim forward + backward under torch.cuda.set_sync_debug_mode("error").
- 4. CUDA graph: a training step (forward + fused backward) captured with torch.cuda.graph and replayed on new data.
+ 2. gradients: the fused Triton backwards of xattn_sim and local_sim (t2i and i2t, dW/db included) against autograd
+    through the float64 reference.
+ 3. no host sync: the Triton xattn_sim and local_sim forward + fused backward, and the node_match forward, under
+    torch.cuda.set_sync_debug_mode("error").
+ 4. CUDA graph: a training step (forward + fused backward) of xattn_sim and of local_sim captured with
+    torch.cuda.graph and replayed on new data.
  5. timings (not with --quick): SCAN t2i all pairs COCO 5K (5000 x 25000, K = 36, d = 1024, bf16) against the bare
     tensor-core GEMM of the same products (torch.mm, same dtype, same run) and the official-style loop (subset,
     extrapolated); a SCAN training step at batch 128 through the fused backward against autograd through the
-    reference, with torch.cuda.max_memory_allocated. Each issue-16 target is reported met / not met.
+    reference, with torch.cuda.max_memory_allocated. Each issue-16 target is reported met / not met. Then
+    local_sim (SGRAF: K = 36, d = 1024, s = 256, bf16) and node_match (GSMN: 16 blocks) all pairs of a batch of
+    128 against the bare GEMM of the same FLOPs (torch.mm, same dtype, same run), and a local_sim training step
+    (forward + fused backward) against autograd through the reference at batch 64, times and peak memory.
 The record lists, for every (op, backend) whose checks all passed, the row to add to
 ``itm_kernels._common.dispatch.VERIFIED_GPU_KERNELS`` (that is what lets ``backend="auto"`` pick the kernel).
 Without a CUDA device (and without --dry-run) it exits with status 2 and says so.
@@ -72,8 +78,8 @@ def correctness_cases(quick: bool = False) -> list[dict]:
             if size == "wideK" and backend == "cuda":
                 continue                      # beyond the CUDA kernels' K <= 64 (supports() says so)
             for dtype in dtypes:
-                if op != "xattn_sim" and "/" in dtype:
-                    continue                  # precision= is xattn_sim's keyword
+                if backend != "triton" and "/" in dtype:
+                    continue                  # precision= is the Triton backends' keyword
                 if op != "xattn_sim" and backend == "triton" and dtype == "float64":
                     continue                  # those Triton kernels take no float64 (their supports() says so)
                 if quick and size == "model" and dtype not in ("float32", "bfloat16"):
@@ -81,6 +87,8 @@ def correctness_cases(quick: bool = False) -> list[dict]:
                 opts = {}
                 if op == "xattn_sim":
                     opts = dict(direction=("t2i", "i2t")[i % 2], norm=norms[i % len(norms)], agg=aggs[(i // 2) % 4])
+                elif op == "local_sim" and backend == "triton":
+                    opts = dict(direction=("t2i", "i2t")[i % 2])
                 cases.append(dict(op=op, backend=backend, size=size, dtype=dtype, shape=sizes[size], opts=opts))
                 i += 1
     return cases
@@ -109,13 +117,14 @@ def target_report(measured: dict) -> dict:
 
 
 def verified_rows(record: dict) -> list[dict]:
-    """Rows for VERIFIED_GPU_KERNELS: (op, backend) whose every correctness case passed (and, for xattn_sim triton,
-    the gradient, no-sync and graph checks too)."""
+    """Rows for VERIFIED_GPU_KERNELS: (op, backend) whose every correctness case passed (and, for the Triton
+    kernels, the gradient, no-sync and graph checks too: they cover xattn_sim's and local_sim's fused backwards and
+    every Triton forward)."""
     rows = []
     for op, backend in OPS_BACKENDS:
         cases = [c for c in record.get("correctness", []) if (c["op"], c["backend"]) == (op, backend)]
         ok = bool(cases) and all(c.get("ok") for c in cases)
-        if (op, backend) == ("xattn_sim", "triton"):
+        if backend == "triton":
             extra = [record.get(k, {}) for k in ("gradients", "no_sync", "cuda_graph")]
             ok = ok and all(e.get("ok") for e in extra)
         if ok:
@@ -193,6 +202,7 @@ def run_case(case: dict, device) -> dict:
     import torch
 
     import itm_kernels
+    from itm_kernels.local_sim.i2t import local_sim_i2t_reference
     from itm_kernels.local_sim.reference import local_sim_reference
     from itm_kernels.node_match.reference import node_match_reference
     from itm_kernels.xattn_sim import reference
@@ -215,12 +225,15 @@ def run_case(case: dict, device) -> dict:
         weight = (torch.randn(s, img.shape[2], generator=g, dtype=torch.float64) / math.sqrt(img.shape[2]))
         bias = torch.randn(s, generator=g, dtype=torch.float64) * 0.1
         weight, bias = weight.to(device, dtype), bias.to(device, dtype)
-        got = itm_kernels.local_sim(img, cap, cap_lens, weight, bias, backend=backend)
-        truth = local_sim_reference(img.double(), clean, cap_lens, weight.double(), bias.double(),
-                                    compute_dtype=torch.float64)
+        direction = case["opts"].get("direction", "t2i")
+        got = itm_kernels.local_sim(img, cap, cap_lens, weight, bias, backend=backend, direction=direction,
+                                    precision=precision or "ieee")
+        spec = local_sim_reference if direction == "t2i" else local_sim_i2t_reference
+        truth = spec(img.double(), clean, cap_lens, weight.double(), bias.double(), compute_dtype=torch.float64)
     else:
         blocks = 16 if img.shape[2] % 16 == 0 else 1
-        got = itm_kernels.node_match(img, cap, cap_lens, num_blocks=blocks, backend=backend)
+        got = itm_kernels.node_match(img, cap, cap_lens, num_blocks=blocks, backend=backend,
+                                     precision=precision or "ieee")
         truth = node_match_reference(img.double(), clean, cap_lens, num_blocks=blocks, compute_dtype=torch.float64)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -255,6 +268,48 @@ def check_gradients(device) -> dict:
         tol = TOLERANCES[case["dtype"]] * 10          # gradients: one order looser than the forward
         rows.append(dict(case, err=err, ok=within(err, case["dtype"]) or err <= tol))
         worst = max(worst, err)
+    local = check_local_sim_gradients(device)
+    rows += local["cases"]
+    worst = max(worst, local["worst"])
+    return dict(ok=all(r["ok"] for r in rows), worst=worst, cases=rows)
+
+
+def local_sim_gradient_cases() -> list[dict]:
+    return [dict(op="local_sim", dtype=dtype, direction=direction, precision=precision)
+            for dtype, precision in (("float32", "ieee"), ("float32", "tf32x3"), ("bfloat16", "ieee"))
+            for direction in ("t2i", "i2t")]
+
+
+def check_local_sim_gradients(device, shape: dict | None = None, s: int = 64) -> dict:
+    """The fused local_sim backward (``local_sim_backward_triton``: images, captions, weight, bias) against
+    autograd through the float64 reference, t2i and i2t, at SGRAF K = 36 with d = 200, s = 64."""
+    import torch
+
+    from itm_kernels.local_sim import triton as tls
+    from itm_kernels.local_sim.i2t import local_sim_i2t_reference
+    from itm_kernels.local_sim.reference import local_sim_reference
+
+    rows, worst = [], 0.0
+    shape = shape or dict(n_img=4, n_cap=7, K=36, L_max=21, d=200, min_len=1)
+    for case in local_sim_gradient_cases():
+        dtype = getattr(torch, case["dtype"])
+        img, cap, cap_lens, _ = _inputs(shape, dtype, device, seed=4)
+        g = torch.Generator().manual_seed(6)
+        weight = (torch.randn(s, shape["d"], generator=g, dtype=torch.float64) / math.sqrt(shape["d"]))
+        bias = torch.randn(s, generator=g, dtype=torch.float64) * 0.1
+        weight, bias = weight.to(device, dtype), bias.to(device, dtype)
+        rows_out = shape["L_max"] if case["direction"] == "t2i" else shape["K"]
+        grad = torch.randn(shape["n_img"], shape["n_cap"], rows_out, s, device=device, dtype=torch.float64)
+        got = tls.local_sim_backward_triton(grad, img, cap, cap_lens, weight, bias, lambda_softmax=9.0,
+                                            direction=case["direction"], precision=case["precision"])
+        spec = local_sim_reference if case["direction"] == "t2i" else local_sim_i2t_reference
+        leaves = [t.double().requires_grad_() for t in (img, _clean(cap, cap_lens), weight, bias)]
+        truth = torch.autograd.grad(spec(leaves[0], leaves[1], cap_lens, leaves[2], leaves[3], lambda_softmax=9.0),
+                                    leaves, grad)
+        err = max(_max_rel_err(a, b) for a, b in zip(got, truth))
+        key = case["dtype"] if case["precision"] == "ieee" else f"{case['dtype']}/{case['precision']}"
+        rows.append(dict(case, err=err, ok=err <= TOLERANCES[key] * 10))   # one order looser than the forward
+        worst = max(worst, err)
     return dict(ok=all(r["ok"] for r in rows), worst=worst, cases=rows)
 
 
@@ -277,25 +332,68 @@ def _train_step_fn(device, dtype=None, n=32):
     return step, (img, cap)
 
 
+def _local_sim_step_fn(device, dtype=None, n=16, d=1024):
+    """A local_sim training step through backend "triton" (forward + fused backward, dW/db included)."""
+    import torch
+
+    from itm_kernels.local_sim import local_sim_op
+
+    dtype = dtype or torch.float32
+    img, cap, cap_lens, _ = _inputs(dict(n_img=n, n_cap=n, K=36, L_max=24, d=d, min_len=4), dtype, device, seed=7)
+    cap = _clean(cap, cap_lens)
+    g = torch.Generator().manual_seed(8)
+    weight = (torch.randn(256, d, generator=g) / math.sqrt(d)).to(device, dtype)
+    bias = (torch.randn(256, generator=g) * 0.1).to(device, dtype)
+    leaves = tuple(t.requires_grad_() for t in (img, cap, weight, bias))
+
+    def step():
+        out = local_sim_op(*leaves[:2], cap_lens, *leaves[2:], 9.0, "triton", 0, "t2i", "ieee")
+        return torch.autograd.grad(out.square().sum(), leaves)
+    return step, leaves
+
+
+def _node_match_forward_fn(device, n=16):
+    import torch
+
+    from itm_kernels.node_match import node_match_op
+
+    img, cap, cap_lens, _ = _inputs(dict(n_img=n, n_cap=n, K=36, L_max=24, d=1024, min_len=4), torch.float32,
+                                    device, seed=9)
+    return lambda: node_match_op(img, cap, cap_lens, 10.0, 16, "triton", 0, "ieee"), (img, cap)
+
+
 def check_no_sync(device) -> dict:
     import torch
 
-    step, _ = _train_step_fn(device)
-    step()                                           # warm-up: compile (and autotune) outside the checked call
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return dict(ok=True)
+    checked = []
+    for name, make in (("xattn_sim train step", _train_step_fn), ("local_sim train step", _local_sim_step_fn),
+                       ("node_match forward", _node_match_forward_fn)):
+        step, _ = make(device)
+        step()                                       # warm-up: compile (and autotune) outside the checked call
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        checked.append(name)
+    return dict(ok=True, checked=checked)
 
 
 def check_cuda_graph(device) -> dict:
+    """xattn_sim's and local_sim's training steps, captured and replayed on new data, against eager steps."""
+    errs = {}
+    for name, make in (("xattn_sim", _train_step_fn), ("local_sim", _local_sim_step_fn)):
+        errs[name] = _graph_replay_err(device, make)
+    return dict(ok=all(e <= 1e-5 for e in errs.values()), err=max(errs.values()), per_op=errs)
+
+
+def _graph_replay_err(device, make) -> float:
     import torch
 
-    step, (img, cap) = _train_step_fn(device)
+    step, leaves = make(device)
+    img, cap = leaves[0], leaves[1]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -311,8 +409,7 @@ def check_cuda_graph(device) -> dict:
     graph.replay()
     torch.cuda.synchronize()
     eager = step()
-    err = max(_max_rel_err(a, b) for a, b in zip(static_grads, eager))
-    return dict(ok=err <= 1e-5, err=err)
+    return max(_max_rel_err(a, b) for a, b in zip(static_grads, eager))
 
 
 def _time(fn, repeats=3) -> float:
@@ -394,6 +491,82 @@ def timings(device) -> dict:
     return out
 
 
+def _bare_gemm_seconds(device, dtype, flops: float) -> float:
+    """Median time of torch.mm (4096 x 1024) @ (1024 x n) in ``dtype`` with n chosen for ``flops`` FLOPs."""
+    import torch
+
+    m, k = 4096, 1024
+    n = max(16, int(flops / (2 * m * k)))
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    return _time(lambda: torch.mm(a, b), repeats=5)
+
+
+def _peak_mib(fn) -> tuple[float, float]:
+    """(median seconds, peak MiB above the memory in use before) of ``fn`` (torch.cuda.max_memory_allocated)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    seconds = _time(fn, repeats=3)
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def op_timings(device) -> dict:
+    """local_sim (SGRAF) and node_match (GSMN) on a batch of 128 x 128 pairs, bf16, K = 36, d = 1024, captions of
+    8..20 words: the fused Triton forward against the bare GEMM of the same FLOPs in the same run, peak memory;
+    a local_sim training step (forward + fused backward, float32) against autograd through the reference at 64."""
+    import torch
+
+    import itm_kernels
+    from itm_kernels.local_sim.reference import local_sim_reference
+
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    n, K, L, d, s = 128, 36, 20, 1024, 256
+    bf = torch.bfloat16
+    img = torch.nn.functional.normalize(torch.randn(n, K, d, generator=g), dim=2).to(device, bf)
+    lens = torch.randint(8, L + 1, (n,), generator=g).to(device)
+    cap = torch.nn.functional.normalize(torch.randn(n, L, d, generator=g), dim=2).to(device, bf)
+    weight = (torch.randn(s, d, generator=g) / 32).to(device, bf)
+    bias = (torch.randn(s, generator=g) * 0.1).to(device, bf)
+    words = float(lens.sum()) * n                                        # (pair, word) count, once, outside timing
+    seconds, mib = _peak_mib(lambda: itm_kernels.local_sim(img, cap, lens, weight, bias, backend="triton"))
+    flops = words * (4 * K * d + 2 * d * s)
+    bare = _bare_gemm_seconds(device, bf, flops)
+    out.update(local_sim_sgraf_b128_bf16_seconds=seconds, local_sim_sgraf_b128_bf16_peak_mib=mib,
+               local_sim_bare_gemm_same_flops_seconds=bare, local_sim_fused_over_bare_gemm_rate=bare / seconds)
+    seconds, mib = _peak_mib(lambda: itm_kernels.node_match(img, cap, lens, num_blocks=16, backend="triton"))
+    bare = _bare_gemm_seconds(device, bf, words * 6 * K * d)
+    out.update(node_match_gsmn_b128_bf16_seconds=seconds, node_match_gsmn_b128_bf16_peak_mib=mib,
+               node_match_bare_gemm_same_flops_seconds=bare, node_match_fused_over_bare_gemm_rate=bare / seconds)
+    del img, cap
+    torch.cuda.empty_cache()
+
+    b = 64
+    img = torch.nn.functional.normalize(torch.randn(b, K, d, generator=g), dim=2).to(device).requires_grad_()
+    lens = torch.randint(8, L + 1, (b,), generator=g).to(device)
+    cap = _clean(torch.nn.functional.normalize(torch.randn(b, L, d, generator=g), dim=2).to(device), lens)
+    cap = cap.requires_grad_()
+    w = (torch.randn(s, d, generator=g) / 32).to(device).requires_grad_()
+    bb = (torch.randn(s, generator=g) * 0.1).to(device).requires_grad_()
+
+    def ours():
+        return torch.autograd.grad(itm_kernels.local_sim(img, cap, lens, w, bb, backend="triton").square().sum(),
+                                   (img, cap, w, bb))
+
+    def ref():
+        return torch.autograd.grad(local_sim_reference(img, cap, lens, w, bb).square().sum(), (img, cap, w, bb))
+    for name, fn in (("ours", ours), ("reference", ref)):
+        seconds, mib = _peak_mib(fn)
+        out[f"local_sim_train_step_b64_{name}_seconds"] = seconds
+        out[f"local_sim_train_step_b64_{name}_peak_mib"] = mib
+    out["local_sim_train_step_speedup_vs_reference"] = out["local_sim_train_step_b64_reference_seconds"] / \
+        out["local_sim_train_step_b64_ours_seconds"]
+    return out
+
+
 def _guarded(fn, *args) -> dict:
     try:
         return fn(*args)
@@ -409,8 +582,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = correctness_cases(args.quick)
     if args.dry_run:
-        print(f"plan: {len(cases)} correctness cases over {OPS_BACKENDS}; {len(gradient_cases())} gradient cases; "
-              f"no-sync; CUDA graph; {'no timings' if args.quick else 'timings: ' + ', '.join(TARGETS)}")
+        print(f"plan: {len(cases)} correctness cases over {OPS_BACKENDS}; {len(gradient_cases())} xattn_sim + "
+              f"{len(local_sim_gradient_cases())} local_sim gradient cases; no-sync (xattn_sim, local_sim, "
+              f"node_match); CUDA graph (xattn_sim, local_sim); "
+              f"{'no timings' if args.quick else 'timings: ' + ', '.join(TARGETS)}"
+              f"{'' if args.quick else '; local_sim/node_match vs bare GEMM of the same FLOPs, local_sim train step'}")
         for c in cases:
             print(f"  {c['op']:10s} {c['backend']:6s} {c['size']:6s} {c['dtype']:15s} {c['opts']}")
         return 0
@@ -442,9 +618,11 @@ def main(argv=None) -> int:
     measured = {}
     if not args.quick:
         measured = _guarded(timings, device)
-        record["timings"] = {k: v for k, v in measured.items() if isinstance(v, float)}
-        if "error" in measured:
-            record["timings_error"] = measured["error"]
+        ops = _guarded(op_timings, device)
+        record["timings"] = {k: v for part in (measured, ops) for k, v in part.items() if isinstance(v, float)}
+        errors = [part["error"] for part in (measured, ops) if "error" in part]
+        if errors:
+            record["timings_error"] = "; ".join(errors)
     record["targets"] = target_report(measured)
     record["verified"] = verified_rows(record)
     record["seconds"] = round(time.perf_counter() - start, 1)

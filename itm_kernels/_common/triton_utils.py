@@ -1,7 +1,8 @@
 """Triton helpers shared by the three ops' Triton backends (itm_kernels/xattn_sim/triton.py,
 itm_kernels/local_sim/triton.py, itm_kernels/node_match/triton.py): the ``tl.constexpr`` copies of the shared
-constants, the interpreter/compiler mode checks, tile sizes, one kernel-wrapping rule, the caption length buckets,
-and the per-item Gram kernel (G = X X^T over valid rows) that xattn_sim and local_sim both use.
+constants, the interpreter/compiler mode checks, tile sizes, one kernel-wrapping rule, the caption length buckets
+(host-side and device-side), the float32 tl.dot precision rule, autotune configs, and the per-item Gram kernel
+(G = X X^T over valid rows) that xattn_sim and local_sim both use.
 
 Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (:func:`jit`), so importing this
 module fixes nothing. triton itself fixes the mode of its own library (tl.sum, tl.max, tl.cdiv) when it is first
@@ -121,6 +122,20 @@ def gram_config(dtype: torch.dtype, *, block_r: int, d: int, interpret: bool = F
                                                                                   enable_fp_fusion=True)
 
 
+def dot_precision(dtype: torch.dtype, interpret: bool, precision: str = FP32_DOT_PRECISION) -> str:
+    """The tl.dot ``input_precision`` of a launch: the caller's float32 ``precision`` ("ieee", "tf32", "tf32x3";
+    see ``itm_kernels._common.precision``) for compiled float32 tiles, "ieee" otherwise (bf16/fp16 tiles run on
+    tensor cores whatever it says, float64 has no tf32, and the interpreter always multiplies exactly)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision if dtype == torch.float32 and not interpret else "ieee"
+
+
+def autotune_configs(params: list[dict], *, warps=(4, 8), stages=(2, 3)) -> list:
+    """``triton.Config`` objects: every dict of constexprs in ``params`` x ``warps`` x ``stages``."""
+    return [triton.Config(dict(p), num_warps=w, num_stages=st) for p in params for w in warps for st in stages]
+
+
 def dtype_constexprs(dtype: torch.dtype, d: int, interpret: bool, precision: str = FP32_DOT_PRECISION) -> dict:
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if interpret:
@@ -156,3 +171,24 @@ def gram(x: torch.Tensor, idx: torch.Tensor, lens: torch.Tensor, block_r: int, i
     return out
 
 
+def device_length_buckets(lengths: torch.Tensor, max_len: int):
+    """Sync-free length buckets: (order, ranges, blocks) with ``order`` (int32) the items sorted by length,
+    ``blocks`` the host-known tile heights 16, 32, ..., block_rows(max_len) (from the shape, not the lengths) and
+    ``ranges[b]`` = (start, count) in ``order`` of the items whose block_rows(length) is blocks[b], on the device."""
+    blocks = []
+    while not blocks or blocks[-1] < block_rows(max_len):
+        blocks.append(MIN_BLOCK * 2 ** len(blocks))
+    order = torch.argsort(lengths, stable=True)
+    sorted_lens = lengths[order]
+    bounds = MIN_BLOCK * torch.pow(torch.full((len(blocks),), 2, dtype=torch.long, device=lengths.device),
+                                   torch.arange(len(blocks), device=lengths.device))
+    ends = torch.searchsorted(sorted_lens, bounds.to(sorted_lens.dtype), right=True)
+    starts = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])
+    ranges = torch.stack([starts, ends - starts], dim=1).to(torch.int32)
+    return order.to(torch.int32), ranges, blocks
+
+
+def full_range(count: int, device) -> torch.Tensor:
+    """The device range (start 0, ``count`` items) of one bucket holding every item: int32 (2,), no sync."""
+    return torch.stack([torch.zeros((), dtype=torch.int32, device=device),
+                        torch.full((), count, dtype=torch.int32, device=device)])

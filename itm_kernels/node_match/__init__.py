@@ -28,7 +28,9 @@ Backends: "cpu" is one fused C++ kernel per caption range (``csrc/node_match/cpu
 scores as a register-tiled product with the 16 blocks as the lanes of one SIMD vector, then both attentions and
 the Gram-form cosines in cache (16 blocks of >= 16 features; other shapes run on "torch"); "triton"
 (``itm_kernels/node_match/triton.py``, GPU, or CPU tensors under ``TRITON_INTERPRET=1``) and "cuda"
-(``csrc/node_match/kernel.cuh``: one thread block per pair, K <= 64, L <= 128) form the contexts on chip;
+(``csrc/node_match/kernel.cuh``: one thread block per pair, K <= 64, L <= 128) form the contexts on chip
+("triton": tl.dot products, ``precision=`` for float32, autotuned, no host sync; neither GPU kernel has run on a
+GPU, so "auto" never picks them);
 "torch" runs the Gram-form algebra as torch ops on whole tiles; "reference" is the spec.
 
 Autograd: a registered backward op (``itm_kernels::node_match_backward``) recomputes each tile under
@@ -50,6 +52,7 @@ from .._common import dispatch
 from .._common.constants import BACKENDS, EPS, LEAKY_SLOPE  # noqa: F401
 from .._common.dispatch import choose_backend
 from .._common.dtypes import compute_dtype, out_dtype
+from .._common.precision import resolve_precision
 from .._common.dtypes import out_dtype as _out_dtype  # noqa: F401
 from .._common.validation import (check_choice, check_feature_pair, check_lambda, check_lengths, check_op_features,
                                   check_op_grad, check_op_lengths, check_tile_bytes)
@@ -93,8 +96,9 @@ def _check_backward_args(grad_region, grad_word, images, captions, cap_lens, lam
 
 @_torch.library.custom_op("itm_kernels::node_match", mutates_args=())
 def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_softmax: float, num_blocks: int,
-                  backend: str, max_tile_bytes: int) -> tuple[Tensor, Tensor]:
-    """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,) -> (N_img, N_cap, K, B), (N_img, N_cap, L, B)."""
+                  backend: str, max_tile_bytes: int, precision: str = "ieee") -> tuple[Tensor, Tensor]:
+    """Registered forward: (N_img, K, d), (N_cap, L, d), (N_cap,) -> (N_img, N_cap, K, B), (N_img, N_cap, L, B).
+    ``precision``: the float32 tl.dot precision of "triton" (``itm_kernels._common.precision``); others ignore it."""
     _check_op_args("itm_kernels::node_match", images, captions, cap_lens, lambda_softmax, num_blocks,
                    max_tile_bytes, backend)
     if backend == "cpu" and num_blocks == CPU_NUM_BLOCKS and images.shape[2] // num_blocks >= GRAM_MIN_BLOCK_WIDTH:
@@ -105,7 +109,8 @@ def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_sof
     if backend == "triton" and images.dtype != _torch.float64:
         from .triton import node_match_triton
 
-        return node_match_triton(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks)
+        return node_match_triton(images, captions, cap_lens, lambda_softmax=lambda_softmax, num_blocks=num_blocks,
+                                 precision=precision)
     if backend == "reference":
         with _torch.no_grad():
             region, word = node_match_reference(images, captions, cap_lens, lambda_softmax=lambda_softmax,
@@ -116,7 +121,8 @@ def node_match_op(images: Tensor, captions: Tensor, cap_lens: Tensor, lambda_sof
 
 
 @node_match_op.register_fake
-def _node_match_fake(images, captions, cap_lens, lambda_softmax, num_blocks, backend, max_tile_bytes):
+def _node_match_fake(images, captions, cap_lens, lambda_softmax, num_blocks, backend, max_tile_bytes,
+                     precision="ieee"):
     _check_op_args("itm_kernels::node_match", images, captions, cap_lens, lambda_softmax, num_blocks,
                    max_tile_bytes, backend)
     dtype = out_dtype(images.dtype)
@@ -127,7 +133,7 @@ def _node_match_fake(images, captions, cap_lens, lambda_softmax, num_blocks, bac
 
 
 def _setup_context(ctx, inputs, output):
-    images, captions, cap_lens, lambda_softmax, num_blocks, _, max_tile_bytes = inputs
+    images, captions, cap_lens, lambda_softmax, num_blocks, _, max_tile_bytes, _ = inputs
     ctx.save_for_backward(images, captions, cap_lens)
     ctx.opts = (lambda_softmax, num_blocks, max_tile_bytes)
 
@@ -157,7 +163,7 @@ def _backward(ctx, grad_region, grad_word):
     g_images, g_captions = node_match_backward_op(grad_region.contiguous(), grad_word.contiguous(), images,
                                                   captions, cap_lens, *ctx.opts)
     needs = ctx.needs_input_grad
-    return (g_images if needs[0] else None, g_captions if needs[1] else None, None, None, None, None, None)
+    return (g_images if needs[0] else None, g_captions if needs[1] else None, None, None, None, None, None, None)
 
 
 node_match_op.register_autograd(_backward, setup_context=_setup_context)
@@ -169,7 +175,7 @@ node_match_op.register_autograd(_backward, setup_context=_setup_context)
 
 def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: float = DEFAULT_LAMBDA_SOFTMAX,
                num_blocks: int = DEFAULT_NUM_BLOCKS, backend: str = "auto",
-               max_tile_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+               max_tile_bytes: int | None = None, precision: str | None = None) -> tuple[Tensor, Tensor]:
     """GSMN node-level matching vectors of every (image, caption) pair of a block, in both directions.
 
     Args:
@@ -184,6 +190,9 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
             kernels have been compiled and run in emulation / the interpreter but never on a GPU, so "auto" does
             not pick them yet: name them to use them (problems beyond their limits run on "torch").
         max_tile_bytes: cap on one tile's (K x L x blocks) tensors (default 4 MiB).
+        precision: float32 products of the "triton" backend: "ieee" (exact float32, the default unless
+            ``torch.backends.cuda.matmul.allow_tf32`` is on), "tf32" or "tf32x3" (tensor cores); other backends
+            and dtypes ignore it (bf16/fp16 score products always run on tensor cores on "triton").
 
     Returns:
         region_match: (N_img, N_cap, K, num_blocks), the block cosines of each region with its attended word
@@ -219,6 +228,7 @@ def node_match(images: Tensor, captions: Tensor, cap_lens, *, lambda_softmax: fl
             raise ValueError(f"backend 'triton' is not available for {images.device.type} tensors here: it needs "
                              "triton and a CUDA device, or TRITON_INTERPRET=1 (set before triton is first "
                              "imported) for CPU tensors")
+    precision = resolve_precision(precision)
     name = choose_backend(backend, images.device, op="node_match", inputs=(images, captions))
     return node_match_op(images.contiguous(), captions.contiguous(), cap_lens, lambda_softmax, num_blocks, name,
-                         max_tile_bytes or 0)
+                         max_tile_bytes or 0, precision)

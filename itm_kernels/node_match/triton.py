@@ -10,9 +10,17 @@ step are small register tiles (K x 16 and L x 16 at GSMN size), so the kernel fo
 Gram matrices, no cancellation at any block width, and two more tile products (alpha E, beta^T V) of the size of
 the score product. Only the K x L score, alpha and beta tiles live across the feature loop.
 
+Products: tl.dot throughout; bf16/fp16 score products on tensor cores in the input dtype, the float32 ones (and the
+float32 context products) at the caller's ``precision`` ("ieee" exact by default, "tf32"/"tf32x3" on tensor cores;
+``itm_kernels._common.precision``). On a GPU ``triton.autotune`` picks warps and stages per shape key (not run on
+a GPU yet). No host sync for L_max <= ``MAX_ROWS``: the caption buckets come from a device searchsorted and
+programs past a bucket's device-side count return at once. Compiled for sm_80/sm_90, never run on a GPU.
+
 Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``itm_kernels._common.triton_utils``), and
 call no other ``@triton.jit`` function of ours.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,8 +41,8 @@ NUM_STAGES = 2
 GROUP_IMG = 8
 
 
-def _node_match_kernel(img_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, region_ptr, word_ptr,
-                       n_img, n_cap_bucket, n_cap, K, L_out, D, DB, NB,
+def _node_match_kernel(img_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, cap_range_ptr, region_ptr, word_ptr,
+                       n_img, n_cap, K, L_out, D, DB, NB,
                        stride_in, stride_ik, stride_cn, stride_ct,
                        lambda_softmax: tl.float64,
                        ACC: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -42,8 +50,10 @@ def _node_match_kernel(img_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, region_ptr, w
                        GROUP: tl.constexpr):
     """GSMN node matching of one (image, caption) pair: K + L rows of NB block cosines.
 
-    Program -> (image i, caption slot p of the bucket), GROUP images adjacent; caption c = cap_idx[p] with
-    L_c = cap_len[c] valid words e_t; regions v_k, k < K. The d = NB DB features are visited in steps of BPC blocks
+    Program -> (image i, caption slot p of the bucket), GROUP images adjacent; caption c = cap_idx[start + p]
+    with L_c = cap_len[c] valid words e_t, where (start, count) = cap_range[0:2] lives on the device (a length
+    bucket): the grid covers every caption and programs with p >= count return at once (no host sync);
+    regions v_k, k < K. The d = NB DB features are visited in steps of BPC blocks
     x SUB columns each (feature b DB + w0 + j at step column (b - b0) SUB + j; SUB >= DB pads a block, SUB < DB
     takes a block in several steps whose per-block sums accumulate).
 
@@ -60,12 +70,15 @@ def _node_match_kernel(img_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, region_ptr, w
     """
     BD: tl.constexpr = BPC * SUB
     pid = tl.program_id(0)
-    per_group = GROUP * n_cap_bucket
+    per_group = GROUP * n_cap
     first = (pid // per_group) * GROUP
     group_rows = tl.minimum(n_img - first, GROUP)
     img = (first + (pid % per_group) % group_rows).to(tl.int64)
     slot = (pid % per_group) // group_rows
-    cap = tl.load(cap_idx_ptr + slot).to(tl.int64)
+    cap_start = tl.load(cap_range_ptr)
+    if slot >= tl.load(cap_range_ptr + 1):
+        return
+    cap = tl.load(cap_idx_ptr + cap_start + slot).to(tl.int64)
     cap_len = tl.load(cap_len_ptr + cap)
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -152,9 +165,11 @@ def jit_kernel(interpret: bool):
 
 
 def kernel_config(dtype: torch.dtype, *, K: int, block_l: int, d: int, num_blocks: int, interpret: bool = False,
-                  chunk: int | None = None) -> tuple[dict, dict]:
+                  chunk: int | None = None, precision: str = FP32_DOT_PRECISION) -> tuple[dict, dict]:
     """Constexpr values and launch options (num_warps, num_stages) of ``_node_match_kernel`` for one launch;
-    ``chunk``: feature columns per step (default ``TARGET_CHUNK``)."""
+    ``chunk``: feature columns per step (default ``TARGET_CHUNK``); ``precision``: the float32 tl.dot precision
+    (``itm_kernels._common.precision``; bf16/fp16 score products always run on tensor cores, the interpreter
+    multiplies exactly). The untuned configuration: the compiled launcher autotunes warps and stages over it."""
     chunk = chunk or TARGET_CHUNK
     # SUB columns of each of BPC blocks per step; both powers of two (the per-block sums reshape the step's
     # columns), >= MIN_BLOCK columns in all for tl.dot, no more blocks than the op has unless tl.dot needs them.
@@ -164,9 +179,25 @@ def kernel_config(dtype: torch.dtype, *, K: int, block_l: int, d: int, num_block
     # bf16/fp16 inputs (their products fit in float32); the GPU's native low-precision score product is only
     # compiled, not run.
     upcast = interpret and dtype != torch.float32
-    constexprs = dict(ACC=tl.float32, UPCAST=upcast, DOT_PRECISION=FP32_DOT_PRECISION, BLOCK_K=block_rows(K),
-                      BLOCK_L=block_l, SUB=sub, BPC=bpc, GROUP=GROUP_IMG)
+    constexprs = dict(ACC=tl.float32, UPCAST=upcast,
+                      DOT_PRECISION=triton_utils.dot_precision(dtype, interpret, precision),
+                      BLOCK_K=block_rows(K), BLOCK_L=block_l, SUB=sub, BPC=bpc, GROUP=GROUP_IMG)
     return constexprs, dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=True)
+
+
+# The compiled launcher autotunes warps and stages (the feature step fixes the register tiles; wider steps spilled
+# at compile time, see TARGET_CHUNK). Not run on a GPU yet: tools/gpu_check.py times them.
+AUTOTUNE_WARPS = (4, 8)
+AUTOTUNE_STAGES = (1, 2, 3)
+AUTOTUNE_KEY = ["D", "DB", "NB", "BLOCK_K", "BLOCK_L", "SUB", "BPC", "DOT_PRECISION", "UPCAST"]
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned_kernel():
+    """The compiled ``_node_match_kernel`` under ``triton.autotune`` (it only stores its outputs, so the
+    autotuner's repeated launches are harmless)."""
+    configs = triton_utils.autotune_configs([{}], warps=AUTOTUNE_WARPS, stages=AUTOTUNE_STAGES)
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY)(triton_utils.jit(_node_match_kernel, False))
 
 
 def supported(images: torch.Tensor) -> bool:
@@ -176,7 +207,8 @@ def supported(images: torch.Tensor) -> bool:
 
 
 def node_match_triton(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor, *,
-                      lambda_softmax: float, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      lambda_softmax: float, num_blocks: int, precision: str = FP32_DOT_PRECISION,
+                      autotune: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """GSMN node matching with the Triton kernel; inputs already validated by ``itm_kernels.node_match``.
 
     Args:
@@ -184,14 +216,20 @@ def node_match_triton(images: torch.Tensor, captions: torch.Tensor, cap_lens: to
             "torch" backend instead).
         captions: (N_cap, L_max, d) contiguous, same dtype and device; ``cap_lens`` (N_cap,) int64 in 1..L_max.
         lambda_softmax, num_blocks: as ``itm_kernels.node_match``.
+        precision: float32 tile products: "ieee" (exact float32 FMA, the default), "tf32" or "tf32x3" (tensor
+            cores). bf16/fp16 score products always run on tensor cores.
+        autotune: on a GPU, let ``triton.autotune`` pick warps and stages (its first launch per key benchmarks,
+            which synchronises once).
     Returns:
         region_match (N_img, N_cap, K, num_blocks) and word_match (N_img, N_cap, L_max, num_blocks), float32,
-        word rows beyond each length zero. Score products in the input dtype with float32 accumulation; everything
-        after in float32 (IEEE products, ``FP32_DOT_PRECISION``).
+        word rows beyond each length zero. Score products in the input dtype with float32 accumulation; the
+        context products (alpha E, beta^T V) on float32 tiles at ``precision``; everything else float32.
 
     Captions are sorted by length and launched in power-of-two length buckets (a caption is padded to its bucket,
-    not to L_max); buckets beyond ``MAX_ROWS`` words go to the "torch" backend. Memory: the outputs and the index
-    tensors. Needs a CUDA device, or CPU tensors with ``TRITON_INTERPRET=1``.
+    not to L_max), found on the device: no host sync when L_max <= ``MAX_ROWS``. Longer L_max takes the host
+    buckets (one sync) and runs the buckets beyond ``MAX_ROWS`` words on the "torch" backend. Memory (peak,
+    beyond the inputs): the two float32 outputs and the index tensors; nothing per pair beyond them.
+    Needs a CUDA device, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
     from .torch import node_match_torch
 
@@ -203,19 +241,29 @@ def node_match_triton(images: torch.Tensor, captions: torch.Tensor, cap_lens: to
     n_cap, L_max = captions.shape[:2]
     region = torch.empty(n_img, n_cap, K, num_blocks, dtype=torch.float32, device=images.device)
     word = torch.zeros(n_img, n_cap, L_max, num_blocks, dtype=torch.float32, device=images.device)
-    for cap_idx, block_l in triton_utils.length_buckets(cap_lens):
-        if block_l > MAX_ROWS:
-            idx = cap_idx.long()
-            r, w = node_match_torch(images, captions[idx], cap_lens[idx], lambda_softmax=lambda_softmax,
-                                    num_blocks=num_blocks)
-            region.index_copy_(1, idx, r)
-            word.index_copy_(1, idx, w)
-            continue
+    if block_rows(L_max) <= MAX_ROWS:
+        order, ranges, blocks = triton_utils.device_length_buckets(cap_lens, L_max)
+        launches = [(order, ranges[b], block_l) for b, block_l in enumerate(blocks)]
+    else:
+        launches = []
+        for cap_idx, block_l in triton_utils.length_buckets(cap_lens):          # host buckets: one sync
+            if block_l > MAX_ROWS:
+                idx = cap_idx.long()
+                r, w = node_match_torch(images, captions[idx], cap_lens[idx], lambda_softmax=lambda_softmax,
+                                        num_blocks=num_blocks)
+                region.index_copy_(1, idx, r)
+                word.index_copy_(1, idx, w)
+            else:
+                launches.append((cap_idx, triton_utils.full_range(cap_idx.numel(), images.device), block_l))
+    for cap_idx, cap_range, block_l in launches:
         constexprs, options = kernel_config(images.dtype, K=K, block_l=block_l, d=d, num_blocks=num_blocks,
-                                            interpret=interpret)
-        grid = (n_img * cap_idx.numel(),)
-        jit_kernel(interpret)[grid](
-            images, captions, cap_idx, cap_lens, region, word, n_img, cap_idx.numel(), n_cap, K, L_max, d,
+                                            interpret=interpret, precision=precision)
+        kernel = jit_kernel(interpret)
+        if autotune and not interpret:
+            kernel = autotuned_kernel()
+            options = dict(enable_fp_fusion=True)
+        kernel[(n_img * n_cap,)](
+            images, captions, cap_idx, cap_lens, cap_range, region, word, n_img, n_cap, K, L_max, d,
             d // num_blocks, num_blocks, images.stride(0), images.stride(1), captions.stride(0), captions.stride(1),
             float(lambda_softmax), **constexprs, **options)
     return region, word

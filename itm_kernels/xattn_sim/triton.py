@@ -24,6 +24,7 @@ import triton.language as tl
 from .._common.triton_utils import (EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BLOCK, NEG_BIG, _check_mode,  # noqa: F401
                                     _gram_kernel, acc_dtype, block_rows, check_mode, dtype_constexprs, gram_config,
                                     interpreted, jit, length_buckets, triton_imported_interpreted)
+from .._common.triton_utils import device_length_buckets  # noqa: F401  (shared with local_sim and node_match)
 from .._common.triton_utils import gram as _gram
 from .._common.triton_utils import length_buckets as _length_buckets
 # Query rows stacked into one score tile (several short captions share a program in t2i). With 64 rows, or with
@@ -240,23 +241,6 @@ def _launch(out, ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens
         ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, out, n_ctx, n_qry, ctx.shape[2],
         ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_oc, stride_oq,
         float(lambda_softmax), float(lambda_lse), **constexprs, **options)
-
-
-def device_length_buckets(lengths: torch.Tensor, max_len: int):
-    """Sync-free length buckets: (order, ranges, blocks) with ``order`` (int32) the items sorted by length,
-    ``blocks`` the host-known tile heights 16, 32, ..., block_rows(max_len) (from the shape, not the lengths) and
-    ``ranges[b]`` = (start, count) in ``order`` of the items whose block_rows(length) is blocks[b], on the device."""
-    blocks = []
-    while not blocks or blocks[-1] < block_rows(max_len):
-        blocks.append(MIN_BLOCK * 2 ** len(blocks))
-    order = torch.argsort(lengths, stable=True)
-    sorted_lens = lengths[order]
-    bounds = MIN_BLOCK * torch.pow(torch.full((len(blocks),), 2, dtype=torch.long, device=lengths.device),
-                                   torch.arange(len(blocks), device=lengths.device))
-    ends = torch.searchsorted(sorted_lens, bounds.to(sorted_lens.dtype), right=True)
-    starts = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])
-    ranges = torch.stack([starts, ends - starts], dim=1).to(torch.int32)
-    return order.to(torch.int32), ranges, blocks
 
 
 # ----------------------------------------------------------------------------------------------------------------

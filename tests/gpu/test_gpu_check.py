@@ -74,3 +74,26 @@ def test_one_case_runs_through_the_interpreter():
     result = gpu_check.run_case(case, torch.device("cpu"))
     assert result["ok"], result
     assert result["err"] < gpu_check.TOLERANCES["float32"]
+
+
+@triton_mode().needs_kernels
+@pytest.mark.parametrize("op,dtype,direction", [("local_sim", "bfloat16", "i2t"), ("local_sim", "float32", "t2i"),
+                                                ("node_match", "float32", None)])
+def test_local_sim_and_node_match_cases_run_through_the_interpreter(op, dtype, direction):
+    case = next(c for c in gpu_check.correctness_cases() if c["op"] == op and c["backend"] == "triton"
+                and c["size"] == "odd" and c["dtype"] == dtype and c["opts"].get("direction") == direction)
+    result = gpu_check.run_case(case, torch.device("cpu"))
+    assert result["ok"], result
+
+
+@triton_mode().needs_kernels
+@pytest.mark.slow  # ~11 s in the interpreter; the backward's numerics are tested in tests/local_sim by default
+def test_local_sim_gradient_check_and_step_run_through_the_interpreter():
+    """The gradient check of the fused local_sim backward (tiny shape) and the training step the no-sync and
+    CUDA-graph checks capture, on CPU tensors."""
+    result = gpu_check.check_local_sim_gradients(torch.device("cpu"), dict(n_img=2, n_cap=2, K=5, L_max=6, d=24,
+                                                                           min_len=1), s=16)
+    assert result["ok"] and len(result["cases"]) == len(gpu_check.local_sim_gradient_cases()), result
+    step, leaves = gpu_check._local_sim_step_fn(torch.device("cpu"), n=2, d=16)
+    grads = step()
+    assert [g.shape for g in grads] == [t.shape for t in leaves] and all(torch.isfinite(g).all() for g in grads)

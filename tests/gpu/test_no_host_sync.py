@@ -1,7 +1,8 @@
-"""No host syncs on the Triton path of xattn_sim (issue 16.4), checked on the CPU: the kernels run in the Triton
-interpreter on CPU tensors, and Tensor.item / __int__ / __float__ / __bool__ / tolist / numpy / cpu — every way the
-host reads a tensor — raise during the registered op's forward and backward (``xattn_sim_op`` on validated
-inputs: the caller-facing wrapper's argument checks are outside this path). On a GPU, tools/gpu_check.py repeats it
+"""No host syncs on the Triton paths (issue 16.4), checked on the CPU: the kernels run in the Triton interpreter on
+CPU tensors, and Tensor.item / __int__ / __float__ / __bool__ / tolist / numpy / cpu — every way the host reads a
+tensor — raise during the registered ops' forward and backward (``xattn_sim_op``, ``local_sim_op`` (t2i and i2t,
+its fused backward) and ``node_match_op`` (forward; its backward is the tiled torch one) on validated inputs: the
+caller-facing wrappers' argument checks are outside this path). On a GPU, tools/gpu_check.py repeats it
 with torch.cuda.set_sync_debug_mode("error") and a CUDA-graph capture of a training step."""
 import os
 import sys
@@ -16,6 +17,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from itm_kernels.local_sim import local_sim_op  # noqa: E402
+from itm_kernels.node_match import node_match_op  # noqa: E402
 from itm_kernels.xattn_sim import xattn_sim_op  # noqa: E402
 from kernel_helpers import run_kernel_tests_in_child, triton_mode  # noqa: E402
 
@@ -67,6 +70,40 @@ def test_forward_and_backward_never_read_the_host(monkeypatch, direction):
     expected = xattn_sim_op(img, cap, cap_lens, img_lens, direction, "clipped_l2norm", 9.0, "lse", 6.0, "torch", 0,
                             "ieee")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_local_sim_forward_and_fused_backward_never_read_the_host(monkeypatch, direction):
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(2, 5, 19, generator=g).to(DEVICE).requires_grad_()
+    cap = torch.randn(3, 20, 19, generator=g).to(DEVICE).requires_grad_()       # lengths in two buckets
+    weight = (torch.randn(8, 19, generator=g) / 5).to(DEVICE).requires_grad_()
+    bias = torch.randn(8, generator=g).to(DEVICE).requires_grad_()
+    cap_lens = torch.tensor([20, 1, 3]).to(DEVICE)
+    with forbid_host_reads(monkeypatch):
+        out = local_sim_op(img, cap, cap_lens, weight, bias, 9.0, "triton", 0, direction, "ieee")
+        grads = torch.autograd.grad(out, (img, cap, weight, bias), torch.ones_like(out))
+    assert all(torch.isfinite(t).all() for t in grads)
+    if direction == "t2i":
+        expected = local_sim_op(img, cap, cap_lens, weight, bias, 9.0, "torch", 0)
+    else:
+        from itm_kernels.local_sim import local_sim_i2t_reference
+        expected = local_sim_i2t_reference(img, cap, cap_lens, weight, bias, lambda_softmax=9.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_node_match_forward_never_reads_the_host(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    img = torch.randn(2, 5, 32, generator=g).to(DEVICE)
+    cap = torch.randn(3, 20, 32, generator=g).to(DEVICE)
+    cap_lens = torch.tensor([20, 1, 3]).to(DEVICE)
+    with forbid_host_reads(monkeypatch):
+        region, word = node_match_op(img, cap, cap_lens, 9.0, 4, "triton", 0)
+    expected = node_match_op(img, cap, cap_lens, 9.0, 4, "torch", 0)
+    torch.testing.assert_close(region, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(word, expected[1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(KERNELS_HERE, reason="the kernel tests run in this process")

@@ -212,10 +212,12 @@ for arch in (80, 90):
             constexprs, options = tls.kernel_config(getattr(torch, name), K=K, bucket=bucket, s=S)
             fn = tls.jit_kernel(False)
             elem = "*" + cc.DTYPES[name]
-            types = dict(img_ptr=elem, cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64", gram_ptr="*fp32",
-                         w_ptr=elem, b_ptr="*fp32", out_ptr="*fp32", lambda_softmax="fp64")
-            values = dict(n_img=1000, n_cap_bucket=3000, n_cap=5000, K=K, L_out=L_OUT, D=D, S=S,
-                          stride_in=K * D, stride_ik=D, stride_cn=L_OUT * D, stride_ct=D, stride_ws=D)
+            types = dict(img_ptr=elem, img_len_ptr="*i64", cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64",
+                         cap_range_ptr="*i32", gram_ptr="*fp32", w_ptr=elem, b_ptr="*fp32", out_ptr="*fp32",
+                         lambda_softmax="fp64")
+            values = dict(n_img=1000, n_cap=5000, L_out=L_OUT, D=D, S=S, stride_in=K * D, stride_ik=D,
+                          stride_cn=L_OUT * D, stride_ct=D, stride_ws=D, stride_oi=5000 * L_OUT * S,
+                          stride_oc=L_OUT * S)
             sig, ce, attrs = cc._specialize(fn, types, values, constexprs)
             c = triton.compile(ASTSource(fn, sig, constexprs=ce, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                                options=options)
@@ -283,8 +285,10 @@ def test_kernel_tests_on_gpu_in_fresh_process():
 
 @needs_kernels
 def test_public_api_backend_triton_and_its_gradients():
-    """local_sim(backend="triton") returns the kernel's output, and autograd through it (the shared analytic
-    backward) gives the gradients of backend="torch" on the same inputs."""
+    """local_sim(backend="triton") returns the kernel's output, and autograd through it (the fused Triton backward)
+    gives the gradients of backend="torch" on the same inputs, within float32 summation-order noise relative to the
+    gradients' size (rtol 2e-5: the two backwards sum in different orders; both are checked against the float64
+    reference in test_local_sim_triton_backward.py)."""
     from itm_kernels.local_sim import local_sim
 
     images, captions, lens, clean, weight, bias = make_inputs(2, 3, 5, 6, 16, 8, [6, 2, 1], seed=7)
@@ -299,7 +303,7 @@ def test_public_api_backend_triton_and_its_gradients():
     ref_leaves = [t.clone().requires_grad_(True) for t in (args[0], args[1])]
     local_sim(ref_leaves[0], ref_leaves[1], args[2], args[3], args[4], backend="torch").backward(grad)
     for a, b in zip(leaves, ref_leaves):
-        assert_close_report(a.grad, b.grad, atol=1e-5, rtol=0, what="gradient through backend='triton'")
+        assert_close_report(a.grad, b.grad, atol=1e-5, rtol=2e-5, what="gradient through backend='triton'")
 
 
 @needs_kernels

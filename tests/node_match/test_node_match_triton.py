@@ -247,9 +247,9 @@ for arch in (80, 90):
             constexprs, options = tn.kernel_config(dtype, K=K, block_l=block_l, d=D, num_blocks=NB)
             fn = tn.jit_kernel(False)
             elem = "*" + cc.DTYPES[name]
-            types = dict(img_ptr=elem, cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64", region_ptr="*fp32",
-                         word_ptr="*fp32", lambda_softmax="fp64")
-            values = dict(n_img=1000, n_cap_bucket=3000, n_cap=5000, K=K, L_out=L_OUT, D=D, DB=D // NB, NB=NB,
+            types = dict(img_ptr=elem, cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64", cap_range_ptr="*i32",
+                         region_ptr="*fp32", word_ptr="*fp32", lambda_softmax="fp64")
+            values = dict(n_img=1000, n_cap=5000, K=K, L_out=L_OUT, D=D, DB=D // NB, NB=NB,
                           stride_in=K * D, stride_ik=D, stride_cn=L_OUT * D, stride_ct=D)
             sig, ce, attrs = cc._specialize(fn, types, values, constexprs)
             c = triton.compile(ASTSource(fn, sig, constexprs=ce, attrs=attrs), target=GPUTarget("cuda", arch, 32),
