@@ -185,8 +185,9 @@ def _full_gallery(n_img: int, seed: int = 0):
     return im, cap, torch.randint(1, L + 1, (5 * n_img,), generator=g)
 
 
-def ranks_child_main(n_img: int, what: str) -> None:
-    """One rank (or the single process): time and peak memory of one workload; prints one JSON line per rank."""
+def ranks_child_main(n_img: int, what: str, out_dir: str) -> None:
+    """One rank (or the single process): time and peak memory of one workload, written to OUT_DIR/rank<r>.json
+    (not stdout: the ranks' lines would interleave)."""
     from common import measure_peak_here
     rank, size = 0, 1
     if "RANK" in os.environ:
@@ -209,15 +210,17 @@ def ranks_child_main(n_img: int, what: str) -> None:
     t0 = time.perf_counter()
     peak = measure_peak_here(call)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"rank": rank, "world": size, "seconds": seconds, "peak_mib": peak / 2 ** 20,
-                      "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "result": out["result"]}), flush=True)
+    report = {"rank": rank, "world": size, "seconds": seconds, "peak_mib": peak / 2 ** 20,
+              "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result": out["result"]}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
 def ranks_child(n_img: int, what: str, ranks: int) -> tuple[list[dict], float]:
     """Runs ``ranks_child_main`` in 1 process or under torch.distributed.run; (per-rank reports, process wall s)."""
+    import tempfile
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    me = [str(Path(__file__).resolve()), "--ranks-child", str(n_img), what]
+    out_dir = tempfile.mkdtemp(prefix="bench_scale_ranks_")
+    me = [str(Path(__file__).resolve()), "--ranks-child", str(n_img), what, out_dir]
     cmd = [sys.executable] + me if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] + me
     t0 = time.perf_counter()
@@ -225,8 +228,11 @@ def ranks_child(n_img: int, what: str, ranks: int) -> tuple[list[dict], float]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{what} with {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
-    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    files = sorted(Path(out_dir).glob("rank*.json"))
+    reports = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
+    for f in files:
+        f.unlink()
+    os.rmdir(out_dir)
     if len(reports) != ranks:
         raise RuntimeError(f"expected {ranks} rank reports, got {len(reports)}:\n{proc.stdout[-2000:]}")
     return reports, wall
@@ -330,12 +336,12 @@ def main():
     p.add_argument("--ranks-workloads", default="recall,topk")
     p.add_argument("--topk-repeats", type=int, default=3)
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--ranks-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ranks-child", nargs=3, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child is not None:
         return child_main(a.child)
     if a.ranks_child is not None:
-        return ranks_child_main(int(a.ranks_child[0]), a.ranks_child[1])
+        return ranks_child_main(int(a.ranks_child[0]), a.ranks_child[1], a.ranks_child[2])
     if a.table in ("all", "scale"):
         scale_table([1000, 2000] if a.quick else [1000, 5000, 20000])
     if a.table in ("all", "ranks"):

@@ -9,9 +9,11 @@ Two methods:
   (query chunk x gallery chunk) tile is scored by ``xattn_sim`` on the chosen backend, materialised (at most
   ``query_chunk x gallery_chunk`` scores) and merged into a running top-k (``merge.merge_tile``).
 
-Exactness: a score depends only on its (image, caption) pair, and the ``cpu`` backend is bitwise independent of
-batching (tested), so with it both methods give values equal to ``torch.topk`` of the full ``xattn_sim`` matrix
-exactly, and the same indices. Backends whose tiling changes the rounding (``torch``: its GEMM blocking depends on
+Exactness: a score depends only on its (image, caption) pair, and the ``cpu`` backend's float32 / bfloat16 /
+float16 scores are bitwise independent of batching and tiling (tested), so with it both methods give values equal
+to ``torch.topk`` of the full ``xattn_sim`` matrix exactly, and the same indices. Its float64 scores come from
+ATen ``mm``, whose rounding depends on the block shape: ``method="kernel"`` scores with the tiling of the one-call
+matrix (same ``max_tile_bytes``, no ``query_chunk``) and is then exact too; otherwise float64 agrees to rounding. Backends whose tiling changes the rounding (``torch``: its GEMM blocking depends on
 the batch) equal the top-k of the matrix assembled from the same tiles exactly, and of the one-call matrix to
 rounding.
 """
@@ -88,6 +90,9 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
     check_choice("queries", queries, QUERIES)
     check_choice("method", method, METHODS)
     query_chunk = check_chunk("query_chunk", query_chunk)
+    if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
+                                       or max_tile_bytes <= 0):
+        raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     gallery_chunk = check_chunk("gallery_chunk", gallery_chunk)
     n_img, n_cap = images.shape[0], captions.shape[0]
     n_q, n_g = (n_img, n_cap) if queries == "images" else (n_cap, n_img)

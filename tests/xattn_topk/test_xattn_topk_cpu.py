@@ -196,3 +196,10 @@ def test_opcheck(raw_inputs):
     im, cap, lens, il = raw_inputs
     torch.library.opcheck(torch.ops.itm_kernels.xattn_topk_fwd.default, (im, cap, lens, il, 3, False, 0, 2, 9.0, 0,
                                                                          6.0, 0))
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True])
+def test_bad_max_tile_bytes(bad):
+    im, cap, lens = make(2, 5, 3, 4, 5, 0, False)
+    with pytest.raises(ValueError, match="max_tile_bytes must be a positive int"):
+        itm_kernels.xattn_topk(im, cap, lens, 2, max_tile_bytes=bad)
