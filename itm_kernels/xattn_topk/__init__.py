@@ -13,9 +13,9 @@ Exactness: a score depends only on its (image, caption) pair, and the ``cpu`` ba
 float16 scores are bitwise independent of batching and tiling (tested), so with it both methods give values equal
 to ``torch.topk`` of the full ``xattn_sim`` matrix exactly, and the same indices. Its float64 scores come from
 ATen ``mm``, whose rounding depends on the block shape: ``method="kernel"`` scores with the tiling of the one-call
-matrix (same ``max_tile_bytes``, no ``query_chunk``) and is then exact too; otherwise float64 agrees to rounding. Backends whose tiling changes the rounding (``torch``: its GEMM blocking depends on
-the batch) equal the top-k of the matrix assembled from the same tiles exactly, and of the one-call matrix to
-rounding.
+matrix (same ``max_tile_bytes``, no ``query_chunk``) and is then exact too; otherwise float64 agrees to rounding.
+Backends whose tiling changes the rounding (``torch``: its GEMM blocking depends on the batch) equal the top-k of
+the matrix assembled from the same tiles exactly, and of the one-call matrix to rounding.
 """
 from __future__ import annotations
 
