@@ -41,6 +41,7 @@
 #include "common/simd_vec.h"
 #include "common/vnni.h"
 #include "xattn_sim/math.h"
+#include "xattn_sim/tiles.h"
 
 namespace itm {
 namespace cpu {
@@ -521,7 +522,8 @@ template <class T> struct Problem {
   const T* gram;                  // t2i: (NI, K, K) region Gram matrices; i2t: packed caption Gram matrices
   std::vector<int64_t> gram_off;  // i2t: offset of caption c's (L_c x L_c) Gram matrix
   const T* qnorm;                 // t2i: packed word norms; i2t: (NI * K) region norms; both with slack
-  T* out;                         // (NI, NC)
+  T* out;                         // (NI, NC), or null when the tiles go to `sink`
+  TileSink<T>* sink = nullptr;    // xattn_sim_tiles: receives every finished tile instead of `out`
   // Tiling.
   int64_t ni;                     // images per tile
   std::vector<int64_t> cap_block; // caption block boundaries (captions), blocks of at most w_max words
@@ -550,6 +552,8 @@ template <class T> struct Scratch {
   T* stat = nullptr;
   std::vector<int64_t> rg_off, rg_len, gram_ld, cg_off, cg_len;
   std::vector<const T*> gram;
+  int64_t slot = 0;         // the worker's TileSink slot
+  std::vector<T> tile_out;  // sink mode: the scores of one tile, (images, w_max)
 };
 
 // Default tile: 8 images (288 region rows at K = 36) x caption blocks of up to 384 words. Measured on 2 Zen 4
@@ -620,6 +624,23 @@ template <class T> void alloc_scratch(const Problem<T>& P, Scratch<T>& s) {
   s.stat = s.aux + 5 * ld;
 }
 
+// The epilogue of the tile of images [i0, i1) x captions [c0, c1): into the (NI, NC) output, or (sink mode) into
+// the worker's tile buffer, images x captions with row stride w_max, handed to the sink.
+template <class T>
+void finish_tile(const Problem<T>& P, Scratch<T>& s, TileArgs<T>& a, int64_t i0, int64_t i1, int64_t c0, int64_t c1) {
+  if (!P.sink) {
+    a.out = P.out + i0 * P.NC + c0;
+    tile_epilogue(a);
+    return;
+  }
+  const bool t2i = P.direction == kT2I;  // t2i row groups are images, i2t row groups are captions
+  a.out = s.tile_out.data();
+  a.out_sg = t2i ? P.w_max : 1;
+  a.out_sh = t2i ? 1 : P.w_max;
+  tile_epilogue(a);
+  P.sink->consume(s.slot, s.tile_out.data(), P.w_max, i0, i1, c0, c1);
+}
+
 template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>& s) {
   const int64_t K = P.K, d = P.d, NC = P.NC;
   const char* img = static_cast<const char*>(P.img);
@@ -677,8 +698,7 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
       a.gram = s.gram.data();
       a.gram_ld = s.gram_ld.data();
       a.ctx = img + i0 * K * row_bytes;
-      a.out = P.out + i0 * NC + c0;
-      tile_epilogue(a);
+      finish_tile(P, s, a, i0, i1, c0, c1);
     }
   } else {
     // Columns: the regions of image block b; rows: the words of each caption block in [a_begin, a_end).
@@ -725,8 +745,7 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
       a.gram = s.gram.data();
       a.gram_ld = s.gram_ld.data();
       a.ctx = rows;
-      a.out = P.out + i0 * NC + c0;
-      tile_epilogue(a);
+      finish_tile(P, s, a, i0, i1, c0, c1);
     }
   }
 }
@@ -798,9 +817,11 @@ template <class T> void run_all(Problem<T>& P) {
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
   const double flops = 2.0 * P.NI * P.K * P.word_off[P.NC] * P.d;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads_for(flops, n_jobs), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads_for(flops, n_jobs), 1, [&](int64_t slot, int64_t) {
     Scratch<T> s;
     alloc_scratch(P, s);
+    s.slot = slot;
+    if (P.sink) s.tile_out.assign(P.ni * P.w_max, T(0));
     for (int64_t j = next.fetch_add(1); j < n_jobs; j = next.fetch_add(1)) run_job(P, jobs[j], s);
     if (P.kind == GemmKind::kBf16Vnni || P.kind == GemmKind::kBf16OneDnnPack)
       at::native::cpublas::brgemm_release(true);
@@ -837,7 +858,8 @@ template <class T, class in_t> void compute_tables(Problem<T>& P, T* gram, T* qn
 template <class T>
 at::Tensor xattn_sim_typed(const at::Tensor& images, const at::Tensor& captions, const at::Tensor& cap_lens,
                            const at::Tensor& img_lens, int64_t direction, int64_t norm, double lambda_softmax,
-                           int64_t agg, double lambda_lse, int64_t max_tile_bytes, GemmKind kind) {
+                           int64_t agg, double lambda_lse, int64_t max_tile_bytes, GemmKind kind,
+                           TileSink<T>* sink = nullptr) {
   const at::ScalarType acc = std::is_same<T, double>::value ? at::kDouble : at::kFloat;
   Problem<T> P;
   P.img = images.data_ptr();
@@ -856,8 +878,14 @@ at::Tensor xattn_sim_typed(const at::Tensor& images, const at::Tensor& captions,
   P.lambda_softmax = static_cast<T>(lambda_softmax);
   P.lambda_lse = static_cast<T>(lambda_lse);
   P.kind = kind;
-  at::Tensor out = at::empty({P.NI, P.NC}, images.options().dtype(acc));
-  P.out = out.data_ptr<T>();
+  at::Tensor out;
+  if (sink) {
+    P.out = nullptr;
+    P.sink = sink;
+  } else {
+    out = at::empty({P.NI, P.NC}, images.options().dtype(acc));
+    P.out = out.data_ptr<T>();
+  }
   P.word_off.assign(P.NC + 1, 0);
   for (int64_t c = 0; c < P.NC; ++c) P.word_off[c + 1] = P.word_off[c] + P.cap_lens[c];
   const int64_t words = P.word_off[P.NC];
@@ -959,6 +987,31 @@ at::Tensor xattn_sim_fwd_cpu(const at::Tensor& images, const at::Tensor& caption
 }
 
 }  // namespace
+
+void xattn_sim_tiles(const at::Tensor& images, const at::Tensor& captions, const at::Tensor& cap_lens,
+                     const at::Tensor& img_lens, int64_t direction, int64_t norm, double lambda_softmax, int64_t agg,
+                     double lambda_lse, int64_t max_tile_bytes, TileSink<float>* sink32, TileSink<double>* sink64) {
+  TORCH_CHECK(images.scalar_type() == at::kDouble ? sink64 != nullptr : sink32 != nullptr,
+              "xattn_sim_tiles: no sink for ", images.scalar_type(), " inputs");
+  TORCH_CHECK(images.size(0) >= 1 && captions.size(0) >= 1, "xattn_sim_tiles: empty images or captions");
+  switch (images.scalar_type()) {
+    case at::kDouble:
+      xattn_sim_typed<double>(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
+                              max_tile_bytes, GemmKind::kF64, sink64);
+      break;
+    case at::kBFloat16:
+      xattn_sim_typed<float>(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
+                             max_tile_bytes, bf16_kind(), sink32);
+      break;
+    case at::kHalf:
+      xattn_sim_typed<float>(images.to(at::kFloat), captions.to(at::kFloat), cap_lens, img_lens, direction, norm,
+                             lambda_softmax, agg, lambda_lse, max_tile_bytes, GemmKind::kF32, sink32);
+      break;
+    default:
+      xattn_sim_typed<float>(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
+                             max_tile_bytes, GemmKind::kF32, sink32);
+  }
+}
 
 }  // namespace cpu
 }  // namespace itm

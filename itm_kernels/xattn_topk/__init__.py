@@ -1,13 +1,21 @@
 """``xattn_topk``: the top-k of SCAN cross-attention scores per query, without the (N_img, N_cap) matrix.
 
-What this version is: a streaming driver over the fused ``xattn_sim`` kernels. Each (query chunk x gallery chunk)
-tile is scored by ``xattn_sim`` on the chosen backend and merged into a running top-k (``merge.merge_tile``); no
-C++ in-tile top-k yet (the tile is materialised, at most ``query_chunk x gallery_chunk`` scores).
+Two methods:
 
-Exactness: a score depends only on its (image, caption) pair, and the ``cpu`` backend is bitwise independent of
-batching (tested), so on it the values equal ``torch.topk`` of the full ``xattn_sim`` matrix exactly. Backends
-whose tiling changes the rounding (``torch``: its GEMM blocking depends on the batch) equal the top-k of the
-matrix assembled from the same tiles exactly, and of the one-call matrix to rounding.
+- ``"kernel"`` (the ``cpu`` backend, soft attention): the in-kernel top-k of ``cpu.py`` (csrc/xattn_topk/cpu.cpp).
+  Every worker thread offers the scores of the tile it has just computed to per-query heaps of its k best; no
+  score tile leaves the thread scratch. Memory O(threads x N_queries x k) beyond the kernel's own scratch.
+- ``"stream"`` (every other backend, ``attention="hard"``, or on request): a driver over ``xattn_sim``. Each
+  (query chunk x gallery chunk) tile is scored by ``xattn_sim`` on the chosen backend, materialised (at most
+  ``query_chunk x gallery_chunk`` scores) and merged into a running top-k (``merge.merge_tile``).
+
+Exactness: a score depends only on its (image, caption) pair, and the ``cpu`` backend's float32 / bfloat16 /
+float16 scores are bitwise independent of batching and tiling (tested), so with it both methods give values equal
+to ``torch.topk`` of the full ``xattn_sim`` matrix exactly, and the same indices. Its float64 scores come from
+ATen ``mm``, whose rounding depends on the block shape: ``method="kernel"`` scores with the tiling of the one-call
+matrix (same ``max_tile_bytes``, no ``query_chunk``) and is then exact too; otherwise float64 agrees to rounding.
+Backends whose tiling changes the rounding (``torch``: its GEMM blocking depends on the batch) equal the top-k of
+the matrix assembled from the same tiles exactly, and of the one-call matrix to rounding.
 """
 from __future__ import annotations
 
@@ -17,9 +25,10 @@ from torch import Tensor
 from .._common.validation import check_choice, check_xattn_args
 from .merge import empty_topk, merge_tile
 
-__all__ = ["xattn_topk", "check_k", "check_chunk", "QUERIES"]
+__all__ = ["xattn_topk", "check_k", "check_chunk", "QUERIES", "METHODS"]
 
 QUERIES = ("images", "captions")
+METHODS = ("auto", "kernel", "stream")
 _DEFAULT_TILE = 1 << 20  # scores per tile: 4 MiB of float32
 
 
@@ -43,7 +52,7 @@ def check_chunk(name: str, value) -> int | None:
 def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: str = "images", img_lens=None,
                direction: str = "t2i", norm: str = "clipped_l2norm", lambda_softmax: float = 9.0, agg: str = "lse",
                lambda_lse: float = 6.0, backend: str = "auto", max_tile_bytes: int | None = None,
-               query_chunk: int | None = None, gallery_chunk: int | None = None,
+               query_chunk: int | None = None, gallery_chunk: int | None = None, method: str = "auto",
                **extra) -> tuple[Tensor, Tensor]:
     """Top-k SCAN similarities per query, streamed tile by tile.
 
@@ -54,29 +63,42 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
         k: results per query, 1..gallery size (N_cap for ``queries="images"``, N_img for ``"captions"``).
         queries: "images" (the k best captions of each image, i2t retrieval) or "captions" (the k best images
             of each caption, t2i retrieval).
-        query_chunk, gallery_chunk: tile shape (queries x gallery items); default all queries and a gallery chunk
-            of about 1M scores per tile.
+        query_chunk: queries per call (default all). With ``method="kernel"`` it bounds the heaps to
+            ``threads x query_chunk x k`` entries; with ``"stream"`` it is one side of the materialised tile.
+        gallery_chunk: ``"stream"`` only (the kernel tiles on its own): gallery items per tile, default about 1M
+            scores per tile.
+        method: "kernel" (the in-kernel CPU top-k; needs the ``cpu`` backend, explicit or chosen by "auto", and
+            soft attention), "stream" (the tile-by-tile driver, any backend), or "auto" (the kernel where it
+            applies, else the stream). The results are identical on the ``cpu`` backend.
 
     Returns:
         ``(values, indices)``: (N_queries, k) scores (dtype of ``xattn_sim``'s output) in descending order and
         their (N_queries, k) int64 gallery indices. Ties: the higher index first (the order of
         ``itm_models.eval.metrics.recall``).
 
-    Memory: O(query_chunk x (k + gallery_chunk)) beyond the inputs and the kernels' tile scratch; never
+    Memory: "kernel": O(threads x query_chunk x k) (16 bytes per float32 entry) beyond the inputs and the
+    kernel's per-call tables and per-thread tile scratch; "stream": O(query_chunk x (k + gallery_chunk)). Never
     N_img x N_cap. Not differentiable (ranking); runs under ``no_grad``.
 
     Raises:
-        TypeError / ValueError: as ``xattn_sim``, plus ``k`` not an int in 1..gallery, a bad ``queries`` or chunk.
+        TypeError / ValueError: as ``xattn_sim``, plus ``k`` not an int in 1..gallery, a bad ``queries``, chunk or
+        ``method``, or ``method="kernel"`` where it does not apply.
     """
     from .. import xattn_sim  # the function (the package rebinds it)
-    check_xattn_args(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse,
-                     backend)
+    checked = check_xattn_args(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
+                               lambda_lse, backend)
     check_choice("queries", queries, QUERIES)
+    check_choice("method", method, METHODS)
     query_chunk = check_chunk("query_chunk", query_chunk)
+    if max_tile_bytes is not None and (isinstance(max_tile_bytes, bool) or not isinstance(max_tile_bytes, int)
+                                       or max_tile_bytes <= 0):
+        raise ValueError(f"max_tile_bytes must be a positive int, got {max_tile_bytes!r}")
     gallery_chunk = check_chunk("gallery_chunk", gallery_chunk)
     n_img, n_cap = images.shape[0], captions.shape[0]
     n_q, n_g = (n_img, n_cap) if queries == "images" else (n_cap, n_img)
     k = check_k(k, n_g)
+    if _use_kernel(method, backend, images, captions, extra):
+        return _kernel_topk(checked, k, queries, query_chunk, max_tile_bytes)
     qc = query_chunk or n_q
     gc = gallery_chunk or max(1, min(n_g, _DEFAULT_TILE // max(1, qc)))
     cap_lens_t = _torch.as_tensor(cap_lens, device=images.device) if not isinstance(cap_lens, Tensor) else cap_lens
@@ -100,4 +122,39 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
             best_v, best_i = merge_tile(best_v, best_i, t, g0, k)
         out_v.append(best_v)
         out_i.append(best_i)
+    return _torch.cat(out_v), _torch.cat(out_i)
+
+
+def _use_kernel(method: str, backend: str, images: Tensor, captions: Tensor, extra: dict) -> bool:
+    from .._common.dispatch import choose_backend
+    from . import cpu as cpu_topk
+    soft = extra.get("attention", "soft") == "soft"
+    name = choose_backend(backend, images.device, op="xattn_sim", inputs=(images, captions))
+    ok = name == "cpu" and soft and cpu_topk.available()
+    if method == "kernel" and not ok:
+        raise ValueError(f"method='kernel' needs the cpu backend (got {name!r}) with the compiled xattn_topk_fwd "
+                         f"(available: {cpu_topk.available()}) and attention='soft' "
+                         f"(got {extra.get('attention', 'soft')!r})")
+    return ok and method != "stream"
+
+
+def _kernel_topk(checked, k: int, queries: str, query_chunk, max_tile_bytes) -> tuple[Tensor, Tensor]:
+    from . import cpu as cpu_topk
+    images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, _ = checked
+    opts = dict(direction=direction, norm=norm, lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse,
+                max_tile_bytes=max_tile_bytes)
+    n_q = images.shape[0] if queries == "images" else captions.shape[0]
+    if not query_chunk or query_chunk >= n_q:
+        return cpu_topk.xattn_topk(images, captions, cap_lens, img_lens, k, queries=queries, **opts)
+    out_v, out_i = [], []
+    for q0 in range(0, n_q, query_chunk):
+        q1 = min(n_q, q0 + query_chunk)
+        if queries == "images":
+            v, i = cpu_topk.xattn_topk(images[q0:q1], captions, cap_lens, img_lens[q0:q1], k, queries=queries,
+                                       **opts)
+        else:
+            v, i = cpu_topk.xattn_topk(images, captions[q0:q1], cap_lens[q0:q1], img_lens, k, queries=queries,
+                                       **opts)
+        out_v.append(v)
+        out_i.append(i)
     return _torch.cat(out_v), _torch.cat(out_i)

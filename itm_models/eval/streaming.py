@@ -28,7 +28,8 @@ import torch
 
 from .metrics import METRIC_KEYS, _RECALL_KEYS, _summary
 
-__all__ = ["streaming_recall", "streaming_topk", "similarity_topk", "save_sims_npy", "xattn_tile_fn", "model_tile_fn", "grid", "world"]
+__all__ = ["streaming_recall", "streaming_topk", "similarity_topk", "model_topk_sharded", "save_sims_npy",
+           "xattn_tile_fn", "model_tile_fn", "grid", "world"]
 
 TileFn = Callable[[int, int, int, int], torch.Tensor]
 
@@ -226,12 +227,67 @@ def similarity_topk(model, img_embs, cap_embs, cap_lens, k: int, *, queries: str
 
     ``img_embs``/``cap_embs``/``cap_lens``/``graph_inputs``/``kwargs`` as in :func:`model_tile_fn`; the rest as
     :func:`streaming_topk`.
+
+    Paths: a model with its own ``topk`` (a single :class:`itm_models.SCAN`: ``itm_kernels.xattn_topk``, the
+    in-kernel top-k on the cpu backend) and no extra ``kwargs`` but ``backend`` runs :func:`model_topk_sharded`
+    (``img_chunk``/``cap_chunk`` unused); other heads stream ``model.sims`` tiles through :func:`streaming_topk`.
+    Both give identical results for float32/bfloat16 scores of the cpu backend (its scores do not depend on the
+    tiling); float64 scores agree to rounding (ATen mm's blocking).
     """
+    if (graph_inputs is None and callable(getattr(model, "topk", None)) and set(kwargs) <= {"backend"}
+            and not isinstance(img_embs, (list, tuple))):
+        return model_topk_sharded(model, img_embs, cap_embs, cap_lens, k, queries=queries, group=group, **kwargs)
     n_img = (img_embs[0] if isinstance(img_embs, (list, tuple)) else img_embs).shape[0]
     n_cap = (cap_embs[0] if isinstance(cap_embs, (list, tuple)) else cap_embs).shape[0]
     tile = model_tile_fn(model, img_embs, cap_embs, cap_lens, graph_inputs=graph_inputs, **kwargs)
     return streaming_topk(tile, n_img, n_cap, k, queries=queries, img_chunk=img_chunk, cap_chunk=cap_chunk,
                           group=group)
+
+
+@torch.no_grad()
+def model_topk_sharded(model, img_emb, cap_emb, cap_lens, k: int, *, queries: str = "images", group=None,
+                       **topk_kwargs):
+    """Top-k per query through ``model.topk`` (e.g. :meth:`itm_models.SCAN.topk`), the images sharded over ranks.
+
+    Rank r of W takes the contiguous images ``[r m, (r + 1) m)``, ``m = ceil(N_img / W)``, and calls
+    ``model.topk`` once on its shard against every caption (the kernel's own threads and tiles do the rest).
+    ``queries="images"``: each rank's rows are complete; they are gathered. ``"captions"``: each rank has the
+    top-``min(k, shard)`` images of its shard per caption (indices shifted to global ones, padded with
+    ``-inf`` / ``-1``); the W lists are gathered and merged with the tie rule of
+    :func:`itm_kernels.xattn_topk.merge.merge_candidates` (scores are finite: the padding sorts last).
+
+    Returns ``(values (N_q, k) float64, indices (N_q, k) int64)`` on the CPU, on every rank. Memory per rank:
+    the kernel's (``model.topk``) plus the gathered W x N_q x k candidates.
+    """
+    from itm_kernels.xattn_topk import QUERIES, check_k
+    from itm_kernels.xattn_topk.merge import merge_candidates
+    if queries not in QUERIES:
+        raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+    n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
+    k = check_k(k, n_cap if queries == "images" else n_img)
+    lens = torch.as_tensor(cap_lens)
+    rank, size = world(group)
+    m = -(-n_img // size)
+    a, b = min(n_img, rank * m), min(n_img, (rank + 1) * m)
+    rows = m if queries == "images" else n_cap
+    vals = torch.full((rows, k), -torch.inf, dtype=torch.float64)
+    inds = torch.full((rows, k), -1, dtype=torch.long)
+    kr = k if queries == "images" else min(k, b - a)
+    if b > a:
+        v, i = model.topk(img_emb[a:b], cap_emb, lens.to(cap_emb.device), kr, queries=queries, **topk_kwargs)
+        sel = slice(0, b - a) if queries == "images" else slice(None)
+        vals[sel, :kr] = v.double().cpu()
+        inds[sel, :kr] = i.cpu() + (0 if queries == "images" else a)
+    if size == 1:
+        return (vals[:n_img], inds[:n_img]) if queries == "images" else (vals, inds)
+    import torch.distributed as dist
+    all_v = [torch.empty_like(vals) for _ in range(size)]
+    all_i = [torch.empty_like(inds) for _ in range(size)]
+    dist.all_gather(all_v, vals, group=group)
+    dist.all_gather(all_i, inds, group=group)
+    if queries == "images":
+        return torch.cat(all_v)[:n_img], torch.cat(all_i)[:n_img]
+    return merge_candidates(torch.cat(all_v, 1), torch.cat(all_i, 1), k)
 
 
 @torch.no_grad()

@@ -86,6 +86,26 @@ class SCAN(nn.Module):
                                      norm=c.raw_feature_norm, lambda_softmax=c.lambda_softmax, agg=self.agg,
                                      lambda_lse=c.lambda_lse, backend=backend or self.backend)
 
+    def topk(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, cap_lens, k: int, *, queries: str = "images",
+             backend: str | None = None, img_lens=None, **topk_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best captions per image (``queries="images"``) or images per caption (``"captions"``) by
+        :meth:`sims`, without the (N_img, N_cap) matrix (``itm_kernels.xattn_topk``: the in-kernel top-k on the
+        cpu backend, a running top-k over streamed tiles elsewhere).
+
+        Args:
+            img_emb, cap_emb, cap_lens, backend, img_lens: as :meth:`sims`; k: 1..gallery size;
+            topk_kwargs: further ``xattn_topk`` options (``query_chunk``, ``method``, ``max_tile_bytes``).
+
+        Returns:
+            (values (N_q, k) in :meth:`sims`'s dtype, descending; indices (N_q, k) int64), ties by the higher
+            index first. Not differentiable.
+        """
+        c = self.config
+        return itm_kernels.xattn_topk(img_emb, cap_emb, cap_lens, k, queries=queries, img_lens=img_lens,
+                                      direction=c.cross_attn, norm=c.raw_feature_norm,
+                                      lambda_softmax=c.lambda_softmax, agg=self.agg, lambda_lse=c.lambda_lse,
+                                      backend=backend or self.backend, **topk_kwargs)
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths) -> torch.Tensor:
         """Score a batch: (B_img, K, img_dim), (B_cap, L_max) ids, (B_cap,) lengths -> (B_img, B_cap) scores.
 

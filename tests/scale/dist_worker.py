@@ -1,7 +1,8 @@
 """Worker launched by tests/scale/test_distributed.py under ``python -m torch.distributed.run``.
 
 argv: OUT_DIR MODE (``ok`` | ``die``). Scores a fixed synthetic gallery with the cpu xattn_sim backend through
-the streaming evaluation; rank 0 saves the metrics, ranks and top-k to OUT_DIR/result.pt. MODE ``die``: rank 1
+the streaming evaluation, and a SCAN head's top-k through the in-kernel top-k (similarity_topk, images sharded
+over the ranks); rank 0 saves the metrics, ranks and top-k lists to OUT_DIR/result.pt. MODE ``die``: rank 1
 exits mid-run (after its first tile), the others must fail with an error, not hang.
 """
 import os
@@ -10,7 +11,8 @@ import sys
 import torch
 
 from itm_models.eval.distributed import init_distributed
-from itm_models.eval.streaming import save_sims_npy, streaming_recall, streaming_topk, xattn_tile_fn
+from itm_models.eval.streaming import (save_sims_npy, similarity_topk, streaming_recall, streaming_topk,
+                                       xattn_tile_fn)
 
 
 def inputs():
@@ -21,6 +23,18 @@ def inputs():
     cap[3] = cap[0]; lens[3] = lens[0]   # exact ties
     im[9] = im[2]
     return im, cap, lens
+
+
+def scan_model():
+    """A SCAN head whose top-k runs the in-kernel CPU top-k (similarity_topk -> SCAN.topk -> xattn_topk)."""
+    from itm_models import SCAN, SCANConfig
+    return SCAN(SCANConfig(vocab_size=9, img_dim=8, embed_size=16, word_dim=8), backend="cpu")
+
+
+def scan_topk(im, cap, lens):
+    model = scan_model()
+    return {"scan_topk_i": similarity_topk(model, im, cap, lens, 7, queries="images"),
+            "scan_topk_c": similarity_topk(model, im, cap, lens, 6, queries="captions")}
 
 
 def main():
@@ -40,8 +54,9 @@ def main():
     topk_i = streaming_topk(tile, 11, 55, 7, queries="images", img_chunk=3, cap_chunk=8)
     topk_c = streaming_topk(tile, 11, 55, 4, queries="captions", img_chunk=3, cap_chunk=8)
     save_sims_npy(tile, 11, 55, os.path.join(out_dir, "sims.npy"), img_chunk=3, cap_chunk=8)
+    scan = scan_topk(im, cap, lens)
     if rank == 0:
-        torch.save({"metrics": metrics, "ranks": ranks, "topk_i": topk_i, "topk_c": topk_c, "world": size},
+        torch.save({"metrics": metrics, "ranks": ranks, "topk_i": topk_i, "topk_c": topk_c, "world": size, **scan},
                    os.path.join(out_dir, "result.pt"))
 
 

@@ -28,14 +28,14 @@ def launch(n: int, out: Path, mode: str, timeout: float):
 @pytest.fixture(scope="module")
 def one_rank():
     sys.path.insert(0, str(WORKER.parent))
-    from dist_worker import inputs
+    from dist_worker import inputs, scan_topk
     im, cap, lens = inputs()
     tile = xattn_tile_fn(im, cap, lens, backend="cpu")
     metrics, ranks = streaming_recall(tile, 11, 5, img_chunk=3, cap_chunk=8, return_ranks=True)
     return {"metrics": metrics, "ranks": ranks,
             "topk_i": streaming_topk(tile, 11, 55, 7, queries="images", img_chunk=3, cap_chunk=8),
             "topk_c": streaming_topk(tile, 11, 55, 4, queries="captions", img_chunk=3, cap_chunk=8),
-            "sims": tile(0, 11, 0, 55).numpy()}
+            "sims": tile(0, 11, 0, 55).numpy(), **scan_topk(im, cap, lens)}
 
 
 def test_two_ranks_gloo_equal_one(tmp_path, one_rank):
@@ -46,7 +46,7 @@ def test_two_ranks_gloo_equal_one(tmp_path, one_rank):
     assert got["metrics"] == one_rank["metrics"]
     for key in ("i2t_ranks", "t2i_ranks"):
         np.testing.assert_array_equal(got["ranks"][key], one_rank["ranks"][key])
-    for key in ("topk_i", "topk_c"):
+    for key in ("topk_i", "topk_c", "scan_topk_i", "scan_topk_c"):
         assert all(torch.equal(a, b) for a, b in zip(got[key], one_rank[key])), key
     np.testing.assert_array_equal(np.load(tmp_path / "sims.npy"), one_rank["sims"])
 

@@ -11,7 +11,7 @@ from itm_models.eval.metrics import recall
 from itm_models.eval.streaming import (model_tile_fn, save_sims_npy, similarity_topk, streaming_recall,
                                        streaming_topk, xattn_tile_fn)
 
-from tests.xattn_topk.test_xattn_topk import make, ref_topk
+from tests.xattn_topk.topk_helpers import make, ref_topk
 
 
 def matrix_tile_fn(m):
@@ -101,3 +101,29 @@ def test_model_heads_stream(name):
     got = streaming_recall(tile, n_img, n_cap // n_img, img_chunk=2, cap_chunk=4)
     assert got == recall(grid_full, n_cap // n_img)
     torch.testing.assert_close(grid_full, full, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cross_attn, agg_func, norm", [("t2i", "LogSumExp", "clipped_l2norm"),
+                                                        ("i2t", "Mean", "softmax")])
+@pytest.mark.parametrize("queries", ["images", "captions"])
+def test_scan_topk_goes_through_the_kernel(cross_attn, agg_func, norm, queries, monkeypatch):
+    """A single SCAN model: similarity_topk takes SCAN.topk (xattn_topk's in-kernel top-k on the cpu backend) and
+    equals the top-k of the model's full matrix (float32: bitwise) and the tile-streamed path; ties included."""
+    from itm_kernels.xattn_topk import cpu as cpu_topk
+    from itm_models import SCAN, SCANConfig
+    model = SCAN(SCANConfig(vocab_size=9, img_dim=8, embed_size=16, word_dim=8, cross_attn=cross_attn,
+                            agg_func=agg_func, raw_feature_norm=norm), backend="cpu")
+    im, cap, lens = make(7, 21, 5, 6, 16, 4, True)
+    full = model.sims(im, cap, lens)
+    full = full if queries == "images" else full.t()
+    calls = []
+    real = cpu_topk.xattn_topk
+    monkeypatch.setattr(cpu_topk, "xattn_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for k in (1, 5, full.shape[1]):
+        v, i = similarity_topk(model, im, cap, lens, k, queries=queries)
+        rv, ri = ref_topk(full, k)
+        assert v.dtype == torch.float64 and torch.equal(v, rv) and torch.equal(i, ri), k
+        sv, si = streaming_topk(model_tile_fn(model, im, cap, lens), 7, 21, k, queries=queries, img_chunk=3,
+                                cap_chunk=4)
+        assert torch.equal(v, sv) and torch.equal(i, si), k
+    assert len(calls) == 3, "SCAN's top-k did not go through the in-kernel top-k"

@@ -1,38 +1,15 @@
-"""xattn_topk (path: the streaming driver over the ``cpu`` xattn_sim backend) against the top-k of the full
-``xattn_sim`` matrix: values exactly, indices exactly in the documented tie order (higher index first)."""
+"""xattn_topk's streaming driver (``method="stream"``, over the ``cpu`` xattn_sim backend) against the top-k of the
+full ``xattn_sim`` matrix: values exactly, indices exactly in the documented tie order (higher index first); the
+argument checks. The in-kernel top-k: test_xattn_topk_cpu.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import itm_kernels
 from itm_kernels.xattn_topk.merge import merge_candidates
-
-
-def ref_topk(full: torch.Tensor, k: int):
-    """Top-k per row: value descending, then index descending (the official argsort(d)[::-1] order)."""
-    a = full.double().numpy()
-    idx = np.broadcast_to(np.arange(a.shape[1]), a.shape)
-    order = np.stack([np.lexsort((-idx[r], -a[r])) for r in range(a.shape[0])])[:, :k]
-    return torch.from_numpy(np.take_along_axis(a, order, 1)), torch.from_numpy(order)
-
-
-def make(n_img, n_cap, K, L, d, seed, dup):
-    g = torch.Generator().manual_seed(seed)
-    im = torch.randn(n_img, K, d, generator=g)
-    cap = torch.randn(n_cap, L, d, generator=g)
-    lens = torch.randint(1, L + 1, (n_cap,), generator=g)
-    lens[0] = L
-    if dup and n_cap > 1:  # exact ties: repeated captions / images score identically
-        cap[1::2] = cap[0]
-        lens[1::2] = lens[0]
-    if dup and n_img > 1:
-        im[-1] = im[0]
-    for c in range(n_cap):  # poison the padding
-        cap[c, lens[c]:] = float("nan") if c % 2 else float("inf")
-    return im, cap, lens
+from topk_helpers import make, ref_topk
 
 
 @given(n_img=st.integers(1, 6), n_cap=st.integers(1, 12), K=st.integers(1, 4), L=st.integers(1, 5),
@@ -47,7 +24,7 @@ def test_topk_equals_full_matrix(n_img, n_cap, K, L, d, seed, dup, queries, dire
     n_g = full.shape[1]
     k = 1 + int(kfrac * (n_g - 1))
     v, i = itm_kernels.xattn_topk(im, cap, lens, k, queries=queries, direction=direction, agg=agg, backend="cpu",
-                                  query_chunk=qc, gallery_chunk=gc)
+                                  query_chunk=qc, gallery_chunk=gc, method="stream")
     rv, ri = ref_topk(full, k)
     assert v.dtype == full.dtype and i.dtype == torch.long and v.shape == (full.shape[0], k)
     assert torch.equal(v.double(), rv), f"values differ: max {(v.double() - rv).abs().max()}"
