@@ -142,18 +142,24 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure_peak_here(call, warmup: int = 0) -> int:
-    """Peak resident memory of ``call()`` above the RSS just before it, in bytes, in THIS process (reset VmHWM,
-    run once, read VmHWM). Only honest in a fresh process: use ``peak_memory_subprocess``."""
-    for _ in range(warmup):
-        call()
+def run_measuring_peak(call) -> tuple[object, int]:
+    """``(call(), peak bytes)``: freed heap trimmed, VmHWM reset, ``call()`` run once in THIS process; the peak is the
+    high-water mark above the RSS just before the call (the result counts while alive). Only honest in a fresh
+    process (``peak_memory_subprocess``, or a benchmark's own child process)."""
     trim_heap()
     if not _reset_hwm():
         raise RuntimeError("cannot reset the peak-RSS counter (/proc/self/clear_refs): Linux only")
     base = _status_kib("VmRSS")
-    out = call()                                            # noqa: F841  (kept alive: the output counts)
-    peak = _status_kib("VmHWM")
-    return max(0, peak - base) * 1024
+    out = call()
+    return out, max(0, _status_kib("VmHWM") - base) * 1024
+
+
+def measure_peak_here(call, warmup: int = 0) -> int:
+    """Peak resident memory of ``call()`` above the RSS just before it, in bytes, in THIS process, after ``warmup``
+    untimed calls (``run_measuring_peak``). Only honest in a fresh process: use ``peak_memory_subprocess``."""
+    for _ in range(warmup):
+        call()
+    return run_measuring_peak(call)[1]
 
 
 def _child(builder, args, kwargs, threads, warmup, queue):
