@@ -54,7 +54,7 @@ from itm_models.eval.metrics import format_metrics_table, recall  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
 from bench_sgraf import D, K, S, SGR_STEPS, official_sgraf_timing, sgraf_flops  # noqa: E402
 from bench_xattn_sim import official_timing  # noqa: E402
-from common import (SCAN_LAMBDAS, SPREAD_NOTE, bare_product_timing, finish, gemm_yardstick,  # noqa: E402
+from common import (SCAN_LAMBDAS, bare_product_timing, finish, gemm_yardstick,  # noqa: E402
                     matched_features, peak_memory, print_table, speedup_cells, standard_parser, start, timings)
 
 LAMBDAS = SCAN_LAMBDAS
@@ -205,7 +205,6 @@ def run_sgraf(keys: list[str], n_img: int, args, device) -> None:
                  "fraction of GEMM limit", "peak extra MiB", "R@1 i2t / t2i", "R@1 vs float32"], rows)
     print(f"# model FLOPs per pair (mean L {float(lens.float().mean()):.1f}): SGR {per_pair['SGR'][0]:.1f} M, SAF "
           f"{per_pair['SAF'][0]:.1f} M; ours SGR {per_pair['SGR'][1]:.1f} M")
-    print(f"# {SPREAD_NOTE}")
     print("\n".join(notes))
 
 
@@ -282,7 +281,6 @@ def run_scan(n_img: int, args, device) -> None:
                  "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s (winner)",
                  "fraction of GEMM limit", "peak extra MiB", "fp32 output MiB", "rsum", "metrics identical to float64"],
                 rows)
-    print(f"# {SPREAD_NOTE}")
     print("\n".join(notes))
     print(save_plot(curves, Path(args.plot)))
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from itm_models.gsmn import GSMNSimilarity  # noqa: E402
 from itm_models.baselines.gsmn import official_style_sims  # noqa: E402
 from itm_models.data.synthetic import synthetic_boxes, synthetic_parses  # noqa: E402
-from common import (SPREAD_NOTE, Timing, bare_product_timing, finish, matched_features, parse_size,  # noqa: E402
+from common import (Timing, bare_product_timing, finish, matched_features, parse_size,  # noqa: E402
                     peak_memory, print_table, speedup_cells, standard_parser, start, timings)
 
 VARIANTS = ("dense", "sparse")
@@ -114,7 +114,6 @@ def run_gsmn(n_img: int, n_cap: int, official_subset=(100, 100), repeats: int = 
         ["size", "head", "inputs", "official-style fp32 s", "official-style same dtype s", "ours s",
          "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s x3 (winner)",
          "fraction of GEMM limit", "peak extra MiB", "max |ours - official fp32|"], rows)
-    print(f"# {SPREAD_NOTE}")
     for name in dtypes:
         print(f"# {name} (x3): {bare[name].note()}")
     return table

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (SPREAD_NOTE, Timing, finish, gemm_yardstick, matched_features, parse_size,  # noqa: E402
+from common import (Timing, finish, gemm_yardstick, matched_features, parse_size,  # noqa: E402
                     peak_memory, print_table, speedup_cells, standard_parser, start, subset_timing, timings)
 from itm_models.baselines.sgraf import official_style_sims  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
@@ -141,9 +141,7 @@ def main(argv=None):
                  "bare GEMM s of the model FLOPs (winner)", "fraction of GEMM limit", "peak extra MiB"], rows)
     print(f"# model FLOPs per pair: SGR {per_pair['SGR'][0]:.1f} M, SAF {per_pair['SAF'][0]:.1f} M; ours SGR "
           f"{per_pair['SGR'][1]:.1f} M")
-    print(f"# {SPREAD_NOTE}")
-    print("\n".join(notes))
-    finish()
+    finish(notes)
 
 
 if __name__ == "__main__":

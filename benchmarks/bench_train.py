@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
 from itm_kernels.xattn_sim import reference  # noqa: E402
 from itm_models.losses import ContrastiveLoss  # noqa: E402
-from common import (SCAN_LAMBDAS, SPREAD_NOTE, bare_product_timing, finish, peak_memory, print_table,  # noqa: E402
+from common import (SCAN_LAMBDAS, bare_product_timing, finish, peak_memory, print_table,  # noqa: E402
                     random_features, speedup_cells, standard_parser, start, timings)
 
 SIM_FNS = {"reference": reference.xattn_sim, "ours": itm_kernels.xattn_sim}
@@ -108,9 +108,7 @@ def main(argv=None):
                  "speed-up vs fp32 reference", "speed-up vs same-dtype reference", "bare GEMM s x6 (winner)",
                  "fraction of GEMM limit", "ref saved MiB", "ours saved MiB", "ref peak extra MiB",
                  "ours peak extra MiB"], rows)
-    print(f"# {SPREAD_NOTE}")
-    print("\n".join(notes))
-    finish()
+    finish(notes)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
 from itm_models.baselines.scan import official_style_sims  # noqa: E402
-from common import (SCAN_LAMBDAS, SPREAD_NOTE, Timing, bare_product_timing, finish, parse_size,  # noqa: E402
+from common import (SCAN_LAMBDAS, Timing, bare_product_timing, finish, parse_size,  # noqa: E402
                     peak_memory, print_table, random_features, speedup_cells, standard_parser, start,
                     subset_timing, timings)
 
@@ -94,9 +94,7 @@ def main(argv=None):
                 ["size", "dir", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
                  "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s (winner)",
                  "fraction of GEMM limit", "peak extra MiB", "fp32 output MiB"], rows)
-    print(f"# {SPREAD_NOTE}")
-    print("\n".join(notes))
-    finish()
+    finish(notes)
 
 
 if __name__ == "__main__":

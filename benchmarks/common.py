@@ -378,7 +378,12 @@ def start(name: str, args) -> None:
     print(f"# {name} | {machine_line()} | load average {os.getloadavg()[0]:.2f} at start", flush=True)
 
 
-def finish() -> None:
+def finish(notes=()) -> None:
+    """Print the method line (``SPREAD_NOTE``), the ``notes`` (e.g. every yardstick candidate's time) and the
+    load average at the end."""
+    print(f"# {SPREAD_NOTE}")
+    for note in notes:
+        print(note)
     print(f"# load average {os.getloadavg()[0]:.2f} at end", flush=True)
 
 
@@ -408,3 +413,34 @@ SPREAD_NOTE = ("times: median (min-max) of the repeats after warm-up; speed-ups 
                "fraction of GEMM limit = bare product time / ours (1.0 = as fast as the fastest bare matrix product "
                "of the same FLOPs and dtype, timed in this run, winner named); peak extra MiB = resident high-water "
                "mark rise of one call in a fresh process (the output counts)")
+
+
+OP_HEADERS = ["size", "dtype", "threads", "torch path fp32 s", "torch path same dtype s", "ours s",
+              "speed-up vs fp32 torch", "speed-up vs same-dtype torch", "ours GFLOP/s", "bare GEMM s (winner)",
+              "fraction of GEMM limit", "peak extra MiB"]
+
+
+def op_rows(builder, n_img: int, n_cap: int, args, flops: float, yardstick, notes: list) -> list[list]:
+    """Rows (``OP_HEADERS``) of an op benchmark whose reference is the op's torch path and ours its C++ kernel:
+    per dtype of ``args.dtypes``, ``builder(n_img, n_cap, dtype_name, path)`` (path "torch" | "cpu", a module-level
+    function returning the call) is timed for both paths; the float32 torch path is the first reference, the
+    torch path fed the row's dtype the second; ``yardstick(dtype)`` is the row's ``Yardstick`` (same FLOPs);
+    memory: one call of ours in a fresh process."""
+    rows, ref32 = [], None
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        ref = timings(builder(n_img, n_cap, name, "torch"), repeats=args.repeats, warmup=args.warmup)
+        ours = timings(builder(n_img, n_cap, name, "cpu"), repeats=args.repeats, warmup=args.warmup)
+        if dtype == torch.float32:
+            ref32 = ref
+        elif ref32 is None:
+            ref32 = timings(builder(n_img, n_cap, "float32", "torch"), repeats=args.repeats, warmup=args.warmup)
+        bare = yardstick(dtype)
+        notes.append(f"# {name}: {bare.note()}")
+        same = None if dtype == torch.float32 else ref
+        mem = peak_memory(builder, n_img, n_cap, name, "cpu", enabled=not args.no_memory)
+        rows.append([f"{n_img}x{n_cap}", name, torch.get_num_threads(), ref32.cell(".3g"),
+                     "-" if same is None else ref.cell(".3g"), ours.cell(".3g"), *speedup_cells(ref32, same, ours),
+                     f"{flops / ours.median / 1e9:.0f}", bare.cell(".3g"), bare.fraction(ours), mem])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    return rows
