@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (SPREAD_NOTE, finish, gemm_yardstick, matched_features, parse_size, peak_memory,  # noqa: E402
-                    print_table, speedup_cells, standard_parser, start, timings)
+from common import (OP_HEADERS, finish, gemm_yardstick, matched_features, op_rows, parse_size,  # noqa: E402
+                    print_table, standard_parser, start)
 from itm_kernels.local_sim import _have_cpu_kernel, local_sim_cpu, local_sim_gram, local_sim_torch  # noqa: E402
 
 K, D, S = 36, 1024, 256
@@ -59,36 +59,13 @@ def main(argv=None):
     n_img, n_cap = parse_size("20x100" if args.quick else args.size)
     lens = matched_features(n_img, n_cap, K=K, d=D)[2]
     flops = int(lens.sum()) * n_img * (2 * D * S + 4 * K * D)
-    rows, notes, ref32 = [], [], None
-    for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
-        ref_call, our_call = (local_sim_call(n_img, n_cap, name, p) for p in ("torch", "cpu"))
-        ref = timings(ref_call, repeats=args.repeats, warmup=args.warmup)
-        del ref_call
-        ours = timings(our_call, repeats=args.repeats, warmup=args.warmup)
-        del our_call
-        ref32 = ref if dtype == torch.float32 else ref32
-        if ref32 is None:
-            ref32 = timings(local_sim_call(n_img, n_cap, "float32", "torch"), repeats=args.repeats,
-                            warmup=args.warmup)
-        bare = gemm_yardstick(flops, dtype, 4096, D, S, repeats=args.repeats)
-        notes.append(f"# {name}: {bare.note()}")
-        mem = peak_memory(local_sim_call, n_img, n_cap, name, "cpu", enabled=not args.no_memory)
-        rows.append([f"{n_img}x{n_cap}", name, torch.get_num_threads(), ref32.cell(".3g"),
-                     "-" if dtype == torch.float32 else ref.cell(".3g"), ours.cell(".3g"),
-                     *speedup_cells(ref32, None if dtype == torch.float32 else ref, ours),
-                     f"{flops / ours.median / 1e9:.0f}", bare.cell(".3g"), bare.fraction(ours), mem])
-        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    notes = []
+    rows = op_rows(local_sim_call, n_img, n_cap, args, flops,
+                   lambda dtype: gemm_yardstick(flops, dtype, 4096, D, S, repeats=args.repeats), notes)
     print_table(f"local_sim forward, ours = fused C++ kernel, reference = chunked torch path (K={K}, d={D}, s={S}, "
                 f"lengths 8..20, {(2 * D * S + 4 * K * D) / 1e6:.2f} MFLOP per (image, word); seconds, "
-                f"{args.repeats} repeats)",
-                ["size", "dtype", "threads", "torch path fp32 s", "torch path same dtype s", "ours s",
-                 "speed-up vs fp32 torch", "speed-up vs same-dtype torch", "ours GFLOP/s", "bare GEMM s (winner)",
-                 "fraction of GEMM limit", "peak extra MiB"], rows)
-    print(f"# {SPREAD_NOTE}")
-    print("\n".join(notes))
-    finish()
-
+                f"{args.repeats} repeats; the output buffer is an input here)", OP_HEADERS, rows)
+    finish(notes)
 
 if __name__ == "__main__":
     main()

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (SPREAD_NOTE, bare_product_timing, finish, matched_features, parse_size,  # noqa: E402
-                    peak_memory, print_table, speedup_cells, standard_parser, start, timings)
+from common import (OP_HEADERS, bare_product_timing, finish, matched_features, op_rows, parse_size,  # noqa: E402
+                    print_table, standard_parser, start)
 from itm_kernels.node_match.cpu import _have_cpu_kernel, node_match_cpu  # noqa: E402
 from itm_kernels.node_match.torch import node_match_torch  # noqa: E402
 
@@ -53,35 +53,18 @@ def main(argv=None):
         sys.exit("the compiled extension (itm_kernels._C) with node_match_fused_ is not built")
     start("bench_node_match", args)
     n_img, n_cap = parse_size("20x100" if args.quick else args.size)
-    rows, notes, ref32 = [], [], None
-    for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
+    lens = matched_features(n_img, n_cap, K=K, d=D)[2]
+    flops = 2 * n_img * K * D * int(lens.sum())
+
+    def yardstick(dtype):
         images, captions, lens = matched_features(n_img, n_cap, K=K, d=D, dtype=dtype)
-        flops = 2 * n_img * K * D * int(lens.sum())
-        ref = timings(node_match_call(n_img, n_cap, name, "torch"), repeats=args.repeats, warmup=args.warmup)
-        ours = timings(node_match_call(n_img, n_cap, name, "cpu"), repeats=args.repeats, warmup=args.warmup)
-        ref32 = ref if dtype == torch.float32 else ref32
-        if ref32 is None:
-            ref32 = timings(node_match_call(n_img, n_cap, "float32", "torch"), repeats=args.repeats,
-                            warmup=args.warmup)
-        bare = bare_product_timing(images, captions, lens, repeats=args.repeats)
-        notes.append(f"# {name}: {bare.note()}")
-        mem = peak_memory(node_match_call, n_img, n_cap, name, "cpu", enabled=not args.no_memory)
-        rows.append([f"{n_img}x{n_cap}", name, torch.get_num_threads(), ref32.cell(".3g"),
-                     "-" if dtype == torch.float32 else ref.cell(".3g"), ours.cell(".3g"),
-                     *speedup_cells(ref32, None if dtype == torch.float32 else ref, ours),
-                     f"{flops / ours.median / 1e9:.0f}", bare.cell(".3g"), bare.fraction(ours), mem])
-        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+        return bare_product_timing(images, captions, lens, repeats=args.repeats)
+    notes = []
+    rows = op_rows(node_match_call, n_img, n_cap, args, flops, yardstick, notes)
     print_table(f"node_match forward, ours = fused C++ kernel, reference = tiled torch path (K={K}, d={D}, {B} blocks, "
                 f"lengths 8..20, {2 * K * D * 14 / 1e6:.2f} MFLOP per pair of 14 words; seconds, {args.repeats} "
-                "repeats)",
-                ["size", "dtype", "threads", "torch path fp32 s", "torch path same dtype s", "ours s",
-                 "speed-up vs fp32 torch", "speed-up vs same-dtype torch", "ours GFLOP/s", "bare GEMM s (winner)",
-                 "fraction of GEMM limit", "peak extra MiB"], rows)
-    print(f"# {SPREAD_NOTE}")
-    print("\n".join(notes))
-    finish()
-
+                "repeats)", OP_HEADERS, rows)
+    finish(notes)
 
 if __name__ == "__main__":
     main()
