@@ -54,8 +54,8 @@ from itm_models.eval.metrics import format_metrics_table, recall  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
 from bench_sgraf import D, K, S, SGR_STEPS, official_sgraf_timing, sgraf_flops  # noqa: E402
 from bench_xattn_sim import official_timing  # noqa: E402
-from common import (SCAN_LAMBDAS, bare_product_timing, finish, gemm_yardstick,  # noqa: E402
-                    matched_features, peak_memory, print_table, speedup_cells, standard_parser, start, timings)
+from common import (COMPARISON_HEADERS, SCAN_LAMBDAS, bare_product_timing, comparison_cells, finish,  # noqa: E402
+                    gemm_yardstick, matched_features, peak_memory, print_table, standard_parser, start, timings)
 
 LAMBDAS = SCAN_LAMBDAS
 SGRAF_HEADS = {"sgr": "SGR", "saf": "SAF"}
@@ -182,9 +182,8 @@ def sgraf_rows(key: str, n_img: int, args, device, yardsticks: dict, notes: list
             base = metrics if dtype == torch.float32 else base
             mem = peak_memory(sgraf_eval_call, module, state_path, n_img, dtype_name, device=device,
                               enabled=not args.no_memory)
-            rows.append([f"{n_img}x{5 * n_img}", module, dtype_name, f"~{off32.cell('.3g')}",
-                         "-" if off_same is None else f"~{off_same.cell('.3g')}", ours.cell(".3g"),
-                         *speedup_cells(off32, off_same, ours), bare.cell(".3g"), bare.fraction(ours), mem,
+            rows.append([f"{n_img}x{5 * n_img}", module, dtype_name, *comparison_cells(off32, off_same, ours),
+                         bare.cell(".3g"), bare.fraction(ours), mem,
                          f"{metrics['i2t_r1']:.1f} / {metrics['t2i_r1']:.1f}", _r1_difference(metrics, base)])
             print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -200,8 +199,7 @@ def run_sgraf(keys: list[str], n_img: int, args, device) -> None:
     print_table(f"SGRAF evaluation: similarity matrix + metrics (seconds, median (min-max) of {args.repeats} runs; "
                 f"'~' = official-style loop on min(N_img, 100) x {args.official_pairs} // that captions spread over "
                 f"the gallery, extrapolated linearly by pairs; trained synthetic heads d={D}, s={S})",
-                ["gallery", "head", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
-                 "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s of the model FLOPs (winner)",
+                ["gallery", "head", "dtype", *COMPARISON_HEADERS, "bare GEMM s of the model FLOPs (winner)",
                  "fraction of GEMM limit", "peak extra MiB", "R@1 i2t / t2i", "R@1 vs float32"], rows)
     print(f"# model FLOPs per pair (mean L {float(lens.float().mean()):.1f}): SGR {per_pair['SGR'][0]:.1f} M, SAF "
           f"{per_pair['SAF'][0]:.1f} M; ours SGR {per_pair['SGR'][1]:.1f} M")
@@ -266,9 +264,8 @@ def run_scan(n_img: int, args, device) -> None:
                 notes.append(f"# {size} {direction} {dtype_name}: {bare.note()}")
                 same = "n/a" if truth is None else ("yes" if metrics == truth else
                                                     f"no (rsum {metrics['rsum']:.2f} vs {truth['rsum']:.2f})")
-                rows.append([f"{size}x{5 * size}", direction, dtype_name, f"~{off.cell('.3g')}",
-                             "-" if off_same is None else f"~{off_same.cell('.3g')}", ours.cell(".3g"),
-                             *speedup_cells(off, off_same, ours), bare.cell(".3g"), bare.fraction(ours), mem,
+                rows.append([f"{size}x{5 * size}", direction, dtype_name, *comparison_cells(off, off_same, ours),
+                             bare.cell(".3g"), bare.fraction(ours), mem,
                              f"{size * 5 * size * 4 / 2**20:.1f}", f"{metrics['rsum']:.1f}", same])
                 print(" | ".join(rows[-1]), flush=True)
                 if not shown:
@@ -277,8 +274,7 @@ def run_scan(n_img: int, args, device) -> None:
     print_table(f"SCAN evaluation: similarity matrix + metrics (seconds, median (min-max) of {args.repeats} runs; "
                 f"'~' = official-style loop timed on at most {args.official_pairs} pairs and extrapolated linearly "
                 "by pairs)",
-                ["gallery", "dir", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
-                 "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s (winner)",
+                ["gallery", "dir", "dtype", *COMPARISON_HEADERS, "bare GEMM s (winner)",
                  "fraction of GEMM limit", "peak extra MiB", "fp32 output MiB", "rsum", "metrics identical to float64"],
                 rows)
     print("\n".join(notes))

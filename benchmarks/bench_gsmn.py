@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from itm_models.gsmn import GSMNSimilarity  # noqa: E402
 from itm_models.baselines.gsmn import official_style_sims  # noqa: E402
 from itm_models.data.synthetic import synthetic_boxes, synthetic_parses  # noqa: E402
-from common import (Timing, bare_product_timing, finish, matched_features, parse_size,  # noqa: E402
-                    peak_memory, print_table, speedup_cells, standard_parser, start, timings)
+from common import (COMPARISON_HEADERS, Timing, bare_product_timing, comparison_cells, finish,  # noqa: E402
+                    matched_features, parse_size, peak_memory, print_table, standard_parser, start, timings)
 
 VARIANTS = ("dense", "sparse")
 
@@ -95,25 +95,21 @@ def run_gsmn(n_img: int, n_cap: int, official_subset=(100, 100), repeats: int = 
             diff = (result["scores"][:sub_img, :sub_cap].float() - off_scores).abs().max().item()
             runs[variant, name] = (off32, off_same, t)
             mem = peak_memory(gsmn_call, variant, n_img, n_cap, name, enabled=memory)
-            rows.append([f"{n_img}x{n_cap}", variant, name, f"~{off32.cell('.3g')}",
-                         "-" if off_same is None else f"~{off_same.cell('.3g')}", t.cell(".3g"),
-                         *speedup_cells(off32, off_same, t), bare[name].cell(".3g"), bare[name].fraction(t), mem,
-                         f"{diff:.1e}"])
+            rows.append([f"{n_img}x{n_cap}", variant, name, *comparison_cells(off32, off_same, t),
+                         bare[name].cell(".3g"), bare[name].fraction(t), mem, f"{diff:.1e}"])
             print(" | ".join(rows[-1]), flush=True)
     add = lambda a, b: None if a is None else Timing(tuple(x + y for x, y in zip(a.times, b.times)))  # noqa: E731
     for name in dtypes:
         (d32, dsame, dt), (s32, ssame, st) = runs["dense", name], runs["sparse", name]
         off32, off_same, t = add(d32, s32), add(dsame, ssame), add(dt, st)
         ens_bare = bare[name].scaled(2.0)
-        rows.append([f"{n_img}x{n_cap}", "ensemble", name, f"~{off32.cell('.3g')}",
-                     "-" if off_same is None else f"~{off_same.cell('.3g')}", t.cell(".3g"),
-                     *speedup_cells(off32, off_same, t), ens_bare.cell(".3g"), ens_bare.fraction(t), "-", "-"])
+        rows.append([f"{n_img}x{n_cap}", "ensemble", name, *comparison_cells(off32, off_same, t),
+                     ens_bare.cell(".3g"), ens_bare.fraction(t), "-", "-"])
     table = print_table(
         f"GSMN all-pairs evaluation, {n_img} images x {n_cap} captions (K = 36, d = 1024, lengths 8..20; seconds, "
         f"{repeats} repeats); official-style timed on {sub_img} x {sub_cap} and extrapolated by pairs (~)",
-        ["size", "head", "inputs", "official-style fp32 s", "official-style same dtype s", "ours s",
-         "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s x3 (winner)",
-         "fraction of GEMM limit", "peak extra MiB", "max |ours - official fp32|"], rows)
+        ["size", "head", "inputs", *COMPARISON_HEADERS, "bare GEMM s x3 (winner)", "fraction of GEMM limit",
+         "peak extra MiB", "max |ours - official fp32|"], rows)
     for name in dtypes:
         print(f"# {name} (x3): {bare[name].note()}")
     return table

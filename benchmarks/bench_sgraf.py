@@ -39,8 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (Timing, finish, gemm_yardstick, matched_features, parse_size,  # noqa: E402
-                    peak_memory, print_table, speedup_cells, standard_parser, start, subset_timing, timings)
+from common import (COMPARISON_HEADERS, Timing, comparison_cells, finish, gemm_yardstick,  # noqa: E402
+                    matched_features, parse_size, peak_memory, print_table, standard_parser, start, subset_timing,
+                    timings)
 from itm_models.baselines.sgraf import official_style_sims  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
 
@@ -127,17 +128,14 @@ def main(argv=None):
             head.sims(images[:2], captions[:8], lens[:8], dtype=dtype)          # warm-up (first-call allocations)
             ours = timings(lambda: head.sims(images, captions, lens, dtype=dtype), repeats=args.repeats, warmup=0)
             mem = peak_memory(sgraf_call, module, n_img, n_cap, name, enabled=not args.no_memory)
-            rows.append([f"{n_img}x{n_cap}", module, name, f"~{official32.cell('.3g')}",
-                         "-" if off_same is None else f"~{off_same.cell('.3g')}", ours.cell(".3g"),
-                         *speedup_cells(official32, off_same, ours), f"{model_flops / ours.median / 1e9:.0f}",
-                         bare.cell(".3g"), bare.fraction(ours), mem])
+            rows.append([f"{n_img}x{n_cap}", module, name, *comparison_cells(official32, off_same, ours),
+                         f"{model_flops / ours.median / 1e9:.0f}", bare.cell(".3g"), bare.fraction(ours), mem])
             print(" | ".join(rows[-1]), flush=True)
     per_pair = {m: [f / (n_img * n_cap) / 1e6 for f in sgraf_flops(lens, n_img, m)] for m in ("SGR", "SAF")}
     print_table(f"SGRAF all-pairs evaluation (d={D}, s={S}, K={K}, mean L={float(lens.float().mean()):.1f}; seconds, "
                 f"{args.repeats} repeats; '~' = official-style loop on min(N_img, 100) x {args.official_captions} "
                 "pairs, extrapolated linearly by pairs; random heads)",
-                ["size", "head", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
-                 "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "GFLOP/s (model FLOPs)",
+                ["size", "head", "dtype", *COMPARISON_HEADERS, "GFLOP/s (model FLOPs)",
                  "bare GEMM s of the model FLOPs (winner)", "fraction of GEMM limit", "peak extra MiB"], rows)
     print(f"# model FLOPs per pair: SGR {per_pair['SGR'][0]:.1f} M, SAF {per_pair['SAF'][0]:.1f} M; ours SGR "
           f"{per_pair['SGR'][1]:.1f} M")

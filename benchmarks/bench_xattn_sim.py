@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
 from itm_models.baselines.scan import official_style_sims  # noqa: E402
-from common import (SCAN_LAMBDAS, Timing, bare_product_timing, finish, parse_size,  # noqa: E402
-                    peak_memory, print_table, random_features, speedup_cells, standard_parser, start,
+from common import (COMPARISON_HEADERS, SCAN_LAMBDAS, Timing, bare_product_timing, comparison_cells,  # noqa: E402
+                    finish, parse_size, peak_memory, print_table, random_features, standard_parser, start,
                     subset_timing, timings)
 
 
@@ -83,17 +83,14 @@ def main(argv=None):
                 mark = "" if exact else "~"
                 mem = peak_memory(xattn_call, n_img, n_cap, dtype_name, direction, backend, device=device,
                                   enabled=not args.no_memory)
-                rows.append([size, direction, dtype_name, f"{mark}{off32.cell('.3g')}",
-                             "-" if off_same is None else f"{mark}{off_same.cell('.3g')}", ours.cell(".3g"),
-                             *speedup_cells(off32, off_same, ours), bare.cell(".3g"), bare.fraction(ours), mem,
-                             f"{n_img * n_cap * 4 / 2**20:.1f}"])
+                rows.append([size, direction, dtype_name, *comparison_cells(off32, off_same, ours, mark),
+                             bare.cell(".3g"), bare.fraction(ours), mem, f"{n_img * n_cap * 4 / 2**20:.1f}"])
                 print(" | ".join(rows[-1]), flush=True)
     print_table(f"xattn_sim, K=36, d=1024, lengths 8..20, backend {backend} (seconds; '~' = official-style loop "
                 f"timed on at most {args.official_pairs} pairs, extrapolated linearly by pairs; {args.repeats} "
                 "repeats)",
-                ["size", "dir", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
-                 "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s (winner)",
-                 "fraction of GEMM limit", "peak extra MiB", "fp32 output MiB"], rows)
+                ["size", "dir", "dtype", *COMPARISON_HEADERS, "bare GEMM s (winner)", "fraction of GEMM limit",
+                 "peak extra MiB", "fp32 output MiB"], rows)
     finish(notes)
 
 

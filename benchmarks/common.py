@@ -398,6 +398,17 @@ def speedup_cells(ref32: Timing, ref_same: Timing | None, ours: Timing) -> list[
     return [speedup(ref32.median, ours.median), "-" if ref_same is None else speedup(ref_same.median, ours.median)]
 
 
+COMPARISON_HEADERS = ["official-style fp32 s", "official-style same dtype s", "ours s", "speed-up vs fp32 loop",
+                      "speed-up vs same-dtype loop"]
+
+
+def comparison_cells(ref32: Timing, ref_same: Timing | None, ours: Timing, mark: str = "~") -> list[str]:
+    """The cells under ``COMPARISON_HEADERS``: the official-style loop fed float32 and fed the row's dtype (``None``
+    for float32 rows: "-"), ``mark`` ("~") where they were extrapolated, ours, and the two speed-ups."""
+    return [f"{mark}{ref32.cell('.3g')}", "-" if ref_same is None else f"{mark}{ref_same.cell('.3g')}",
+            ours.cell(".3g"), *speedup_cells(ref32, ref_same, ours)]
+
+
 def peak_memory(builder, *args, device: str = "cpu", enabled: bool = True, **kwargs) -> str:
     """Table cell: peak extra MiB of one call made by ``builder(*args, **kwargs)`` (a module-level function that
     builds the inputs and returns the call): on the CPU in a fresh process (``peak_memory_subprocess``, output
