@@ -2,43 +2,47 @@
 (SGR, SAF) on a synthetic Flickr30K-sized test set (1,000 images x 5,000 captions, K = 36, d = 1024), ours against
 the official-style loop.
 
-    python benchmarks/bench_eval.py                         # SCAN t2i/i2t, SGR, SAF: many minutes on 2 cores
-    python benchmarks/bench_eval.py --quick                 # SCAN 200 x 1,000, SGRAF 100 x 500: about a minute
+    python benchmarks/bench_eval.py --models scan           # SCAN t2i/i2t at 1,000 x 5,000: about 15 min on 2 cores
+    python benchmarks/bench_eval.py                         # + SGR, SAF, GSMN at 1,000 x 5,000: hours on 2 cores
+    python benchmarks/bench_eval.py --quick                 # SCAN 200 x 1,000, SGRAF and GSMN 20 x 100
     python benchmarks/bench_eval.py --models sgr,saf --threads 1
     python benchmarks/bench_eval.py --models gsmn           # GSMN dense, sparse, ensemble (benchmarks/bench_gsmn.py)
     python benchmarks/bench_eval.py --models tshsr          # TSHSR (our design) vs its per-pair loop (bench_tshsr.py)
 
-SCAN rows (t2i and i2t, float32 and bfloat16): the official-style loop's time (fed float32; on a subset,
-extrapolated linearly by pairs, and marked "~"), ours, the speed-up, ours over the bare packed GEMM (the hardware
-limit, timed in the same run), peak extra memory, and whether the recall metrics are identical to the reference's
-(float64 scores of the same pairs). It saves a log-log plot of SCAN's time against gallery size.
+Every table: times are the median (min-max) of ``--repeats`` runs after warm-up; the official-style loop is
+timed fed float32 and, for bfloat16 rows, fed bfloat16 (SGRAF, GSMN: under CPU autocast), and the speed-up over
+each is shown; the hardware limit is the fastest of torch.mm, oneDNN linear and brgemm for the same FLOPs and
+dtype, timed in the same run and named; peak extra memory is one call in a fresh process (output counts).
+
+SCAN rows (t2i and i2t, float32 and bfloat16): the official-style loop's time (on a subset, extrapolated linearly
+by pairs, and marked "~"), ours, the speed-ups, the fraction of the bare packed GEMM (N_img K x d) @ (d x sum L),
+peak extra memory, and whether the recall metrics are identical to the reference's (float64 scores of the same
+pairs). It saves a log-log plot of SCAN's time against gallery size.
 
 SGRAF rows (SGR and SAF heads, d = 1024, s = 256, 3 SGR steps): the head is first TRAINED briefly (a few dozen
 Adam steps, well under a minute) on separate synthetic embeddings with a ground truth (each word a noisy copy of a
 region of its image, with a weak signal so that recall is neither chance nor 100), so that scores are spread like
 a trained model's rather than sitting in a random head's narrow band. Then: the official-style loop
 (``itm_models.baselines.sgraf.official_style_sims``: one official shard of 100 images x 100 captions spread over the
-gallery, median of 3 runs after a warm-up, extrapolated linearly by pairs, "~"), ours (``SGRAFSimilarity.sims``
-with float32 or bfloat16 matrix products, + metrics), the speed-up, the fraction of the bare-GEMM limit, peak
+gallery, extrapolated linearly by pairs, "~"), ours (``SGRAFSimilarity.sims``
+with float32 or bfloat16 matrix products, + metrics), the speed-ups, the fraction of the bare-GEMM limit, peak
 extra memory, R@1 in both directions and, for bfloat16, its R@1 difference to float32 (bfloat16 minus float32).
 
 "Same FLOPs" for SGRAF: the FLOPs of the computation the model defines, per pair (image, caption of L words, n =
 L + 1 graph nodes): the t2i attention 4 K L d (scores and attended vectors), W_loc on every word and W_glo on the
 global node 2 d s n, then SGR: per step 3 x 2 s^2 n (query, key, W_g) + 2 x 2 n^2 s (Q K^T, A X); or SAF: 4 s n
 (gate, weighted sum); plus the score 2 s. Summed over all pairs with their real lengths; at L = 12 that is the
-24.4 (SGR) and 8.6 (SAF) MFLOP per pair of SEMANTICS.md. The bare-GEMM time is those FLOPs divided by the rate of
-the faster of ``torch.mm`` and oneDNN brgemm (``itm_kernels._common.fast_mm``; 2x MKL's float32 rate on AMD CPUs, where
-torch.mm runs MKL's AVX2 code) on (8192 x d) @ (d x s) in the same dtype (the shape of W_loc), timed in the
-same run; the fraction is bare-GEMM time / ours (1.0 = as fast as if all the work were one large GEMM). Our SGR
+24.4 (SGR) and 8.6 (SAF) MFLOP per pair of SEMANTICS.md (``bench_sgraf.sgraf_flops``). The bare-GEMM time is
+those FLOPs at the rate of the fastest product on (8192 x d) @ (d x s) in the same dtype (the shape of W_loc),
+timed in the same run; the fraction is bare-GEMM time / ours (1.0 = as fast as if all the work were one large GEMM). Our SGR
 path does fewer FLOPs than the model defines (query and key folded into one s x s product; the last step on the
 global node only), printed below the table, so its fraction can exceed 1.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,20 +50,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
-from itm_kernels.xattn_sim import reference  # noqa: E402
-from itm_models.baselines.scan import official_style_sims as scan_official_style_sims  # noqa: E402
 from itm_models.losses import ContrastiveLoss  # noqa: E402
 from itm_models.eval.metrics import format_metrics_table, recall  # noqa: E402
-from itm_models.baselines.sgraf import official_style_sims  # noqa: E402
 from itm_models.sgraf import SGRAFSimilarity  # noqa: E402
-from common import (Timing, bare_gemm_rate, bare_product_timing, machine_line, matched_features,  # noqa: E402
-                    median_time, peak_extra_memory, peak_memory_subprocess, print_table, speedup, timings,
-                    trim_heap)
+from bench_sgraf import D, K, S, SGR_STEPS, official_sgraf_timing, sgraf_flops  # noqa: E402
+from bench_xattn_sim import official_timing  # noqa: E402
+from common import (COMPARISON_HEADERS, SCAN_LAMBDAS, bare_product_timing, comparison_cells, finish,  # noqa: E402
+                    gemm_yardstick, matched_features, peak_memory, print_table, standard_parser, start, timings)
 
-LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
+LAMBDAS = SCAN_LAMBDAS
 SGRAF_HEADS = {"sgr": "SGR", "saf": "SAF"}
 MODELS = ("scan", *SGRAF_HEADS, "gsmn", "tshsr")
-K, D, S, SGR_STEPS = 36, 1024, 256, 3
 # Weight of the grounding region in each synthetic word of the SGRAF rows (noise weight 1): weak enough that a
 # briefly trained head ranks well but not perfectly (matched_features' 0.3 makes every metric 100 at once).
 SGRAF_SIGNAL = 0.1
@@ -73,26 +74,8 @@ def evaluate(images, captions, lens, direction, backend="auto"):
     return sims, recall(sims.cpu().numpy())
 
 
-def official_timing(images, captions, lens, direction, max_pairs, repeats=1, dtype=torch.float32) -> Timing:
-    """Timing of the official-style loop fed ``dtype``, on a subset of at most ``max_pairs`` pairs, each repeat
-    extrapolated linearly by pairs to the whole gallery."""
-    n_img, n_cap = images.shape[0], captions.shape[0]
-    sub_img = min(n_img, 100)
-    sub_cap = max(5, min(n_cap, max_pairs // sub_img))
-    lam1, lam2 = LAMBDAS[direction]
-    im, cap, ln = images[:sub_img].to("cpu", dtype), captions[:sub_cap].to("cpu", dtype), lens[:sub_cap].cpu()
-    t = timings(lambda: scan_official_style_sims(im, cap, ln, direction=direction, lambda_softmax=lam1,
-                                                 lambda_lse=lam2), repeats=repeats, warmup=0)
-    return Timing(tuple(x * n_img * n_cap / (sub_img * sub_cap) for x in t.times))
-
-
-def official_seconds(images, captions, lens, direction, max_pairs):
-    """Median extrapolated seconds of one official-style float32 run (``official_timing``)."""
-    return official_timing(images, captions, lens, direction, max_pairs).median
-
-
 def scan_eval_call(size: int, direction: str, dtype_name: str, device: str = "cpu"):
-    """Builder for ``common.peak_memory_subprocess``: the inputs of one SCAN row and the call that evaluates them."""
+    """Builder for ``common.peak_memory``: the inputs of one SCAN row and the call that evaluates them."""
     images, captions, lens = matched_features(size, 5 * size, device=device)
     images, captions = images.to(getattr(torch, dtype_name)), captions.to(getattr(torch, dtype_name))
     return lambda: evaluate(images, captions, lens, direction)
@@ -105,38 +88,13 @@ def scan_eval_call(size: int, direction: str, dtype_name: str, device: str = "cp
 def grounded_features(n_img: int, n_cap: int, *, signal: float = SGRAF_SIGNAL, min_len: int = 8, max_len: int = 20,
                       seed: int = 0, device="cpu"):
     """Synthetic embeddings with a ground truth, caption c describing image c * n_img // n_cap: every word is
-    l2norm(signal * region + noise) for a random region of its image (unit-norm random regions and noise).
+    l2norm(signal * region + noise) for a random region of its image (``common.matched_features`` with noise 1).
 
     Returns: images (n_img, K, D) float32, captions (n_cap, max_len, D) float32, lengths (n_cap,) int64 uniform
     in min_len..max_len.
     """
-    g = torch.Generator().manual_seed(seed)
-    images = torch.nn.functional.normalize(torch.randn(n_img, K, D, generator=g), dim=-1)
-    lens = torch.randint(min_len, max_len + 1, (n_cap,), generator=g)
-    owner = torch.arange(n_cap) * n_img // n_cap
-    regions = torch.randint(0, K, (n_cap, max_len), generator=g)
-    noise = torch.nn.functional.normalize(torch.randn(n_cap, max_len, D, generator=g), dim=-1)
-    captions = torch.nn.functional.normalize(signal * images[owner[:, None], regions] + noise, dim=-1)
-    return images.to(device), captions.to(device), lens.to(device)
-
-
-def sgraf_flops(lens: torch.Tensor, n_img: int, module: str, steps: int = SGR_STEPS) -> tuple[float, float]:
-    """(model, ours) FLOPs of all n_img x len(lens) pairs (see the module docstring for the count)."""
-    n = lens.double().cpu() + 1                                 # graph nodes per caption
-    shared = 4 * K * D * (n - 1) + 2 * D * S * n + 2 * S        # attention, W_loc + W_glo, score
-    if module == "SGR":
-        step = 3 * 2 * S * S * n + 2 * 2 * n * n * S
-        model = shared + steps * step
-        ours = shared + (steps - 1) * (2 * 2 * S * S * n + 2 * 2 * n * n * S) + 2 * 2 * S * S + 2 * 2 * n * S
-    else:
-        model = ours = shared + 4 * S * n
-    return float(model.sum()) * n_img, float(ours.sum()) * n_img
-
-
-def gemm_flop_rate(dtype: torch.dtype, device) -> float:
-    """FLOP/s of the faster of torch.mm and brgemm on (8192 x D) @ (D x S) in ``dtype`` on ``device``
-    (``common.bare_gemm_rate``)."""
-    return bare_gemm_rate(dtype, device, 8192, D, S)
+    return matched_features(n_img, n_cap, K=K, d=D, min_len=min_len, max_len=max_len, seed=seed, device=device,
+                            signal=signal, noise=1.0)
 
 
 def train_sgraf_head(module: str, *, steps: int, batch: int, seed: int = 0, device="cpu"):
@@ -168,29 +126,22 @@ def train_sgraf_head(module: str, *, steps: int, batch: int, seed: int = 0, devi
     return head.eval(), summary
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def evaluate_sgraf(head: SGRAFSimilarity, images, captions, lens, dtype: torch.dtype):
     """Our all-pairs SGRAF scores with ``dtype`` matrix products, and their recall metrics."""
     sims = head.sims(images, captions, lens, dtype=dtype)
     return sims, recall(sims.cpu().numpy())
 
 
-def official_sgraf_seconds(head: SGRAFSimilarity, images, captions, lens, max_pairs: int, repeats: int = 3) -> float:
-    """The official-style loop on the first min(N_img, 100) images x (max_pairs // those) captions spread evenly
-    over the gallery (so their lengths follow the gallery's), extrapolated linearly by pairs to the whole gallery
-    (with the defaults: exactly one official 100 x 100 shard); the median of ``repeats`` runs after one warm-up run
-    (one run of the same shard moved by up to 15 % between runs)."""
-    n_img, n_cap = images.shape[0], captions.shape[0]
-    sub_img = min(n_img, 100)
-    sub_cap = max(5, min(n_cap, max_pairs // sub_img))
-    idx = torch.linspace(0, n_cap - 1, sub_cap).round().long().to(captions.device)
-    seconds = median_time(lambda: official_style_sims(head, images[:sub_img], captions[idx], lens[idx]),
-                          repeats=repeats, warmup=1)
-    return seconds * n_img * n_cap / (sub_img * sub_cap)
+def sgraf_eval_call(module: str, state_path: str, n_img: int, dtype_name: str):
+    """Builder for ``common.peak_memory``: the trained head (loaded from ``state_path``), the evaluation gallery and
+    the call that scores all pairs and computes the metrics."""
+    head = SGRAFSimilarity(D, S, module, SGR_STEPS)
+    head.load_state_dict(torch.load(state_path))
+    head.eval()
+    images, captions, lens = grounded_features(n_img, 5 * n_img)
+    dtype = getattr(torch, dtype_name)
+    head.sims(images[:2], captions[:8], lens[:8], dtype=dtype)              # first-call allocations
+    return lambda: evaluate_sgraf(head, images, captions, lens, dtype)
 
 
 def _r1_difference(metrics: dict, base: dict | None) -> str:
@@ -199,59 +150,61 @@ def _r1_difference(metrics: dict, base: dict | None) -> str:
     return ", ".join(f"{k[:3]} {metrics[k] - base[k]:+.1f}" for k in ("i2t_r1", "t2i_r1"))
 
 
-def sgraf_rows(key: str, n_img: int, args, device, rates: dict) -> list[list[str]]:
+def sgraf_rows(key: str, n_img: int, args, device, yardsticks: dict, notes: list) -> list[list[str]]:
     """Table rows of one SGRAF head (``key`` "sgr" | "saf") at n_img x 5 n_img, one per dtype."""
     module = SGRAF_HEADS[key]
     head, summary = train_sgraf_head(module, steps=args.train_steps, batch=args.train_batch, device=device)
     print(summary, flush=True)
     images, captions, lens = grounded_features(n_img, 5 * n_img, device=device)
-    with torch.no_grad():
-        off = official_sgraf_seconds(head, images, captions, lens, args.official_pairs)
+    max_captions = max(1, args.official_pairs // min(n_img, 100))
+    off32 = official_sgraf_timing(head, images, captions, lens, torch.float32, max_captions=max_captions,
+                                  repeats=args.repeats)
     model_flops, _ = sgraf_flops(lens, n_img, module)
     rows, base = [], None
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        if dtype_name not in rates:
-            rates[dtype_name] = gemm_flop_rate(dtype, device)
-        head.sims(images[:2], captions[:8], lens[:8], dtype=dtype)          # first-call allocations
-        times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        state_path = os.path.join(tmp, f"{module}.pt")
+        torch.save(head.state_dict(), state_path)
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            if dtype_name not in yardsticks:
+                yardsticks[dtype_name] = gemm_yardstick(1.0, dtype, 8192, D, S, repeats=args.repeats,
+                                                        device=device)
+                notes.append(f"# {dtype_name} per FLOP: {yardsticks[dtype_name].note()}")
+            bare = yardsticks[dtype_name].scaled(model_flops)
+            off_same = None if dtype == torch.float32 else official_sgraf_timing(
+                head, images, captions, lens, dtype, max_captions=max_captions, repeats=args.repeats)
+            head.sims(images[:2], captions[:8], lens[:8], dtype=dtype)          # first-call allocations
+            result = {}
 
-        def timed():
-            _sync()
-            t0 = time.perf_counter()
-            out = evaluate_sgraf(head, images, captions, lens, dtype)
-            _sync()
-            times.append(time.perf_counter() - t0)
-            return out
-
-        trim_heap()
-        (_, metrics), peak = peak_extra_memory(timed)                      # the first timed run: time and memory
-        for _ in range(args.repeats - 1):
-            timed()
-        ours = statistics.median(times)
-        base = metrics if dtype == torch.float32 else base
-        bare = model_flops / rates[dtype_name]
-        rows.append([f"{n_img}x{5 * n_img}", module, dtype_name, f"~{off:.1f}", f"{ours:.2f}", f"{off / ours:.1f}x",
-                     f"{bare:.2f}", f"{bare / ours:.2f}", f"{peak / 2**20:.0f}",
-                     f"{metrics['i2t_r1']:.1f} / {metrics['t2i_r1']:.1f}", _r1_difference(metrics, base)])
-        print(" | ".join(rows[-1]), flush=True)
+            def run():
+                result["metrics"] = evaluate_sgraf(head, images, captions, lens, dtype)[1]
+            ours = timings(run, repeats=args.repeats, warmup=0)
+            metrics = result["metrics"]
+            base = metrics if dtype == torch.float32 else base
+            mem = peak_memory(sgraf_eval_call, module, state_path, n_img, dtype_name, device=device,
+                              enabled=not args.no_memory)
+            rows.append([f"{n_img}x{5 * n_img}", module, dtype_name, *comparison_cells(off32, off_same, ours),
+                         bare.cell(".3g"), bare.fraction(ours), mem,
+                         f"{metrics['i2t_r1']:.1f} / {metrics['t2i_r1']:.1f}", _r1_difference(metrics, base)])
+            print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
 def run_sgraf(keys: list[str], n_img: int, args, device) -> None:
     """Print the SGRAF table (heads ``keys``) at n_img x 5 n_img, with the FLOP counts under it."""
-    rows, rates = [], {}
+    rows, yardsticks, notes = [], {}, []
     for key in keys:
-        rows += sgraf_rows(key, n_img, args, device, rates)
+        rows += sgraf_rows(key, n_img, args, device, yardsticks, notes)
     lens = grounded_features(n_img, 5 * n_img)[2]
     per_pair = {m: [f / (n_img * len(lens)) / 1e6 for f in sgraf_flops(lens, n_img, m)] for m in ("SGR", "SAF")}
-    print_table(f"SGRAF evaluation: similarity matrix + metrics (seconds; '~' = official-style loop, one 100 x 100 "
-                f"shard (median of 3), extrapolated linearly by pairs; trained synthetic heads d={D}, s={S})",
-                ["gallery", "head", "dtype", "official-style s", "ours s", "speed-up", "bare GEMM s (same FLOPs)",
+    print_table(f"SGRAF evaluation: similarity matrix + metrics (seconds, median (min-max) of {args.repeats} runs; "
+                f"'~' = official-style loop on min(N_img, 100) x {args.official_pairs} // that captions spread over "
+                f"the gallery, extrapolated linearly by pairs; trained synthetic heads d={D}, s={S})",
+                ["gallery", "head", "dtype", *COMPARISON_HEADERS, "bare GEMM s of the model FLOPs (winner)",
                  "fraction of GEMM limit", "peak extra MiB", "R@1 i2t / t2i", "R@1 vs float32"], rows)
     print(f"# model FLOPs per pair (mean L {float(lens.float().mean()):.1f}): SGR {per_pair['SGR'][0]:.1f} M, SAF "
-          f"{per_pair['SAF'][0]:.1f} M; ours SGR {per_pair['SGR'][1]:.1f} M; GEMM rates "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+          f"{per_pair['SAF'][0]:.1f} M; ours SGR {per_pair['SGR'][1]:.1f} M")
+    print("\n".join(notes))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,12 +237,12 @@ def run_scan(n_img: int, args, device) -> None:
     """Print the SCAN table (``args.directions`` x ``args.dtypes``) at n_img x 5 n_img, timing smaller galleries
     too for the plot. Times: median (min-max) of ``args.repeats`` runs; memory: one fresh process per row."""
     sizes = sorted({max(20, n_img // 10), max(20, n_img // 4), n_img})
-    rows, curves, shown = [], {}, False
+    rows, curves, shown, notes = [], {}, False, []
     for direction in args.directions.split(","):
         for size in sizes:
             images32, captions32, lens = matched_features(size, 5 * size, device=device)
-            off = official_timing(images32, captions32, lens, direction, args.official_pairs,
-                                  repeats=args.repeats if size == n_img else 1)
+            off = official_timing(images32, captions32, lens, direction, args.official_pairs, torch.float32,
+                                  repeats=args.repeats if size == n_img else 1, warmup=args.warmup)[0]
             curves.setdefault(f"official-style {direction} (fp32 loop)", []).append((size * 5 * size, off.median))
             truth = None
             if size == n_img and not args.no_check:
@@ -298,76 +251,71 @@ def run_scan(n_img: int, args, device) -> None:
                 dtype = getattr(torch, dtype_name)
                 images, captions = images32.to(dtype), captions32.to(dtype)
                 metrics = evaluate(images, captions, lens, direction)[1]            # also the warm-up
-                ours = timings(lambda: evaluate(images, captions, lens, direction), repeats=args.repeats, warmup=0)
+                ours = timings(lambda: evaluate(images, captions, lens, direction), repeats=args.repeats,
+                               warmup=max(0, args.warmup - 1))
                 curves.setdefault(f"ours {direction} {dtype_name}", []).append((size * 5 * size, ours.median))
                 if size != n_img:
                     continue
-                off_same = off if dtype == torch.float32 else official_timing(
-                    images32, captions32, lens, direction, args.official_pairs, repeats=args.repeats, dtype=dtype)
-                peak = (peak_extra_memory(lambda: evaluate(images, captions, lens, direction))[1]
-                        if device == "cuda" else peak_memory_subprocess(scan_eval_call, size, direction, dtype_name, warmup=1))
-                bare, bare_name = bare_product_timing(images, captions, lens, repeats=args.repeats)
+                off_same = None if dtype == torch.float32 else official_timing(
+                    images32, captions32, lens, direction, args.official_pairs, dtype, repeats=args.repeats,
+                    warmup=args.warmup)[0]
+                mem = peak_memory(scan_eval_call, size, direction, dtype_name, device=device,
+                                  enabled=not args.no_memory)
+                bare = bare_product_timing(images, captions, lens, repeats=args.repeats)
+                notes.append(f"# {size} {direction} {dtype_name}: {bare.note()}")
                 same = "n/a" if truth is None else ("yes" if metrics == truth else
                                                     f"no (rsum {metrics['rsum']:.2f} vs {truth['rsum']:.2f})")
-                vs_same = "-" if dtype == torch.float32 else speedup(off_same.median, ours.median)
-                rows.append([f"{size}x{5 * size}", direction, dtype_name, f"~{off.cell('.1f')}",
-                             "-" if dtype == torch.float32 else f"~{off_same.cell('.1f')}", ours.cell(".2f"),
-                             speedup(off.median, ours.median), vs_same, f"{bare.cell('.2f')} {bare_name}",
-                             f"{bare.median / ours.median:.2f}", f"{peak / 2**20:.1f}",
+                rows.append([f"{size}x{5 * size}", direction, dtype_name, *comparison_cells(off, off_same, ours),
+                             bare.cell(".3g"), bare.fraction(ours), mem,
                              f"{size * 5 * size * 4 / 2**20:.1f}", f"{metrics['rsum']:.1f}", same])
                 print(" | ".join(rows[-1]), flush=True)
                 if not shown:
                     print(format_metrics_table(metrics, title=f"metrics ({direction}, {dtype_name}, synthetic)"))
                     shown = True
     print_table(f"SCAN evaluation: similarity matrix + metrics (seconds, median (min-max) of {args.repeats} runs; "
-                "'~' = official-style loop timed on a subset and extrapolated linearly by pairs; speed-ups from "
-                "medians; bare GEMM = the faster of torch.mm and brgemm in this run; peak extra MiB = VmHWM rise "
-                "of one call in a fresh process, output included)",
-                ["gallery", "dir", "dtype", "official-style fp32 s", "official-style same dtype s", "ours s",
-                 "speed-up vs fp32 loop", "speed-up vs same-dtype loop", "bare GEMM s", "fraction of GEMM limit",
-                 "peak extra MiB", "fp32 output MiB", "rsum", "metrics identical to float64"], rows)
+                f"'~' = official-style loop timed on at most {args.official_pairs} pairs and extrapolated linearly "
+                "by pairs)",
+                ["gallery", "dir", "dtype", *COMPARISON_HEADERS, "bare GEMM s (winner)",
+                 "fraction of GEMM limit", "peak extra MiB", "fp32 output MiB", "rsum", "metrics identical to float64"],
+                rows)
+    print("\n".join(notes))
     print(save_plot(curves, Path(args.plot)))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = standard_parser(__doc__, repeats=3)
     parser.add_argument("--n-img", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true",
-                        help="SCAN at 200 images x 1,000 captions, SGRAF at 100 x 500")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of scan,sgr,saf,gsmn,tshsr")
     parser.add_argument("--directions", default="t2i,i2t", help="SCAN directions")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--official-pairs", type=int, default=10000)
     parser.add_argument("--no-check", action="store_true", help="skip SCAN's float64 metrics check at full size")
     parser.add_argument("--train-steps", type=int, default=30, help="Adam steps that train each SGRAF head")
     parser.add_argument("--train-batch", type=int, default=24, help="pairs per SGRAF training step")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, all cores)")
     parser.add_argument("--plot", default="benchmarks/out/bench_eval.png")
     args = parser.parse_args(argv)
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
         parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}, got {args.models!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     n_img = 200 if args.quick else args.n_img
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = itm_kernels._common.dispatch.choose_backend("auto", torch.device(device))
-    print(f"# bench_eval | backend {backend} | {machine_line()} | load average {os.getloadavg()[0]:.2f} at start",
-          flush=True)
+    start(f"bench_eval | backend {backend}", args)
     if "scan" in models:
         run_scan(n_img, args, device)
     heads = [m for m in models if m in SGRAF_HEADS]
     if heads:
-        run_sgraf(heads, 100 if args.quick else args.n_img, args, device)
+        run_sgraf(heads, 20 if args.quick else args.n_img, args, device)
     if "gsmn" in models:
         from bench_gsmn import run_gsmn
-        run_gsmn(n_img, 5 * n_img, official_subset=(50, 100) if args.quick else (100, 100), repeats=args.repeats)
+        run_gsmn(20 if args.quick else n_img, 100 if args.quick else 5 * n_img, official_subset=(100, 100),
+                 repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
+                 dtypes=tuple(args.dtypes.split(",")))
     if "tshsr" in models:
         from bench_tshsr import run_tshsr_eval
-        run_tshsr_eval(100 if args.quick else args.n_img, repeats=args.repeats)
-    print(f"# load average {os.getloadavg()[0]:.2f} at end")
+        run_tshsr_eval(20 if args.quick else args.n_img, repeats=args.repeats)
+    finish()
 
 
 if __name__ == "__main__":

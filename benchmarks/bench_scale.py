@@ -72,12 +72,13 @@ def chunked_gallery(n_img: int, seed: int = 0):
 
 
 def run_size(n_img: int) -> dict:
+    from common import run_measuring_peak
     from itm_models.eval.streaming import streaming_recall, world
     tile = chunked_gallery(n_img)
     t0 = time.perf_counter()
-    m = streaming_recall(tile, n_img, 5, img_chunk=IMG_CHUNK, cap_chunk=CAP_CHUNK)
+    m, extra = run_measuring_peak(lambda: streaming_recall(tile, n_img, 5, img_chunk=IMG_CHUNK, cap_chunk=CAP_CHUNK))
     return {"n_img": n_img, "seconds": time.perf_counter() - t0, "rsum": m["rsum"], "world": world()[1],
-            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "extra_mib": extra / 2**20}
 
 
 def child(n_img: int, *, ranks: int = 1, threads: int | None = None) -> dict:
@@ -103,19 +104,22 @@ def child_main(n_img: int) -> None:
         print(json.dumps(res), flush=True)
 
 
-def scale_table(sizes):
-    from common import machine_line, print_table
+def scale_table(sizes, repeats: int = 1):
+    from common import Timing, machine_line, print_table
     rows, base = [], None
     for n in sizes:
-        r = child(n)
+        runs = [child(n) for _ in range(repeats)]
+        t = Timing(tuple(r["seconds"] for r in runs))
         pairs = n * 5 * n
-        per = r["seconds"] / pairs * 1e9
+        per = t.median / pairs * 1e9
         base = base or per
-        rows.append([f"{n:,} x {5 * n:,}", f"{pairs:.2e}", f"{r['seconds']:.1f}", f"{per:.1f}",
-                     f"{per / base:.2f}", f"{r['maxrss_mib']:.0f}", f"{4 * pairs / 2 ** 30:.1f}"])
+        rows.append([f"{n:,} x {5 * n:,}", f"{pairs:.2e}", t.cell(".3g"), f"{per:.1f}", f"{per / base:.2f}",
+                     f"{max(r['extra_mib'] for r in runs):.1f}", f"{max(r['maxrss_mib'] for r in runs):.0f}",
+                     f"{4 * pairs / 2 ** 30:.1f}"])
     print_table(f"Streamed evaluation (SCAN t2i, cpu backend, d={D}, K={K}, L<={L}, {torch.get_num_threads()} "
-                f"threads) | {machine_line()}",
-                ["gallery", "pairs", "s", "ns/pair", "vs first", "peak RSS MiB", "full matrix would be GiB"], rows)
+                f"threads; s = median (min-max) of {repeats} runs, each in a fresh process) | {machine_line()}",
+                ["gallery", "pairs", "s", "ns/pair", "vs first", "peak extra MiB (VmHWM rise)",
+                 "peak RSS MiB (whole process)", "full matrix would be GiB"], rows)
 
 
 def ranks_table(n_img: int):
@@ -347,6 +351,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--table", choices=["all", "scale", "ranks", "two-stage", "ranks-memory", "topk"],
                    default="all")
+    p.add_argument("--repeats", type=int, default=1, help="runs per size in the scale table (median, min-max)")
     p.add_argument("--ranks-size", type=int, default=3500, help="images of the ranks-memory gallery (5 captions "
                    "each); pick one that takes about a minute on 1 thread")
     p.add_argument("--ranks-repeats", type=int, default=3)
@@ -361,7 +366,7 @@ def main():
     if a.ranks_child is not None:
         return ranks_child_main(int(a.ranks_child[0]), a.ranks_child[1], a.ranks_child[2])
     if a.table in ("all", "scale"):
-        scale_table([1000, 2000] if a.quick else [1000, 5000, 20000])
+        scale_table([1000, 2000] if a.quick else [1000, 5000, 20000], a.repeats)
     if a.table in ("all", "ranks"):
         ranks_table(1000)
     if a.table in ("all", "two-stage"):

@@ -1,16 +1,18 @@
 """Benchmark of itm_kernels.xattn_sim against the official-style loop and the bare matrix product.
 
-    python benchmarks/bench_xattn_sim.py                       # 200x1000 and 1000x5000, t2i/i2t, fp32/bf16
-    python benchmarks/bench_xattn_sim.py --sizes 100x500 --repeats 1
+    python benchmarks/bench_xattn_sim.py --quick                  # 60 x 300: about a minute
+    python benchmarks/bench_xattn_sim.py                          # 200 x 1,000, t2i/i2t, fp32/bf16
+    python benchmarks/bench_xattn_sim.py --sizes 1000x5000        # the report size (Flickr30K 1K test)
 
-Prints, per direction x dtype x size: the official-style loop time (fed float32; measured on a subset of at most
-``--official-pairs`` pairs and extrapolated linearly by pair count where marked "~"), ours, the speed-up, the bare
-packed product (N_img K x d) @ (d x sum L) in the same dtype timed in the same run, ours / bare, and our extra peak
-memory. K = 36, d = 1024, lengths uniform 8..20.
+Prints, per size x dtype x direction: the official-style loop (``itm_models.baselines.scan``) fed float32 and,
+for bfloat16 rows, fed bfloat16 (timed on a subset of at most ``--official-pairs`` pairs and extrapolated
+linearly by pairs where marked "~"), ours, the speed-up over each, the bare packed product
+(N_img K x d) @ (d x sum L) in the same dtype by the fastest of torch.mm, oneDNN linear and brgemm (named),
+timed in the same run, the fraction of that limit (bare / ours), and our peak extra memory of one call in a
+fresh process (the (N_img, N_cap) output counts). K = 36, d = 1024, lengths uniform 8..20.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,59 +21,77 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itm_kernels  # noqa: E402
 from itm_models.baselines.scan import official_style_sims  # noqa: E402
-from common import (bare_product_time, machine_line, median_time, peak_extra_memory, print_table,  # noqa: E402
-                    random_features)
+from common import (COMPARISON_HEADERS, SCAN_LAMBDAS, Timing, bare_product_timing, comparison_cells,  # noqa: E402
+                    finish, parse_size, peak_memory, print_table, random_features, standard_parser, start,
+                    subset_timing, timings)
 
-LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
+
+def xattn_call(n_img: int, n_cap: int, dtype_name: str, direction: str, backend: str, device: str = "cpu"):
+    """Builder for ``common.peak_memory``: the inputs of one row and the call that computes its similarities."""
+    images, captions, lens = random_features(n_img, n_cap, dtype=getattr(torch, dtype_name), device=device)
+    lam1, lam2 = SCAN_LAMBDAS[direction]
+    return lambda: itm_kernels.xattn_sim(images, captions, lens, direction=direction, lambda_softmax=lam1,
+                                         lambda_lse=lam2, backend=backend)
 
 
-def official_time(images, captions, lens, direction, max_pairs):
-    """Seconds of the official-style loop on the full problem (extrapolated from a subset when too large)."""
+def official_timing(images, captions, lens, direction, max_pairs, dtype, repeats, warmup) -> tuple[Timing, bool]:
+    """Timing of the official-style loop fed ``dtype`` on at most ``max_pairs`` pairs, extrapolated to all pairs;
+    and whether it ran on all pairs (no extrapolation)."""
     n_img, n_cap = images.shape[0], captions.shape[0]
     sub_img = min(n_img, 128)
     sub_cap = max(1, min(n_cap, max_pairs // sub_img))
-    lam1, lam2 = LAMBDAS[direction]
-    t = median_time(lambda: official_style_sims(
-        images[:sub_img].float(), captions[:sub_cap].float(), lens[:sub_cap], direction=direction,
-        lambda_softmax=lam1, lambda_lse=lam2), repeats=1, warmup=0)
-    exact = sub_img == n_img and sub_cap == n_cap
-    return t * (n_img * n_cap) / (sub_img * sub_cap), exact
+    lam1, lam2 = SCAN_LAMBDAS[direction]
+    im, cap, ln = images[:sub_img].to("cpu", dtype), captions[:sub_cap].to("cpu", dtype), lens[:sub_cap].cpu()
+    t = subset_timing(lambda: official_style_sims(im, cap, ln, direction=direction, lambda_softmax=lam1,
+                                                  lambda_lse=lam2),
+                      n_img * n_cap, sub_img * sub_cap, repeats=repeats, warmup=warmup)
+    return t, (sub_img, sub_cap) == (n_img, n_cap)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="200x1000,1000x5000", help="comma-separated N_imgxN_cap")
+    parser = standard_parser(__doc__)
+    parser.add_argument("--sizes", default="200x1000", help="comma-separated N_imgxN_cap (report: 1000x5000)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--directions", default="t2i,i2t")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--official-pairs", type=int, default=20000, help="pairs the official-style loop times")
     args = parser.parse_args(argv)
+    start("bench_xattn_sim", args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = itm_kernels._common.dispatch.choose_backend(args.backend, torch.device(device))
-    print(f"# bench_xattn_sim | backend {backend} | {machine_line()}")
-    rows = []
-    for size in args.sizes.split(","):
-        n_img, n_cap = (int(x) for x in size.lower().split("x"))
+    sizes = ["60x300"] if args.quick else args.sizes.split(",")
+    print(f"# backend {backend}", flush=True)
+    rows, notes = [], []
+    for size in sizes:
+        n_img, n_cap = parse_size(size)
+        images32, captions32, lens = random_features(n_img, n_cap, device=device)
+        official32 = {d: official_timing(images32, captions32, lens, d, args.official_pairs, torch.float32,
+                                         args.repeats, args.warmup) for d in args.directions.split(",")}
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            images, captions, lens = random_features(n_img, n_cap, dtype=dtype, device=device)
-            bare = bare_product_time(images, captions, lens, repeats=args.repeats)
+            images, captions = images32.to(dtype), captions32.to(dtype)
+            bare = bare_product_timing(images, captions, lens, repeats=args.repeats)
+            notes.append(f"# {size} {dtype_name}: {bare.note()}")
             for direction in args.directions.split(","):
-                lam1, lam2 = LAMBDAS[direction]
-                run = lambda: itm_kernels.xattn_sim(images, captions, lens, direction=direction,  # noqa: E731
-                                                    lambda_softmax=lam1, lambda_lse=lam2, backend=backend)
-                _, peak = peak_extra_memory(run)
-                ours = median_time(run, repeats=args.repeats, warmup=0)
-                off, exact = official_time(images.cpu(), captions.cpu(), lens.cpu(), direction, args.official_pairs)
-                rows.append([f"{n_img}x{n_cap}", direction, dtype_name, f"{'' if exact else '~'}{off:.2f}",
-                             f"{ours:.3f}", f"{off / ours:.1f}x", f"{bare:.3f}", f"{ours / bare:.2f}",
-                             f"{peak / 2**20:.0f}"])
+                lam1, lam2 = SCAN_LAMBDAS[direction]
+                ours = timings(lambda: itm_kernels.xattn_sim(images, captions, lens, direction=direction,
+                                                             lambda_softmax=lam1, lambda_lse=lam2, backend=backend),
+                               repeats=args.repeats, warmup=args.warmup)
+                off32, exact = official32[direction]
+                off_same = None if dtype == torch.float32 else official_timing(
+                    images32, captions32, lens, direction, args.official_pairs, dtype, args.repeats, args.warmup)[0]
+                mark = "" if exact else "~"
+                mem = peak_memory(xattn_call, n_img, n_cap, dtype_name, direction, backend, device=device,
+                                  enabled=not args.no_memory)
+                rows.append([size, direction, dtype_name, *comparison_cells(off32, off_same, ours, mark),
+                             bare.cell(".3g"), bare.fraction(ours), mem, f"{n_img * n_cap * 4 / 2**20:.1f}"])
                 print(" | ".join(rows[-1]), flush=True)
-    print_table("xattn_sim (seconds; '~' = official-style loop fed float32, timed on a subset and extrapolated "
-                "linearly by pairs)",
-                ["size", "dir", "dtype", "official-style s", "ours s", "speed-up", "bare GEMM s", "ours/bare",
-                 "extra peak MiB"], rows)
+    print_table(f"xattn_sim, K=36, d=1024, lengths 8..20, backend {backend} (seconds; '~' = official-style loop "
+                f"timed on at most {args.official_pairs} pairs, extrapolated linearly by pairs; {args.repeats} "
+                "repeats)",
+                ["size", "dir", "dtype", *COMPARISON_HEADERS, "bare GEMM s (winner)", "fraction of GEMM limit",
+                 "peak extra MiB", "fp32 output MiB"], rows)
+    finish(notes)
 
 
 if __name__ == "__main__":

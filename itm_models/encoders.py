@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from itm_kernels._common.constants import EPS
+
 __all__ = ["l2norm", "EncoderImagePrecomp", "EncoderImageWeightNormPrecomp", "WeightNormLinear", "EncoderText",
            "build_image_encoder", "IMAGE_ENCODER_TYPES"]
 
-EPS = 1e-8
 IMAGE_ENCODER_TYPES = ("basic", "weight_norm")
 
 

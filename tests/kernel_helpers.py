@@ -74,3 +74,35 @@ def built_emulator(compile_check) -> Path:
     if proc.returncode != 0 or not path.exists():
         pytest.fail(f"emulator not built:\n{proc.stdout}\n{proc.stderr}")
     return path
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes as the emulators read them: contiguous, float16/bfloat16 as their 16-bit patterns."""
+    t = t.contiguous()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def run_emulator(emulator: Path, tmp_path: Path, header: bytes, tensors, *, float64: bool):
+    """Run a CUDA host emulator on ``header`` + the raw bytes of ``tensors`` (in that order); returns its flat
+    output (float64 if ``float64`` else float32, as a tensor) and its stdout. Fails the test if it exits non-zero."""
+    import numpy as np
+
+    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    inp.write_bytes(header + b"".join(_raw_bytes(t) for t in tensors))
+    proc = subprocess.run([str(emulator), str(inp), str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"emulator failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return torch.from_numpy(np.fromfile(out, dtype=np.float64 if float64 else np.float32)), proc.stdout
+
+
+def check_compile_output(proc, prefix: str, kernels: int, *, no_spill: bool = True) -> None:
+    """Assert that a compile_check_cuda.sh run passed with ``kernels`` kernels for sm_80 and sm_90 (lines
+    ``{prefix}{arch}: OK {kernels} kernels``), without spills or stack where ``no_spill``."""
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
+    for arch in ("sm_80", "sm_90"):
+        line = next((x for x in proc.stdout.splitlines() if x.startswith(f"{prefix}{arch}: ")), "")
+        assert line.startswith(f"{prefix}{arch}: OK {kernels} kernels"), proc.stdout
+        if no_spill:
+            assert " 0 bytes spilled in total, stack <= 0 bytes" in line, line
+    assert "compile check passed" in proc.stdout

@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from itm_kernels._common.constants import EPS
+
 from ..gsmn.geometry import (check_parses, gaussian_kernel_weights, normalize_boxes, pseudo_coordinates,
                              sparse_adjacency)
 from ..gsmn.head import GSMNSimilarity
 
 __all__ = ["official_style_sims"]
 
-EPS = 1e-8
 
 
 def _inter_relation(context: Tensor, query: Tensor, lam: float) -> Tensor:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-EPS = 1e-8
+from itm_kernels._common.constants import EPS
+
 KERNEL_EPS = 1e-14             # added to the squared precisions of the Gaussian kernels (official)
 
 

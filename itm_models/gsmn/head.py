@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from itm_kernels._common.dtypes import compute_dtype
 from itm_kernels._common.validation import check_feature_pair, check_lengths
 from itm_kernels.node_match import node_match
 
@@ -175,7 +176,7 @@ class GSMNSimilarity(nn.Module):
     def forward(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None) -> Tensor:
         """Differentiable scores of all pairs of a batch: (B_img, K, d), (B_cap, L, d) -> (B_img, B_cap)."""
         lens_t, lens, boxes, parses = self._check(img_emb, cap_emb, cap_lens, boxes, parses)
-        dtype = torch.float64 if img_emb.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(img_emb.dtype)
         img_graph = self.image_graph(boxes, image_sizes, dtype=dtype)
         cap_graph = self.caption_graph(cap_emb, lens, parses, dtype=dtype)
         return self._score_block(img_emb, cap_emb, lens_t, lens, img_graph, cap_graph, "auto", False)
@@ -211,11 +212,11 @@ class GSMNSimilarity(nn.Module):
         if dtype is not None:
             img_emb, cap_emb = img_emb.to(dtype), cap_emb.to(dtype)
         lens_t, lens, boxes, parses = self._check(img_emb, cap_emb, cap_lens, boxes, parses)
-        out_dtype = torch.float64 if img_emb.dtype == torch.float64 else torch.float32
-        img_graph = self.image_graph(boxes, image_sizes, dtype=out_dtype)
-        cap_graph = self.caption_graph(cap_emb, lens, parses, dtype=out_dtype)
+        graph_dtype = compute_dtype(img_emb.dtype)
+        img_graph = self.image_graph(boxes, image_sizes, dtype=graph_dtype)
+        cap_graph = self.caption_graph(cap_emb, lens, parses, dtype=graph_dtype)
         n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
-        vis = torch.empty(n_img, n_cap, dtype=out_dtype, device=img_emb.device)
+        vis = torch.empty(n_img, n_cap, dtype=graph_dtype, device=img_emb.device)
         txt = torch.empty_like(vis)
         cap_chunk = max(1, min(n_cap, block_pairs // min(n_img, 64)))
         img_chunk = max(1, min(n_img, block_pairs // cap_chunk))

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from itm_kernels._common.validation import FLOAT_DTYPES, check_features, check_lengths
+from itm_kernels._common.dtypes import compute_dtype
 from itm_kernels._common.fast_mm import brgemm_available, mm_float_out
 from itm_kernels.local_sim import local_sim, local_sim_cpu, local_sim_gram
 
@@ -315,7 +316,7 @@ class SGRAFSimilarity(nn.Module):
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype}")
         mm_dtype = dtype or img_emb.dtype
-        cdtype = torch.float64 if mm_dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(mm_dtype)
         n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
         was_training = self.training
         self.eval()

@@ -9,11 +9,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from itm_kernels._common.constants import EPS
+
 from ..encoders import l2norm
 
 __all__ = ["VisualSA", "TextSA", "GraphReasoning", "AttentionFiltration", "EPS", "DROPOUT", "NUM_REGIONS"]
 
-EPS = 1e-8
 DROPOUT = 0.4
 NUM_REGIONS = 36
 

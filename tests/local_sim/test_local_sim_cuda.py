@@ -14,13 +14,12 @@ import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from itm_kernels.local_sim import local_sim_reference
 from conftest import assert_close_report
-from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator
+from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator, check_compile_output, run_emulator
 
 MAX_REGIONS, MAX_WORDS, MAX_SIM_DIM = 64, 128, 1024   # kMaxRegions, kMaxWords, kMaxSimDim of local_sim/kernel.cuh
 # Absolute tolerances on the unit-norm output rows, against the float64 truth on the same (rounded) inputs:
@@ -43,13 +42,8 @@ def emulator(compile_check):
 
 def test_compile_check_passes_for_sm80_and_sm90(compile_check):
     proc, _ = compile_check
-    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
-    for arch in ("sm_80", "sm_90"):
-        line = next((x for x in proc.stdout.splitlines() if x.startswith(f"local_sim {arch}: ")), "")
-        assert line.startswith(f"local_sim {arch}: OK 4 kernels"), proc.stdout
-        assert " 0 bytes spilled in total, stack <= 0 bytes" in line, line
+    check_compile_output(proc, "local_sim ", 4)
     assert "local_sim float32   K=36 L=32 d=1024 S=256: score tile 48x32" in proc.stdout, proc.stdout
-    assert "compile check passed" in proc.stdout
 
 
 def smem_bytes(K, L, S, dtype):
@@ -112,20 +106,11 @@ def emulate(emulator: Path, tmp_path: Path, images, captions, cap_lens, weight, 
     header = struct.pack("<8s6i2qd", b"LOCALSM1", DTYPE_CODES[images.dtype], K, L, d, S, 0, n_img, n_cap,
                          lambda_softmax)
 
-    def raw(t):
-        t = t.contiguous()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.view(torch.int16)
-        return t.numpy().tobytes()
-
-    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
-    inp.write_bytes(header + raw(images) + raw(captions) + raw(cap_lens.long()) + raw(weight.to(images.dtype))
-                    + raw(bias.to(images.dtype)))
-    proc = subprocess.run([str(emulator), str(inp), str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"emulator failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    values = torch.from_numpy(np.fromfile(out, dtype=np.float64 if images.dtype == torch.float64 else np.float32))
+    values, stdout = run_emulator(emulator, tmp_path, header, (images, captions, cap_lens.long(),
+                                                               weight.to(images.dtype), bias.to(images.dtype)),
+                                  float64=images.dtype == torch.float64)
     assert values.numel() == n_img * n_cap * L * S
-    return values.view(n_img, n_cap, L, S), proc.stdout
+    return values.view(n_img, n_cap, L, S), stdout
 
 
 def expected(images, captions, cap_lens, weight, bias, *, lambda_softmax=LAMBDA):

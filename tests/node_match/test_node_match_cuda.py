@@ -13,13 +13,12 @@ import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from itm_kernels.node_match import node_match_reference
 from conftest import assert_close_report
-from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator
+from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator, check_compile_output, run_emulator
 
 MAX_REGIONS, MAX_WORDS = 64, 128       # kMaxRegions, kMaxWords of csrc/node_match/kernel.cuh
 # float32 accumulation against the float64 truth on the same (rounded) inputs; float64 accumulation agrees with the
@@ -40,13 +39,8 @@ def emulator(compile_check):
 
 def test_compile_check_passes_for_sm80_and_sm90(compile_check):
     proc, _ = compile_check
-    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
-    for arch in ("sm_80", "sm_90"):
-        line = next((x for x in proc.stdout.splitlines() if x.startswith(f"node_match {arch}: ")), "")
-        assert line.startswith(f"node_match {arch}: OK 4 kernels"), proc.stdout
-        assert " 0 bytes spilled in total, stack <= 0 bytes" in line, line
+    check_compile_output(proc, "node_match ", 4)
     assert "node_match float32   K=36 L=32 d=1024 B=16: tile 48x32" in proc.stdout, proc.stdout
-    assert "compile check passed" in proc.stdout
 
 
 def smem_bytes(K, L, dtype):
@@ -101,21 +95,12 @@ def emulate(emulator: Path, tmp_path: Path, images, captions, cap_lens, *, lambd
     header = struct.pack("<8s6i2qd", b"NODEMEM1", DTYPE_CODES[images.dtype], K, L, d, num_blocks, 0, n_img, n_cap,
                          lambda_softmax)
 
-    def raw(t):
-        t = t.contiguous()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.view(torch.int16)
-        return t.numpy().tobytes()
-
-    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
-    inp.write_bytes(header + raw(images) + raw(captions) + raw(cap_lens.long()))
-    proc = subprocess.run([str(emulator), str(inp), str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"emulator failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    values = torch.from_numpy(np.fromfile(out, dtype=np.float64 if images.dtype == torch.float64 else np.float32))
+    values, stdout = run_emulator(emulator, tmp_path, header, (images, captions, cap_lens.long()),
+                                  float64=images.dtype == torch.float64)
     n_region = n_img * n_cap * K * num_blocks
     assert values.numel() == n_region + n_img * n_cap * L * num_blocks
     return (values[:n_region].view(n_img, n_cap, K, num_blocks), values[n_region:].view(n_img, n_cap, L, num_blocks),
-            proc.stdout)
+            stdout)
 
 
 def expected(images, captions, cap_lens, *, lambda_softmax=20.0, num_blocks=16):

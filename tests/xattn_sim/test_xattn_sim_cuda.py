@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from itm_kernels.xattn_sim import cuda as cuda_backend
 from itm_kernels.xattn_sim import reference
 from conftest import assert_close_report
-from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator
+from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator, check_compile_output, run_emulator
 
 
 
@@ -33,11 +31,7 @@ def compile_check(tmp_path_factory):
 
 def test_compile_check_passes_for_sm80_and_sm90(compile_check):
     proc, _ = compile_check
-    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
-    for arch in ("sm_80", "sm_90"):
-        line = next((x for x in proc.stdout.splitlines() if x.startswith(f"{arch}: ")), "")
-        assert line.startswith(f"{arch}: OK 12 kernels"), proc.stdout
-    assert "compile check passed" in proc.stdout
+    check_compile_output(proc, "", 12, no_spill=False)
 
 
 def test_option_codes_and_limits_match_the_headers():
@@ -83,18 +77,9 @@ def emulate(emulator: Path, tmp_path: Path, images, captions, cap_lens, img_lens
                          cuda_backend.NORM_CODES[norm], cuda_backend.AGG_CODES[agg], K, L, d, 0, n_img, n_cap,
                          max_workspace_bytes, lambda_softmax, lambda_lse)
 
-    def raw(t):
-        t = t.contiguous()
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.view(torch.int16)
-        return t.numpy().tobytes()
-
-    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
-    inp.write_bytes(header + raw(images) + raw(captions) + raw(cap_lens.long()) + raw(img_lens.long()))
-    proc = subprocess.run([str(emulator), str(inp), str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"emulator failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    out_dtype = np.float64 if images.dtype == torch.float64 else np.float32
-    return torch.from_numpy(np.fromfile(out, dtype=out_dtype).reshape(n_img, n_cap)), proc.stdout
+    values, stdout = run_emulator(emulator, tmp_path, header, (images, captions, cap_lens.long(), img_lens.long()),
+                                  float64=images.dtype == torch.float64)
+    return values.reshape(n_img, n_cap), stdout
 
 
 @pytest.fixture(scope="module")
