@@ -34,12 +34,19 @@ def compile_check(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def nvcc_check(tmp_path_factory):
+    """The full compile check with nvcc (~40 s per kernel): the slow test below only."""
+    return build_emulator(tmp_path_factory, "node_match", "--node-match-emulator", "node_match", nvcc=True)
+
+
+@pytest.fixture(scope="module")
 def emulator(compile_check):
     return built_emulator(compile_check)
 
 
-def test_compile_check_passes_for_sm80_and_sm90(compile_check):
-    proc, _ = compile_check
+@pytest.mark.slow
+def test_compile_check_passes_for_sm80_and_sm90(nvcc_check):
+    proc, _ = nvcc_check
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
     for arch in ("sm_80", "sm_90"):
         line = next((x for x in proc.stdout.splitlines() if x.startswith(f"node_match {arch}: ")), "")
