@@ -112,10 +112,26 @@ def widen_bf16_matmuls(enabled: bool | None = None):
     return _WidenBf16Matmuls() if enabled else contextlib.nullcontext()
 
 
+def _involves_bf16(args, kwargs) -> bool:
+    """A bfloat16 tensor, a module with bfloat16 parameters, or ``torch.bfloat16`` itself among the arguments."""
+    for a in list(args) + list(kwargs.values()):
+        if a is torch.bfloat16 or (isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16):
+            return True
+        if isinstance(a, (list, tuple)) and any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in a):
+            return True
+        if isinstance(a, torch.nn.Module) and any(p.dtype == torch.bfloat16 for p in a.parameters()):
+            return True
+    return False
+
+
 def widens_bf16_matmuls(fn):
-    """Decorator: run ``fn`` under :func:`widen_bf16_matmuls` (the decision taken per call)."""
+    """Decorator: run ``fn`` under :func:`widen_bf16_matmuls` when bfloat16 is involved (a bfloat16 tensor or
+    ``dtype=torch.bfloat16`` argument, or a module ``self`` with bfloat16 parameters) and this CPU has no native
+    bfloat16 dot product; float32/float64 calls never pay the mode's per-op Python dispatch."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with widen_bf16_matmuls():
+        if getattr(_ACTIVE, "depth", 0) > 0 or not _involves_bf16(args, kwargs) or native_bf16():
+            return fn(*args, **kwargs)
+        with _WidenBf16Matmuls():
             return fn(*args, **kwargs)
     return wrapper
