@@ -5,11 +5,13 @@ Install with the torch that is already in the environment (recommended; an isola
     pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
     python setup.py build_ext --inplace       # development build next to the sources
 
-Sources: csrc/module.cpp (the Python module, build_info) and every op's csrc/<op>/cpu.cpp (each defines its own
-schema); csrc/common/ holds the shared headers. CUDA sources (csrc/<op>/cuda.cu; never the nvcc-only
+Sources: csrc/module.cpp (the Python module, build_info), csrc/common/isa.cpp (the SIMD level) and every op's
+csrc/<op>/cpu.cpp (each defines its own schema); csrc/common/ holds the shared headers. CUDA sources (csrc/<op>/cuda.cu; never the nvcc-only
 compile_check.cu or the host emulate.cpp) join the build when torch has CUDA and nvcc is found; ITM_KERNELS_WITH_CUDA=1/0
-forces either way. Compiler flags: -O3 -g0, OpenMP; no -march=native (the CPU epilogue picks AVX-512, AVX2 or
-baseline code at load time). MAX_JOBS bounds the parallel compile jobs (ninja).
+forces either way. Compiler flags: -O3 -g0, OpenMP; no -march=native: each SIMD epilogue is compiled for AVX-512,
+AVX2 + FMA and baseline x86-64 (target attributes: gcc >= 8, clang >= 7) and the level is picked per process
+(ITM_KERNELS_ISA=avx512|avx2|baseline caps it at run time); other architectures build the portable code alone.
+ITM_KERNELS_SIMD=baseline builds the baseline version alone (testing). MAX_JOBS bounds the parallel compile jobs.
 """
 from __future__ import annotations
 
@@ -50,7 +52,13 @@ def _extensions():
 
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unknown-pragmas", "-Wno-psabi"]
     link = ["-fopenmp"]
-    sources = ["csrc/module.cpp"] + _rel(CPU_SOURCES)
+    sources = ["csrc/module.cpp", "csrc/common/isa.cpp"] + _rel(CPU_SOURCES)
+    macros = []
+    simd = os.environ.get("ITM_KERNELS_SIMD", "").strip().lower()
+    if simd == "baseline":  # one portable version of every epilogue (testing; build_info() warns about it)
+        macros.append(("ITM_SIMD_NO_DISPATCH", None))
+    elif simd not in ("", "dispatch"):
+        raise RuntimeError(f"ITM_KERNELS_SIMD={simd!r}: expected 'dispatch' (default) or 'baseline'")
     if _want_cuda(torch, CUDA_HOME):
         # SASS for sm_80 and sm_90, plus compute_90 PTX that newer GPUs JIT-compile (forward compatibility).
         nvcc = ["-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
@@ -59,10 +67,10 @@ def _extensions():
         # (tools/compile_check_cuda.sh) and emulate.cpp is a host program.
         cuda_sources = _rel(CUDA_SOURCES)
         ext = CUDAExtension("itm_kernels._C", sources + cuda_sources,
-                            include_dirs=[os.path.join(ROOT, "csrc")], define_macros=[("ITM_WITH_CUDA", None)],
+                            include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros + [("ITM_WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
-        ext = CppExtension("itm_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+        ext = CppExtension("itm_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,21 +1,62 @@
-// SIMD code paths of the CPU epilogues: x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline, chosen at load
-// time (target_clones); -DITM_SIMD_ONLY=0/3/4 builds one path alone for testing.
+// SIMD code paths of the CPU epilogues: AVX-512 (F/BW/VL/DQ), AVX2 + FMA and baseline versions of each SIMD
+// function, compiled from ONE body with per-function target attributes (gcc >= 8, clang >= 7; no target_clones,
+// which gcc < 12 lacks for these targets and which cannot be forced from outside), and chosen per call by
+// simd_level() (common/isa.h: CPU detection capped by ITM_KERNELS_ISA).
+//
+//   ITM_SIMD_FUNCTION(name, impl)          defines name(args...) = impl(args...) at the level in use;
+//   ITM_SIMD_FUNCTION_LEVELED(name, impl)  the same, calling impl(SimdTag<level>{}, args...), for bodies that size
+//                                          their register blocks per level (16 ymm registers vs 32 zmm).
+// impl must be an ITM_INLINE (always_inline) function or template whose arguments deduce its template parameters:
+// it is inlined into each version and compiled for that version's target; everything it calls that is not
+// inlined runs as baseline code. Non-x86 hosts, compilers without x86 target attributes and builds with
+// -DITM_SIMD_NO_DISPATCH (setup.py: ITM_KERNELS_SIMD=baseline) get the baseline version alone.
 #pragma once
-#if defined(ITM_SIMD_ONLY)  // testing one code path alone: -DITM_SIMD_ONLY=0 (baseline), 3 (x86-64-v3) or 4
-#if ITM_SIMD_ONLY == 4
-#define ITM_SIMD_CLONES __attribute__((target("arch=x86-64-v4")))
-#elif ITM_SIMD_ONLY == 3
-#define ITM_SIMD_CLONES __attribute__((target("arch=x86-64-v3")))
-#else
-#define ITM_SIMD_CLONES
+#include <type_traits>
+#include <utility>
+
+#include "common/isa.h"
+#include "common/simd_vec.h"
+
+#if !defined(ITM_SIMD_NO_DISPATCH) && (defined(__x86_64__) || defined(_M_X64)) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define ITM_SIMD_DISPATCH_X86 1
+#define ITM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define ITM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
-#elif (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
-    defined(__linux__)
-#define ITM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define ITM_SIMD_LEVELS_X86 1
-#elif (defined(__x86_64__) || defined(_M_X64)) && defined(__clang__) && __clang_major__ >= 14 && defined(__linux__)
-#define ITM_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define ITM_SIMD_LEVELS_X86 1
+
+namespace itm {
+namespace cpu {
+template <SimdLevel L> using SimdTag = std::integral_constant<SimdLevel, L>;
+}  // namespace cpu
+}  // namespace itm
+
+#if defined(ITM_SIMD_DISPATCH_X86)
+#define ITM_SIMD_FUNCTION_LEVELED(name, impl)                                                                        \
+  template <class... A> ITM_TARGET_AVX512 decltype(auto) name##_avx512(A&&... a) {                                 \
+    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kAvx512>{}, std::forward<A>(a)...);                     \
+  }                                                                                                                \
+  template <class... A> ITM_TARGET_AVX2 decltype(auto) name##_avx2(A&&... a) {                                     \
+    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kAvx2>{}, std::forward<A>(a)...);                       \
+  }                                                                                                                \
+  template <class... A> decltype(auto) name##_baseline(A&&... a) {                                                 \
+    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kBaseline>{}, std::forward<A>(a)...);                   \
+  }                                                                                                                \
+  template <class... A> inline decltype(auto) name(A&&... a) {                                                     \
+    switch (::itm::cpu::simd_level()) {                                                                            \
+      case ::itm::cpu::SimdLevel::kAvx512: return name##_avx512(std::forward<A>(a)...);                            \
+      case ::itm::cpu::SimdLevel::kAvx2: return name##_avx2(std::forward<A>(a)...);                                \
+      default: return name##_baseline(std::forward<A>(a)...);                                                      \
+    }                                                                                                              \
+  }
 #else
-#define ITM_SIMD_CLONES
+#define ITM_SIMD_FUNCTION_LEVELED(name, impl)                                                                        \
+  template <class... A> inline decltype(auto) name(A&&... a) {                                                     \
+    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kBaseline>{}, std::forward<A>(a)...);                   \
+  }
 #endif
+
+#define ITM_SIMD_FUNCTION(name, impl)                                                                                \
+  template <class Tag, class... A> ITM_INLINE decltype(auto) name##_untagged_(Tag, A&&... a) {                      \
+    return impl(std::forward<A>(a)...);                                                                            \
+  }                                                                                                                \
+  ITM_SIMD_FUNCTION_LEVELED(name, name##_untagged_)

@@ -68,10 +68,18 @@ ITM_INLINE void interleave32(const c10::BFloat16* a, const c10::BFloat16* b, c10
   U16x32 x, y;
   std::memcpy(&x, a, sizeof(x));
   std::memcpy(&y, b, sizeof(y));
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   const U16x32 lo = __builtin_shufflevector(x, y, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9,
                                             41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47);
   const U16x32 hi = __builtin_shufflevector(x, y, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                             24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
+#else  // gcc < 12: __builtin_shuffle with index vectors (the same permutation)
+  const U16x32 lo_idx = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const U16x32 hi_idx = lo_idx + 16;
+  const U16x32 lo = __builtin_shuffle(x, y, lo_idx);
+  const U16x32 hi = __builtin_shuffle(x, y, hi_idx);
+#endif
   std::memcpy(out, &lo, sizeof(lo));
   std::memcpy(out + 32, &hi, sizeof(hi));
 }

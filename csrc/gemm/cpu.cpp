@@ -15,12 +15,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "common/bf16_gemm.h"
+#include "common/brgemm_shapes.h"
+#include "common/isa.h"
 #include "common/vnni.h"
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -73,7 +78,10 @@ Bf16Gemm probe_bf16_gemm() {
 
 }  // namespace
 
+// kPlain wherever the CPU has no AVX512-BF16 or the SIMD level in use is below AVX-512 (ITM_KERNELS_ISA): every
+// bfloat16 product then runs as float32 products of the exactly widened values, never an emulated bf16 GEMM.
 Bf16Gemm bf16_gemm_kind() {
+  if (!native_bf16_dot()) return Bf16Gemm::kPlain;
   static const Bf16Gemm kind = probe_bf16_gemm();
   return kind;
 }
@@ -87,6 +95,31 @@ const char* bf16_gemm_path() {
 }
 
 bool bf16_brgemm() { return bf16_gemm_kind() != Bf16Gemm::kPlain; }
+
+// The brgemm shape count of common/brgemm_shapes.h.
+std::atomic<bool> g_count_brgemm_shapes{false};
+namespace {
+using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int, bool>;
+std::mutex g_shapes_mutex;
+std::set<ShapeKey> g_shapes;
+}  // namespace
+
+void record_brgemm_shape(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, int dtype,
+                         bool vnni) {
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  g_shapes.emplace(M, N, K, lda, ldb, ldc, add, dtype, vnni);
+}
+
+int64_t brgemm_shape_count() {
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  return static_cast<int64_t>(g_shapes.size());
+}
+
+void reset_brgemm_shapes(bool count) {
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  g_shapes.clear();
+  g_count_brgemm_shapes.store(count);
+}
 
 }  // namespace cpu
 }  // namespace itm

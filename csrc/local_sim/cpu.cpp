@@ -20,8 +20,8 @@
 // values. Row counts are split into a multiple of 16 plus a tail, which bounds the number of distinct brgemm shapes
 // (each JIT kernel is ~20 KiB, cached per thread for the life of the process; measured: the resident set settles
 // 9 MiB above the first call per thread over 600 calls of random shapes). The element-wise parts use 64-byte GCC
-// vectors compiled for AVX-512 / AVX2 / baseline (simd_clones.h); bfloat16 rounding of (A - E)^2 uses
-// AVX512-BF16's vcvtneps2bf16 where the core has it.
+// vectors compiled for AVX-512 / AVX2 / baseline (simd_clones.h, chosen per call); bfloat16 rounding of (A - E)^2
+// uses AVX512-BF16's vcvtneps2bf16 where the core has it and the AVX-512 level is in use.
 //
 // Measured on one Zen 5 core (60 images x 300 captions, d = 1024, s = 256, K = 36, lengths 8..20): bfloat16
 // 409 GFLOP/s = 0.87 of a bare bfloat16 torch.mm (4096 x 1024) @ (1024 x 256) (the GEMMs run at ~510 GFLOP/s and
@@ -37,7 +37,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
+#include "common/simd_clones.h"  // ITM_SIMD_DISPATCH_X86
+
+#if defined(ITM_SIMD_DISPATCH_X86)
 #include <immintrin.h>
 #endif
 
@@ -52,8 +54,8 @@
 
 #include "common/bf16.h"
 #include "common/bf16_gemm.h"
+#include "common/brgemm_shapes.h"
 #include "common/constants.h"
-#include "common/simd_clones.h"
 #include "common/simd_vec.h"
 #include "common/vnni.h"
 
@@ -89,35 +91,24 @@ ITM_INLINE void vstore_as(double* p, Vec<float>::V v) {
 
 // ------------------------------------------------------------------------------------------------------------------
 // Packed B operands: the layout of common/vnni.h (column blocks of nb; VNNI pairs for bfloat16).
-#define ITM_LS_PACK_CLONES(E)                                                                                        \
-  ITM_SIMD_CLONES void pack_cols(E* out, const E* const* cols, int64_t n_cols, int64_t src_len, int64_t kdim,      \
-                                 int64_t nb) {                                                                       \
-    pack_cols_impl<E>(out, cols, n_cols, src_len, kdim, nb);                                                         \
-  }                                                                                                                  \
-  ITM_SIMD_CLONES void pack_rows(E* out, const E* const* rows, int64_t kdim, int64_t src_len, int64_t N,            \
-                                 int64_t nb) {                                                                       \
-    pack_rows_impl<E>(out, rows, kdim, src_len, N, nb);                                                              \
-  }
-ITM_LS_PACK_CLONES(float)
-ITM_LS_PACK_CLONES(bf16)
-ITM_LS_PACK_CLONES(double)
-#undef ITM_LS_PACK_CLONES
+ITM_SIMD_FUNCTION(pack_cols, pack_cols_impl)
+ITM_SIMD_FUNCTION(pack_rows, pack_rows_impl)
 
 // C (M x N, ldc) (+)= A (M x Kd, lda) B (Kd x N, row stride N; VNNI for bfloat16). brgemm is called on a multiple
 // of 16 rows plus a tail, so that the per-shape kernels stay few whatever the ragged row counts.
 ITM_INLINE void kernel(int64_t M, int64_t N, int64_t Kd, const float* A, int64_t lda, const float* B, float* C,
                        int64_t ldc, bool add) {
   const int64_t main = M / kRowQuantum * kRowQuantum;
-  if (main) at::native::cpublas::brgemm(main, N, Kd, lda, N, ldc, add, A, B, C, false);
+  if (main) brgemm_counted(main, N, Kd, lda, N, ldc, add, A, B, C, false);
   if (M > main)
-    at::native::cpublas::brgemm(M - main, N, Kd, lda, N, ldc, add, A + main * lda, B, C + main * ldc, false);
+    brgemm_counted(M - main, N, Kd, lda, N, ldc, add, A + main * lda, B, C + main * ldc, false);
 }
 ITM_INLINE void kernel(int64_t M, int64_t N, int64_t Kd, const bf16* A, int64_t lda, const bf16* B, float* C,
                        int64_t ldc, bool add) {
   const int64_t main = M / kRowQuantum * kRowQuantum;
-  if (main) at::native::cpublas::brgemm(main, N, Kd, lda, N, ldc, add, A, B, C, true);
+  if (main) brgemm_counted(main, N, Kd, lda, N, ldc, add, A, B, C, true);
   if (M > main)
-    at::native::cpublas::brgemm(M - main, N, Kd, lda, N, ldc, add, A + main * lda, B, C + main * ldc, true);
+    brgemm_counted(M - main, N, Kd, lda, N, ldc, add, A + main * lda, B, C + main * ldc, true);
 }
 void kernel(int64_t M, int64_t N, int64_t Kd, const double* A, int64_t lda, const double* B, double* C, int64_t ldc,
             bool add) {
@@ -320,7 +311,7 @@ ITM_INLINE void store_rows_impl(T* Y, int64_t ldy, int64_t W, const T* b, int64_
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && !defined(ITM_SIMD_ONLY)
+#if defined(ITM_SIMD_DISPATCH_X86)
 #define ITM_LS_NATIVE_BF16 1
 // diff_sq for bfloat16 on cores with AVX512-BF16: vcvtneps2bf16 rounds 16 floats to nearest-even in one instruction
 // (as c10::BFloat16 except that float denormals, irrelevant here, become zero).
@@ -348,27 +339,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void diff_sq_avx
 bool native_bf16() {
   static const bool ok = [] {
     const char* env = std::getenv("ITM_CPU_LS_NATIVE_BF16");
-    if (env && std::strcmp(env, "0") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
+    return !(env && std::strcmp(env, "0") == 0);
   }();
-  return ok;
+  return ok && native_bf16_dot();  // AVX512-BF16 and the AVX-512 level in use (not forced lower)
 }
 #endif
 
-#define ITM_LS_CLONES(T, E)                                                                                          \
-  ITM_SIMD_CLONES void attention(T* S, int64_t ld, int64_t K, int64_t K2, int64_t W, const int64_t* seg_off,       \
-                                 const int64_t* seg_len, int64_t nseg, const T* G, T lam, E* Pt) {                   \
-    attention_impl<T, E>(S, ld, K, K2, W, seg_off, seg_len, nseg, G, lam, Pt);                                       \
-  }                                                                                                                  \
-  ITM_SIMD_CLONES void diff_sq(const T* A, int64_t lda, const E* const* rows, int64_t k0, int64_t kc, int64_t d,    \
-                               E* X, int64_t ldx, int64_t W) {                                                       \
-    diff_sq_impl<T, E>(A, lda, rows, k0, kc, d, X, ldx, W);                                                          \
-  }
-ITM_LS_CLONES(float, float)
-ITM_LS_CLONES(float, bf16)
-ITM_LS_CLONES(double, double)
-#undef ITM_LS_CLONES
+ITM_SIMD_FUNCTION(attention, attention_impl)
+ITM_SIMD_FUNCTION(diff_sq, diff_sq_impl)
 
 ITM_INLINE void diff_sq_any(const float* A, int64_t lda, const bf16* const* rows, int64_t k0, int64_t kc, int64_t d,
                             bf16* X, int64_t ldx, int64_t W) {
@@ -382,14 +360,7 @@ ITM_INLINE void diff_sq_any(const T* A, int64_t lda, const E* const* rows, int64
                             int64_t ldx, int64_t W) {
   diff_sq(A, lda, rows, k0, kc, d, X, ldx, W);
 }
-ITM_SIMD_CLONES void store_rows(float* Y, int64_t ldy, int64_t W, const float* b, int64_t s, void* const* rows,
-                                int kind) {
-  store_rows_impl<float>(Y, ldy, W, b, s, rows, kind);
-}
-ITM_SIMD_CLONES void store_rows(double* Y, int64_t ldy, int64_t W, const double* b, int64_t s, void* const* rows,
-                                int kind) {
-  store_rows_impl<double>(Y, ldy, W, b, s, rows, kind);
-}
+ITM_SIMD_FUNCTION(store_rows, store_rows_impl)
 
 // ------------------------------------------------------------------------------------------------------------------
 // Orchestration.

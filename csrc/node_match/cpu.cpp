@@ -202,7 +202,8 @@ __attribute__((noinline)) void gram_guard_pair(const T* vi, const T* ec, const T
 // NV vectors of Vec<T>::N blocks each: the block count is a multiple of the vector width (16 in GSMN: one
 // AVX-512 vector of float32, two of float64).
 template <typename T, int NV>
-ITM_SIMD_CLONES void pair_epilogue(const T* __restrict__ vi, const T* __restrict__ ec, const T* __restrict__ gram_e,
+ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV>, const T* __restrict__ vi,
+                                   const T* __restrict__ ec, const T* __restrict__ gram_e,
                                    const T* __restrict__ gram_v, const T* __restrict__ img_sq,
                                    const T* __restrict__ cap_sq, const Dims& D, const Out& O, int64_t i, int64_t c,
                                    int64_t L, T lam, T* __restrict__ region, T* __restrict__ word,
@@ -290,6 +291,7 @@ ITM_SIMD_CLONES void pair_epilogue(const T* __restrict__ vi, const T* __restrict
   T* pad = word + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out + L) * B;
   std::fill(pad, pad + (O.L_out - L) * B, T(0));
 }
+ITM_SIMD_FUNCTION(pair_epilogue, pair_epilogue_impl)
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), "node_match_fused: ", name, " must be a CPU tensor");
@@ -385,9 +387,9 @@ void node_match_fused_cpu(at::Tensor region, at::Tensor word, const at::Tensor& 
           const scalar_t* vi = p_v + i * v_stride;
           const scalar_t* ec = p_e + c * e_stride;
           if constexpr (std::is_same_v<scalar_t, float>)
-            pair_epilogue<scalar_t, 1>(vi, ec, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
+            pair_epilogue(std::integral_constant<int, 1>{}, vi, ec, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
           else
-            pair_epilogue<scalar_t, 2>(vi, ec, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
+            pair_epilogue(std::integral_constant<int, 2>{}, vi, ec, p_ge, p_gv, p_vs, p_es, D, O, i, c, lens[c], lam, p_r, p_w, buf);
         }
       }
     });

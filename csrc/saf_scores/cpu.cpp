@@ -37,7 +37,7 @@ ITM_INLINE float dot(const float* a, const float* b, int64_t s) {
 }
 
 // One pair: x (m, s) valid node rows; v (s) scratch.
-ITM_SIMD_CLONES float saf_pair(const float* x, int64_t m, int64_t s, const float* gate_w, float gate_scale,
+ITM_INLINE float saf_pair_impl(const float* x, int64_t m, int64_t s, const float* gate_w, float gate_scale,
                                float gate_shift, const float* eval_w, float eval_b, float* v) {
   for (int64_t k = 0; k < s; k += kW) vstore(v + k, vsplat(0.0f));
   float total = 0.0f;
@@ -57,6 +57,7 @@ ITM_SIMD_CLONES float saf_pair(const float* x, int64_t m, int64_t s, const float
   }
   return sigmoid(hsum_tree<float>(ev) / (std::sqrt(hsum_tree<float>(sq)) + kEps) + eval_b);
 }
+ITM_SIMD_FUNCTION(saf_pair, saf_pair_impl)
 
 void check_vector(const char* name, const at::Tensor& t, int64_t s) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&

@@ -134,7 +134,7 @@ struct Scratch {
 
 // One pair: x (n, s) nodes in place, yu (n, 2 s) float32 [Y | U] of its nodes.
 template <typename T>
-ITM_SIMD_CLONES void sgr_pair(T* x, const float* yu, int64_t n, int64_t m, int64_t s, const float* c,
+ITM_INLINE void sgr_pair_impl(T* x, const float* yu, int64_t n, int64_t m, int64_t s, const float* c,
                               const float* bias, Scratch& w) {
   const int64_t m4 = (m + 3) / 4 * 4, ldl = std::max<int64_t>(16, (m4 + kW - 1) / kW * kW);
   for (int64_t j = 0; j < m; ++j) {
@@ -162,6 +162,7 @@ ITM_SIMD_CLONES void sgr_pair(T* x, const float* yu, int64_t n, int64_t m, int64
   }
   std::memset(static_cast<void*>(x + m * s), 0, (n - m) * s * sizeof(T));
 }
+ITM_SIMD_FUNCTION(sgr_pair, sgr_pair_impl)
 
 // [W_q^T W_k | W_g^T] (s, 2 s) packed for brgemm in column blocks of kNb: float32 row-major (s x kNb) blocks;
 // bfloat16 VNNI (s/2 x kNb x 2) blocks, the layout oneDNN's AVX-512-BF16 microkernel reads.
@@ -181,7 +182,7 @@ void chunk_gemm(const T* x, const T* packed, int64_t rows, int64_t s, float* yu)
 
 // z0 = sum_{j < m} softmax_j(y0 . X_j) X_j: the last step's attention of the global node over its pair's nodes.
 template <typename T>
-ITM_SIMD_CLONES void global_attend_pair(const T* x, const float* y0, int64_t m, int64_t s, float* z0,
+ITM_INLINE void global_attend_pair_impl(const T* x, const float* y0, int64_t m, int64_t s, float* z0,
                                         std::vector<float>& rows, std::vector<float>& logits) {
   const float* X = nullptr;
   if constexpr (std::is_same_v<T, float>) {
@@ -202,6 +203,7 @@ ITM_SIMD_CLONES void global_attend_pair(const T* x, const float* y0, int64_t m, 
     vstore(z0 + k, acc);
   }
 }
+ITM_SIMD_FUNCTION(global_attend_pair, global_attend_pair_impl)
 
 void check_nodes(const char* op, const at::Tensor& x, const at::Tensor& node_counts) {
   TORCH_CHECK(x.device().is_cpu() && node_counts.device().is_cpu(), op, ": every tensor must be on the CPU");

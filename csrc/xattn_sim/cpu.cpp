@@ -15,7 +15,7 @@
 //   3. per (row group, column group): the aggregation of R over the group's valid columns.
 // The attended vectors never exist; padding rows/columns are computed by the GEMM only where an image has fewer
 // than K valid regions and are never read. The epilogue is written with 64-byte GCC vector types and compiled
-// for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline, chosen at load time (target_clones).
+// for AVX-512, AVX2+FMA and baseline, chosen per call by the SIMD level (common/simd_clones.h, ITM_KERNELS_ISA).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
@@ -37,6 +37,7 @@
 
 #include "common/bf16.h"
 #include "common/bf16_gemm.h"
+#include "common/brgemm_shapes.h"
 #include "common/simd_clones.h"
 #include "common/simd_vec.h"
 #include "common/vnni.h"
@@ -305,10 +306,7 @@ template <class T> ITM_INLINE void tile_epilogue_dispatch(const TileArgs<T>& a) 
   }
 }
 
-ITM_SIMD_CLONES void tile_epilogue_f32(const TileArgs<float>& a) { tile_epilogue_dispatch<float>(a); }
-ITM_SIMD_CLONES void tile_epilogue_f64(const TileArgs<double>& a) { tile_epilogue_dispatch<double>(a); }
-ITM_INLINE void tile_epilogue(const TileArgs<float>& a) { tile_epilogue_f32(a); }
-ITM_INLINE void tile_epilogue(const TileArgs<double>& a) { tile_epilogue_f64(a); }
+ITM_SIMD_FUNCTION(tile_epilogue, tile_epilogue_dispatch)
 
 // ------------------------------------------------------------------------------------------------------------------
 // Per-call tables: Gram matrices of the context sets and norms of the query items, from the inputs (bfloat16
@@ -340,23 +338,18 @@ template <class T, class in_t> ITM_INLINE void row_norms_impl(const in_t* x, int
   for (int64_t r = 0; r < n; ++r) out[r] = std::sqrt(dot_rows<T>(x + r * d, x + r * d, d));
 }
 
-ITM_SIMD_CLONES void lower_gram(const float* x, int64_t n, int64_t d, float* G, int64_t ldg) {
-  lower_gram_impl(x, n, d, G, ldg);
-}
-ITM_SIMD_CLONES void lower_gram(const c10::BFloat16* x, int64_t n, int64_t d, float* G, int64_t ldg) {
-  lower_gram_impl(x, n, d, G, ldg);
-}
-ITM_SIMD_CLONES void lower_gram(const double* x, int64_t n, int64_t d, double* G, int64_t ldg) {
-  lower_gram_impl(x, n, d, G, ldg);
-}
-ITM_SIMD_CLONES void row_norms(const float* x, int64_t n, int64_t d, float* out) { row_norms_impl(x, n, d, out); }
-ITM_SIMD_CLONES void row_norms(const c10::BFloat16* x, int64_t n, int64_t d, float* out) {
-  row_norms_impl(x, n, d, out);
-}
-ITM_SIMD_CLONES void row_norms(const double* x, int64_t n, int64_t d, double* out) { row_norms_impl(x, n, d, out); }
+ITM_SIMD_FUNCTION(lower_gram, lower_gram_impl)
+ITM_SIMD_FUNCTION(row_norms, row_norms_impl)
 
 // ------------------------------------------------------------------------------------------------------------------
 // Tile GEMMs: C (M x N, ldc) = A (M x d, lda) B, with B packed once per job from N source rows of length d.
+// Shapes are quantised (rows: kRowQuantum-multiples plus a tail; columns: rounded up to kColQuantum with zero
+// padding columns; ldc fixed per call), so that the brgemm kernels oneDNN caches per shape stay bounded over many
+// ragged calls (tests/xattn_sim/test_xattn_sim_cpu.py::test_brgemm_shapes_stay_bounded).
+constexpr int64_t kRowQuantum = 16;
+constexpr int64_t kColQuantum = 16;
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 enum class GemmKind { kF32, kBf16Vnni, kBf16OneDnnPack, kBf16Plain, kF64 };
 
 // out[k * ldo + n] = cols[n][k]: the N source rows become the N columns of a (kd x N) row-major matrix.
@@ -368,7 +361,10 @@ template <class E> void pack_transposed(const E* const* cols, int64_t n_cols, in
       const int64_t k1 = std::min(kd, k0 + kKB);
       for (int64_t n = n0; n < n1; ++n) {
         const E* src = cols[n];
-        for (int64_t k = k0; k < k1; ++k) out[k * ldo + n] = src[k];
+        if (src)
+          for (int64_t k = k0; k < k1; ++k) out[k * ldo + n] = src[k];
+        else  // a padding column (the column count rounded up to kColQuantum)
+          for (int64_t k = k0; k < k1; ++k) out[k * ldo + n] = E(0);
       }
     }
   }
@@ -379,7 +375,7 @@ template <class E> void pack_transposed(const E* const* cols, int64_t n_cols, in
 void pack_vnni(const c10::BFloat16* const* cols, int64_t n_cols, int64_t d, c10::BFloat16* out, float* tail) {
   pack_cols_impl<c10::BFloat16>(out, cols, n_cols, d, d - d % 2, n_cols);
   if (d % 2)
-    for (int64_t n = 0; n < n_cols; ++n) tail[n] = static_cast<float>(cols[n][d - 1]);
+    for (int64_t n = 0; n < n_cols; ++n) tail[n] = cols[n] ? static_cast<float>(cols[n][d - 1]) : 0.f;
 }
 
 // The bf16 tile GEMM of this CPU (probed once, csrc/gemm/cpu.cpp).
@@ -397,12 +393,13 @@ struct PackedB {
   int64_t n = 0, d = 0;
   int64_t nb = 0;           // kF32 / kBf16Vnni: columns per block; block j (width w_j = min(nb, n - j nb)) is packed
                             // contiguously at offset j * nb * (rows) with row stride w_j
-  void* data = nullptr;     // kF32: float (d x n); bf16 VNNI/oneDNN: bf16 (2*(d/2) x n); kBf16Plain: bf16 (d x n);
+  void* data = nullptr;     // kF32: float (d x n); bf16 VNNI/oneDNN: bf16 (2*(d/2) x n); kBf16Plain: never packed;
                             // kF64: double rows (n x d)
   float* tail = nullptr;    // bf16 VNNI/oneDNN with odd d: the last feature of each column
   void* tmp = nullptr;      // kBf16OneDnnPack: plain staging (d x n) bf16
 };
 
+// cols: n_cols pointers, n_cols a multiple of kColQuantum, null for the padding columns (packed as zeros).
 void pack_b(PackedB& p, const void* const* cols, int64_t n_cols, int64_t d) {
   p.n = n_cols;
   p.d = d;
@@ -428,32 +425,46 @@ void pack_b(PackedB& p, const void* const* cols, int64_t n_cols, int64_t d) {
       if (de > 0)
         at::native::cpublas::pack(de, n_cols, n_cols, n_cols, at::kBFloat16, at::kBFloat16, p.tmp, p.data);
       if (d % 2)
-        for (int64_t n = 0; n < n_cols; ++n) p.tail[n] = static_cast<float>(c[n][d - 1]);
+        for (int64_t n = 0; n < n_cols; ++n) p.tail[n] = c[n] ? static_cast<float>(c[n][d - 1]) : 0.f;
       break;
     }
-    case GemmKind::kBf16Plain:
-      pack_transposed(reinterpret_cast<const c10::BFloat16* const*>(cols), n_cols, d,
-                      static_cast<c10::BFloat16*>(p.data), n_cols);
+    case GemmKind::kBf16Plain:  // never packed: xattn_sim_fwd_cpu widens such inputs to float32 first
+      TORCH_INTERNAL_ASSERT(false, "xattn_sim: kBf16Plain reached pack_b");
       break;
     case GemmKind::kF64: {
       auto c = reinterpret_cast<const double* const*>(cols);
       double* out = static_cast<double*>(p.data);
-      for (int64_t n = 0; n < n_cols; ++n) std::memcpy(out + n * d, c[n], d * sizeof(double));
+      for (int64_t n = 0; n < n_cols; ++n)
+        if (c[n]) std::memcpy(out + n * d, c[n], d * sizeof(double));
+        else std::fill(out + n * d, out + (n + 1) * d, 0.0);
       break;
     }
   }
 }
 
-// Elements of in_t that pack_b needs for n columns (plus the float tail and the staging buffer).
-int64_t packed_b_elems(GemmKind kind, int64_t n, int64_t d) { return (kind == GemmKind::kF64 ? n * d : (d + 1) * n); }
+// Elements of in_t that pack_b needs for n columns rounded up to kColQuantum (plus the float tail and the staging
+// buffer).
+int64_t packed_b_elems(GemmKind kind, int64_t n, int64_t d) {
+  n = round_up(n, kColQuantum);
+  return (kind == GemmKind::kF64 ? n * d : (d + 1) * n);
+}
 
 // float32: the brgemm microkernel accumulates each output along the whole feature axis in one register chain
 // (max error 1.0e-6 on the golden scores at d = 1024, vs 2.2e-7 for MKL's sgemm, enough to break the 1e-6 golden
 // tolerance). Chunks of kF32Chunk features are multiplied into separate buffers and summed (max error 1.8e-7).
 constexpr int64_t kF32Chunk = 128;
 
+// brgemm on M rows as a multiple of kRowQuantum plus a tail, so that ragged row counts (i2t: the words of a caption
+// block) make few distinct shapes: oneDNN caches one JIT kernel per shape per thread for the life of the process.
+template <class E>
+void brgemm_rows(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const E* A,
+                 const E* B, float* C, bool vnni) {
+  const int64_t main = M / kRowQuantum * kRowQuantum;
+  if (main) brgemm_counted(main, N, K, lda, ldb, ldc, add, A, B, C, vnni);
+  if (M > main) brgemm_counted(M - main, N, K, lda, ldb, ldc, add, A + main * lda, B, C + main * ldc, vnni);
+}
+
 void gemm_tile(const PackedB& p, const void* A, int64_t lda, int64_t M, float* C, int64_t ldc, float* tmp) {
-  using at::native::cpublas::brgemm;
   const int64_t N = p.n, d = p.d;
   if (p.kind == GemmKind::kF32) {
     auto a = static_cast<const float*>(A);
@@ -462,7 +473,7 @@ void gemm_tile(const PackedB& p, const void* A, int64_t lda, int64_t M, float* C
       const float* b = static_cast<const float*>(p.data) + j0 * d;
       for (int64_t k0 = 0; k0 < d; k0 += kF32Chunk) {
         const int64_t kc = std::min(kF32Chunk, d - k0);
-        brgemm(M, w, kc, lda, w, ldc, false, a + k0, b + k0 * w, (k0 ? tmp : C) + j0, false);
+        brgemm_rows(M, w, kc, lda, w, ldc, false, a + k0, b + k0 * w, (k0 ? tmp : C) + j0, false);
         if (k0)
           for (int64_t m = 0; m < M; ++m) {
             float* c = C + m * ldc + j0;
@@ -474,20 +485,17 @@ void gemm_tile(const PackedB& p, const void* A, int64_t lda, int64_t M, float* C
     return;
   }
   auto a = static_cast<const c10::BFloat16*>(A);
-  if (p.kind == GemmKind::kBf16Plain) {
-    brgemm(M, N, d, lda, N, ldc, false, a, static_cast<const c10::BFloat16*>(p.data), C, false);
-    return;
-  }
   const int64_t de = d - d % 2;
   if (de == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
   } else if (p.kind == GemmKind::kBf16Vnni) {
     for (int64_t j0 = 0; j0 < N; j0 += p.nb) {
       const int64_t w = std::min(p.nb, N - j0);
-      brgemm(M, w, de, lda, w, ldc, false, a, static_cast<const c10::BFloat16*>(p.data) + j0 * de, C + j0, true);
+      brgemm_rows(M, w, de, lda, w, ldc, false, a, static_cast<const c10::BFloat16*>(p.data) + j0 * de, C + j0,
+                  true);
     }
   } else {
-    brgemm(M, N, de, lda, N, ldc, false, a, static_cast<const c10::BFloat16*>(p.data), C, true);
+    brgemm_rows(M, N, de, lda, N, ldc, false, a, static_cast<const c10::BFloat16*>(p.data), C, true);
   }
   if (d % 2) {
     for (int64_t m = 0; m < M; ++m) {
@@ -528,6 +536,7 @@ template <class T> struct Problem {
   int64_t ni;                     // images per tile
   std::vector<int64_t> cap_block; // caption block boundaries (captions), blocks of at most w_max words
   int64_t w_max;                  // most words in a caption block
+  int64_t w_tile;                 // the caption-block word budget (>= w_max): t2i tiles' row stride is set by it
 };
 
 struct Job {
@@ -591,7 +600,7 @@ template <class T> ScratchSizes scratch_sizes(const Problem<T>& P, int64_t ni, i
   z.packed = packed_b_elems(P.kind, b_cols, P.d) * P.elem;
   z.staging = P.kind == GemmKind::kBf16OneDnnPack ? z.packed : 0;
   z.tail = b_cols * (int64_t)sizeof(float);
-  z.cols = b_cols * (int64_t)sizeof(void*);
+  z.cols = round_up(b_cols, kColQuantum) * (int64_t)sizeof(void*);
   z.a_rows = t2i ? 0 : w * P.d * P.elem;
   z.tile = ((2 * rows + 5) * ld + rows + kSlack) * (int64_t)sizeof(T);
   if (rows_out) *rows_out = rows;
@@ -601,7 +610,7 @@ template <class T> ScratchSizes scratch_sizes(const Problem<T>& P, int64_t ni, i
 
 template <class T> void alloc_scratch(const Problem<T>& P, Scratch<T>& s) {
   int64_t rows = 0, ld = 0;
-  const ScratchSizes z = scratch_sizes(P, P.ni, P.w_max, &rows, &ld);
+  const ScratchSizes z = scratch_sizes(P, P.ni, P.direction == kT2I ? P.w_tile : P.w_max, &rows, &ld);
   s.buf = at::empty({z.total()}, at::TensorOptions().dtype(at::kByte));
   char* p = reinterpret_cast<char*>(s.buf.data_ptr());
   std::memset(p, 0, z.total());  // padding lanes of the tiles then hold finite values
@@ -668,8 +677,9 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
       s.cg_len.push_back(P.cap_lens[c]);
       for (int64_t t = 0; t < P.cap_lens[c]; ++t) s.cols[P.word_off[c] - w0 + t] = cap + (c * P.L + t) * row_bytes;
     }
-    pack_b(s.pb, s.cols, W, d);
-    a.ld = tile_ld<T>(W);
+    for (int64_t q = W; q < round_up(W, kColQuantum); ++q) s.cols[q] = nullptr;
+    pack_b(s.pb, s.cols, round_up(W, kColQuantum), d);
+    a.ld = tile_ld<T>(P.w_tile);  // W <= w_tile: a row stride from a few values (384 words unless over budget)
     a.qpad = (W + Vec<T>::N - 1) / Vec<T>::N * Vec<T>::N;
     a.n_cg = c1 - c0;
     a.cg_off = s.cg_off.data();
@@ -711,8 +721,9 @@ template <class T> void run_job(const Problem<T>& P, const Job& job, Scratch<T>&
       s.cg_len.push_back(P.img_lens[i]);
     }
     for (int64_t q = 0; q < Q; ++q) s.cols[q] = img + (i0 * K + q) * row_bytes;
-    pack_b(s.pb, s.cols, Q, d);
-    a.ld = tile_ld<T>(Q);
+    for (int64_t q = Q; q < round_up(Q, kColQuantum); ++q) s.cols[q] = nullptr;
+    pack_b(s.pb, s.cols, round_up(Q, kColQuantum), d);
+    a.ld = tile_ld<T>(P.ni * K);  // one row stride per call (Q <= ni K)
     a.qpad = (Q + Vec<T>::N - 1) / Vec<T>::N * Vec<T>::N;
     a.n_cg = i1 - i0;
     a.cg_off = s.cg_off.data();
@@ -766,6 +777,7 @@ template <class T> void choose_tiles(Problem<T>& P, int64_t max_tile_bytes) {
       ni = std::max<int64_t>(1, ni / 2);
   }
   P.ni = std::max<int64_t>(1, ni);
+  P.w_tile = w;
   P.cap_block.assign(1, 0);
   P.w_max = 0;
   int64_t words = 0;
@@ -975,6 +987,10 @@ at::Tensor xattn_sim_fwd_cpu(const at::Tensor& images, const at::Tensor& caption
       return xattn_sim_typed<double>(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
                                      lambda_lse, max_tile_bytes, GemmKind::kF64);
     case at::kBFloat16:
+      if (bf16_kind() == GemmKind::kBf16Plain)  // no native bf16 dot product (or forced below AVX-512): widened
+        // once, exactly, to float32 (peak memory + 2x the bfloat16 inputs) and run through the float32 brgemm
+        return xattn_sim_typed<float>(images.to(at::kFloat), captions.to(at::kFloat), cap_lens, img_lens, direction,
+                                      norm, lambda_softmax, agg, lambda_lse, max_tile_bytes, GemmKind::kF32);
       return xattn_sim_typed<float>(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg,
                                     lambda_lse, max_tile_bytes, bf16_kind());
     case at::kHalf:  // float16 products are exact in float32: convert once

@@ -18,7 +18,25 @@ def load_extension():
     except ImportError as exc:  # an install without a compiler, or a source checkout before `pip install`
         _C_IMPORT_ERROR = str(exc)
         return None
+    _warn_simd(_C)
     return _C
+
+
+def _warn_simd(ext) -> None:
+    """Warn once where the CPU epilogues cannot reach this CPU's level: an x86-64 build without runtime SIMD
+    dispatch (``ITM_KERNELS_SIMD=baseline`` or a compiler without target attributes), or an ``ITM_KERNELS_ISA``
+    value that is not understood (ignored)."""
+    import platform
+    import warnings
+
+    info = ext.build_info()
+    if info.get("simd_env_invalid"):
+        warnings.warn(f"itm_kernels: {info.get('simd_reason')}", RuntimeWarning, stacklevel=3)
+    dispatch = str(info.get("simd_dispatch", ""))
+    if dispatch.startswith("none") and platform.machine().lower() in ("x86_64", "amd64"):
+        warnings.warn(f"itm_kernels: {info.get('simd_reason')}; the fused CPU kernels run several times slower than "
+                      "a build with runtime dispatch (rebuild without ITM_KERNELS_SIMD=baseline, gcc >= 8 or "
+                      "clang >= 7)", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +99,14 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 
 def build_info() -> dict:
-    """What this install has: versions, compiled-extension flags (OpenMP, SIMD targets, CUDA archs), backends."""
+    """What this install has: versions, compiled-extension flags, backends.
+
+    With the compiled extension: ``simd`` (the level the CPU epilogues run at: "avx512", "avx2" or "baseline"),
+    ``simd_reason`` (why: CPU detection, the ``ITM_KERNELS_ISA`` override, or a build without dispatch),
+    ``simd_cpu`` (the CPU's own level), ``simd_dispatch``, ``native_bf16`` (AVX512-BF16 in use: bfloat16 products
+    run natively; otherwise they are widened to float32), ``bf16_gemm``, ``onednn_max_cpu_isa``, ``openmp``,
+    ``cuda``, ``compiler``.
+    """
     ext = load_extension()
     info = {
         "torch": torch.__version__,

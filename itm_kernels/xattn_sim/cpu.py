@@ -10,7 +10,8 @@ float64), then a fused epilogue runs on the hot tile: the query-axis norm, the s
 ``q.a = sum_c alpha_c s_c`` and ``|a|^2 = alpha^T G alpha`` with the context Gram matrix (G = V V^T per image for
 t2i, H = E E^T per caption for i2t, computed once per call), the cosine and the aggregation. The attended vectors
 and anything of size N_img x N_cap x K x L never exist. The epilogue is compiled for AVX-512, AVX2 and baseline
-x86-64 and the loader picks one (``itm_kernels.build_info()["simd"]``).
+x86-64 and the level is picked per process (``itm_kernels.build_info()["simd"]``; ``ITM_KERNELS_ISA`` forces a
+lower one).
 
 Precision: float64 inputs are computed in float64 throughout (golden max error 2.5e-15). float32 inputs: the
 float32 GEMM is summed over chunks of 128 features (a single accumulation chain over all 1024 features made the

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from itm_kernels._common.bf16_widen import widens_bf16_matmuls
 from itm_kernels._common.dtypes import compute_dtype
 from itm_kernels._common.validation import check_feature_pair, check_lengths
 from itm_kernels.node_match import node_match
@@ -173,6 +174,7 @@ class GSMNSimilarity(nn.Module):
             parses = check_parses(parses, lens)
         return lens_t, lens, boxes, parses
 
+    @widens_bf16_matmuls
     def forward(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None) -> Tensor:
         """Differentiable scores of all pairs of a batch: (B_img, K, d), (B_cap, L, d) -> (B_img, B_cap)."""
         lens_t, lens, boxes, parses = self._check(img_emb, cap_emb, cap_lens, boxes, parses)
@@ -182,6 +184,7 @@ class GSMNSimilarity(nn.Module):
         return self._score_block(img_emb, cap_emb, lens_t, lens, img_graph, cap_graph, "auto", False)
 
     @torch.no_grad()
+    @widens_bf16_matmuls
     def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None, *,
              dtype: torch.dtype | None = None, return_parts: bool = False, backend: str = "auto",
              block_pairs: int = DEFAULT_BLOCK_PAIRS, progress: bool = False):

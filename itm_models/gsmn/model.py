@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from itm_kernels._common.bf16_widen import widens_bf16_matmuls
+
 from ..checkpoints import register_model_type
 from ..encoders import EncoderImagePrecomp, EncoderText
 from .config import GSMNConfig
@@ -53,18 +55,22 @@ class GSMN(nn.Module):
         model.config = config
         return model
 
+    @widens_bf16_matmuls
     def encode_images(self, images: Tensor) -> Tensor:
         """(N, K, img_dim) precomputed region features -> (N, K, d)."""
         return self.img_enc(images)
 
+    @widens_bf16_matmuls
     def encode_captions(self, ids: Tensor, lengths) -> Tensor:
         """(N, L_max) ids, (N,) lengths -> (N, L_max, d)."""
         return self.txt_enc(ids, lengths)
 
+    @widens_bf16_matmuls
     def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, boxes, image_sizes=None, parses=None, **kwargs):
         """All-pairs scores (N_img, N_cap): :meth:`GSMNSimilarity.sims`."""
         return self.sim.sims(img_emb, cap_emb, cap_lens, boxes, image_sizes, parses, **kwargs)
 
+    @widens_bf16_matmuls
     def forward(self, images: Tensor, ids: Tensor, lengths, boxes, image_sizes=None, parses=None) -> Tensor:
         """A training batch: (B, K, img_dim), (B, L) ids, (B,) lengths, (B, K, 4) boxes -> (B, B) scores."""
         lens = torch.as_tensor(lengths)

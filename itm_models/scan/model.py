@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import itm_kernels
+from itm_kernels._common.bf16_widen import widens_bf16_matmuls
 
 from ..checkpoints import register_model_type
 from ..encoders import EncoderText, build_image_encoder
@@ -57,15 +58,18 @@ class SCAN(nn.Module):
         """itm_kernels aggregation name ("lse", "mean", "max", "sum") of ``config.agg_func``."""
         return AGG_FUNCS[self.config.agg_func]
 
+    @widens_bf16_matmuls
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, K, img_dim) precomputed region features -> (N, K, embed_size) region embeddings."""
         return self.img_enc(images)
 
+    @widens_bf16_matmuls
     def encode_captions(self, ids: torch.Tensor, lengths) -> torch.Tensor:
         """(N, L_max) token ids with (N,) lengths in 1..L_max (any order) -> (N, L_max, embed_size) word
         embeddings, exact zeros beyond each length."""
         return self.txt_enc(ids, lengths)
 
+    @widens_bf16_matmuls
     def sims(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, cap_lens, *, backend: str | None = None,
              img_lens=None) -> torch.Tensor:
         """All-pairs SCAN similarity of embedded images and captions (``itm_kernels.xattn_sim``).
@@ -106,6 +110,7 @@ class SCAN(nn.Module):
                                       lambda_softmax=c.lambda_softmax, agg=self.agg, lambda_lse=c.lambda_lse,
                                       backend=backend or self.backend, **topk_kwargs)
 
+    @widens_bf16_matmuls
     def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths) -> torch.Tensor:
         """Score a batch: (B_img, K, img_dim), (B_cap, L_max) ids, (B_cap,) lengths -> (B_img, B_cap) scores.
 

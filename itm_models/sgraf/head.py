@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from itm_kernels._common.validation import FLOAT_DTYPES, check_features, check_lengths
+from itm_kernels._common.bf16_widen import native_bf16, widens_bf16_matmuls
 from itm_kernels._common.dtypes import compute_dtype
 from itm_kernels._common.fast_mm import brgemm_available, mm_float_out
 from itm_kernels.local_sim import local_sim, local_sim_cpu, local_sim_gram
@@ -274,6 +275,7 @@ class SGRAFSimilarity(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @widens_bf16_matmuls
     def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, *, dtype: torch.dtype | None = None,
              block_rows: int = DEFAULT_BLOCK_ROWS, max_tile_bytes: int | None = None) -> Tensor:
         """All-pairs SGRAF scores with inference semantics (running BatchNorm statistics, no dropout), whatever
@@ -316,6 +318,8 @@ class SGRAFSimilarity(nn.Module):
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype}")
         mm_dtype = dtype or img_emb.dtype
+        if mm_dtype == torch.bfloat16 and img_emb.device.type == "cpu" and not native_bf16():
+            mm_dtype = torch.float32  # no native bf16 dot product: the float32 kernels on the exactly widened values
         cdtype = compute_dtype(mm_dtype)
         n_img, n_cap = img_emb.shape[0], cap_emb.shape[0]
         was_training = self.training
@@ -355,6 +359,7 @@ class SGRAFSimilarity(nn.Module):
             self.train(was_training)
         return out
 
+    @widens_bf16_matmuls
     def forward(self, img_emb: Tensor, cap_emb: Tensor, cap_lens) -> Tensor:
         """Scores of every (image, caption) pair of a batch, (B_img, B_cap), with autograd: the official
         ``forward_sim``. In training mode: dropout 0.4 in VisualSA/TextSA, BatchNorm batch statistics (VisualSA

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from itm_kernels._common.bf16_widen import widens_bf16_matmuls
+
 from ..checkpoints import register_model_type
 from ..encoders import EncoderImagePrecomp, _check_captions, l2norm
 from .config import SGRAFConfig
@@ -37,6 +39,7 @@ class SGRAFTextEncoder(nn.Module):
         with torch.no_grad():
             self.embed.weight.uniform_(-0.1, 0.1)
 
+    @widens_bf16_matmuls
     def forward(self, ids: Tensor, lengths) -> Tensor:
         """(N, L_max) token ids, (N,) lengths in 1..L_max (any order) -> (N, L_max, embed_size) word embeddings,
         exact zeros beyond each length."""
@@ -95,18 +98,22 @@ class SGRAF(nn.Module):
         """"SGR" or "SAF"."""
         return self.sim_enc.module_name
 
+    @widens_bf16_matmuls
     def encode_images(self, images: Tensor) -> Tensor:
         """(N, 36, img_dim) precomputed region features -> (N, 36, d)."""
         return self.img_enc(images)
 
+    @widens_bf16_matmuls
     def encode_captions(self, ids: Tensor, lengths) -> Tensor:
         """(N, L_max) ids, (N,) lengths -> (N, L_max, d), zeros beyond each length."""
         return self.txt_enc(ids, lengths)
 
+    @widens_bf16_matmuls
     def sims(self, img_emb: Tensor, cap_emb: Tensor, cap_lens, **kwargs) -> Tensor:
         """All-pairs scores (N_img, N_cap): :meth:`SGRAFSimilarity.sims` (same keyword arguments)."""
         return self.sim_enc.sims(img_emb, cap_emb, cap_lens, **kwargs)
 
+    @widens_bf16_matmuls
     def forward(self, images: Tensor, ids: Tensor, lengths) -> Tensor:
         """A training batch: (B, 36, img_dim), (B, L_max) ids, (B,) lengths -> (B, B) scores (diagonal positive)."""
         lens = torch.as_tensor(lengths)

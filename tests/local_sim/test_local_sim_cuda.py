@@ -36,12 +36,19 @@ def compile_check(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def nvcc_check(tmp_path_factory):
+    """The full compile check with nvcc (~40 s per kernel): the slow test below only."""
+    return build_emulator(tmp_path_factory, "local_sim", "--local-sim-emulator", "local_sim", nvcc=True)
+
+
+@pytest.fixture(scope="module")
 def emulator(compile_check):
     return built_emulator(compile_check)
 
 
-def test_compile_check_passes_for_sm80_and_sm90(compile_check):
-    proc, _ = compile_check
+@pytest.mark.slow
+def test_compile_check_passes_for_sm80_and_sm90(nvcc_check):
+    proc, _ = nvcc_check
     check_compile_output(proc, "local_sim ", 4)
     assert "local_sim float32   K=36 L=32 d=1024 S=256: score tile 48x32" in proc.stdout, proc.stdout
 

@@ -38,7 +38,10 @@ def test_build_info():
     info = itm_kernels.build_info()
     for key in ("cuda", "openmp", "openmp_threads", "simd", "bf16_brgemm", "compiler"):
         assert key in info, key
-    assert info["simd"] in ("avx512", "avx2", "default")
+    assert info["simd"] in ("avx512", "avx2", "baseline")
+    order = ("baseline", "avx2", "avx512")
+    assert order.index(info["simd"]) <= order.index(info["simd_cpu"]), info["simd_reason"]
+    assert info["simd_reason"]
 
 
 def test_golden_scan_xattn():

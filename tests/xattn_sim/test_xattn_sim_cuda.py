@@ -29,8 +29,15 @@ def compile_check(tmp_path_factory):
     return build_emulator(tmp_path_factory, "xattn", "--emulator", "xattn_sim")
 
 
-def test_compile_check_passes_for_sm80_and_sm90(compile_check):
-    proc, _ = compile_check
+@pytest.fixture(scope="module")
+def nvcc_check(tmp_path_factory):
+    """The full compile check with nvcc (~40 s per kernel): the slow test below only."""
+    return build_emulator(tmp_path_factory, "xattn", "--emulator", "xattn_sim", nvcc=True)
+
+
+@pytest.mark.slow
+def test_compile_check_passes_for_sm80_and_sm90(nvcc_check):
+    proc, _ = nvcc_check
     check_compile_output(proc, "", 12, no_spill=False)
 
 
