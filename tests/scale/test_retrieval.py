@@ -7,7 +7,7 @@ import torch
 import itm_kernels
 from itm_models.retrieval import shortlist_pooled, two_stage
 
-from tests.xattn_topk.test_xattn_topk import make, ref_topk
+from tests.xattn_topk.topk_helpers import make, ref_topk
 
 
 class Head:

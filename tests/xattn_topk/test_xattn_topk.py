@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 import itm_kernels
 from itm_kernels.xattn_topk.merge import merge_candidates
-from topk_helpers import make, ref_topk
+from tests.xattn_topk.topk_helpers import make, ref_topk
 
 
 @given(n_img=st.integers(1, 6), n_cap=st.integers(1, 12), K=st.integers(1, 4), L=st.integers(1, 5),

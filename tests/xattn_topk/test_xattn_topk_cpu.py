@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 
 import itm_kernels
 from itm_kernels.xattn_topk import cpu as cpu_topk
-from topk_helpers import make, ref_topk
+from tests.xattn_topk.topk_helpers import make, ref_topk
 
 pytestmark = pytest.mark.skipif(not cpu_topk.available(), reason="needs the compiled xattn_topk_fwd")
 
