@@ -460,10 +460,14 @@ def _check_against_truth(p, case, backend):
         tol = 4 * (r - t).abs().max().item() + FLOOR * scale
         err = (o - t).abs().max().item()
         assert err <= tol, f"{what}: forward error {err:.3e} > {tol:.3e}"
+    # A zero region/word vector's gradient passes through the norms' eps (amplified up to 1/eps): float32 rounding
+    # there is ill-conditioned, and two float32 evaluation orders differ by many times the reference's own error
+    # (the 200-example sweep found 4-16x). Those gradients are held to 32x the float32 reference's error.
+    grad_factor = 32 if p["mode"] == "zero" else 4
     for gr, t, r in zip(grads, t_grads, r_grads):
         assert finite(gr), f"{what}: non-finite gradient"
         scale = 1.0 + t.abs().max().item()
-        tol = 4 * (r - t).abs().max().item() + 1e-4 * scale
+        tol = grad_factor * (r - t).abs().max().item() + 1e-4 * scale
         err = (gr - t).abs().max().item()
         assert err <= tol, f"{what}: gradient error {err:.3e} > {tol:.3e}"
 

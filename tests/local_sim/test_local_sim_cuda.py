@@ -21,6 +21,9 @@ from itm_kernels.local_sim import local_sim_reference
 from conftest import assert_close_report
 from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator, check_compile_output, run_emulator
 
+# The host emulator builds with g++ and AddressSanitizer (10-15 s per kernel): slow checks, run by .ci/run.
+pytestmark = pytest.mark.slow
+
 MAX_REGIONS, MAX_WORDS, MAX_SIM_DIM = 64, 128, 1024   # kMaxRegions, kMaxWords, kMaxSimDim of local_sim/kernel.cuh
 # Absolute tolerances on the unit-norm output rows, against the float64 truth on the same (rounded) inputs:
 # float32 accumulation (float32/float16/bfloat16 inputs) measured <= 3e-7 here; float64 accumulation agrees with

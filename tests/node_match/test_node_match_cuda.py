@@ -20,6 +20,9 @@ from itm_kernels.node_match import node_match_reference
 from conftest import assert_close_report
 from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator, check_compile_output, run_emulator
 
+# The host emulator builds with g++ and AddressSanitizer (10-15 s per kernel): slow checks, run by .ci/run.
+pytestmark = pytest.mark.slow
+
 MAX_REGIONS, MAX_WORDS = 64, 128       # kMaxRegions, kMaxWords of csrc/node_match/kernel.cuh
 # float32 accumulation against the float64 truth on the same (rounded) inputs; float64 accumulation agrees with the
 # reference up to summation order.

@@ -51,6 +51,7 @@ def test_two_ranks_gloo_equal_one(tmp_path, one_rank):
     np.testing.assert_array_equal(np.load(tmp_path / "sims.npy"), one_rank["sims"])
 
 
+@pytest.mark.slow
 def test_rank_dies_mid_run_fails_without_hang(tmp_path):
     proc = launch(2, tmp_path, "die", timeout=120)  # a hang would raise TimeoutExpired
     assert proc.returncode != 0

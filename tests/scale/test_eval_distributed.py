@@ -32,6 +32,7 @@ def tiny(tmp_path_factory):
     return data, ckpt, root
 
 
+@pytest.mark.slow
 def test_itm_eval_distributed_two_ranks_equals_one_process(tiny):
     data, ckpt, root = tiny
     one = evaluate([str(ckpt)], data, "test", progress=False, save_sims=str(root / "one.npy"))

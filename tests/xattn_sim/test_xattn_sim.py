@@ -32,7 +32,9 @@ def golden_names(golden):
     return [k for k in golden.files if "__" in k and not k.endswith("_fp32input")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The readable reference materialises every pair (seconds per golden set): its golden run is a slow check.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "reference" else b
+                                     for b in BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_official_goldens(scan_golden, backend, dtype):
     img = torch.from_numpy(scan_golden["img"]).to(dtype)

@@ -25,10 +25,15 @@ def small_problem(seed, n_img=3, n_cap=4, K=5, L=4, d=6, ragged_images=True, dty
     return images, captions, cap_lens, img_lens
 
 
+# The default run gradchecks three norms (the official default, plain l2 and none); the other four are slow checks.
+DEFAULT_RUN_NORMS = ("clipped_l2norm", "l2norm", "no_norm")
+
+
 # Every backend's forward is checked against the shared tiled backward ("reference" has the same backward).
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
-@pytest.mark.parametrize("norm", reference.NORMS)
+@pytest.mark.parametrize("norm", [n if n in DEFAULT_RUN_NORMS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in reference.NORMS])
 def test_gradcheck_float64(backend, direction, norm):
     images, captions, cap_lens, img_lens = small_problem(reference.NORMS.index(norm), n_img=2, n_cap=3, K=4, L=3, d=4)
     for agg in reference.AGGS:

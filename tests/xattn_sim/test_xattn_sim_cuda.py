@@ -21,6 +21,9 @@ from itm_kernels.xattn_sim import reference
 from conftest import assert_close_report
 from kernel_helpers import DTYPE_CODES, REPO, build_emulator, built_emulator, check_compile_output, run_emulator
 
+# The host emulator builds with g++ and AddressSanitizer (10-15 s per kernel): slow checks, run by .ci/run.
+pytestmark = pytest.mark.slow
+
 
 
 

@@ -211,6 +211,7 @@ def test_compiles_for_sm80_and_sm90(tmp_path):
 
 
 @needs_kernels
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_backward_through_triton_backend_gradcheck(direction):
     """Training through backend="triton": its forward with the fused Triton backward
