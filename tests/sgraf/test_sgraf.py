@@ -193,14 +193,17 @@ def test_sgr_step_kernel_matches_its_definition(pairs, n, s, bf16, seed):
 
 
 def test_bfloat16_without_vnni_brgemm_runs_the_torch_steps(monkeypatch):
-    """On a CPU whose brgemm cannot read VNNI-packed bfloat16 (no AVX-512-BF16), bfloat16 SGR runs the torch steps
-    instead of calling sgr_step_ (which refuses that machine), with the same scores to bfloat16 rounding."""
+    """Where bfloat16 products are claimed native but brgemm cannot read VNNI-packed bfloat16, bfloat16 SGR runs the
+    torch steps instead of calling sgr_step_ (which refuses that machine), with the same scores to bfloat16
+    rounding. (A CPU without a native bf16 dot product never gets here: it widens to the float32 kernels, which
+    tests/cpu_isa/test_bf16_widening.py checks; native_bf16 is forced so this branch runs at every SIMD level.)"""
     import itm_models.sgraf.head as sgraf
 
     head = random_head("SGR", 7, d=32, s=64).eval().float()
     img, cap, lens = random_embeddings(7, n_img=4, n_cap=6, L=9)
     with torch.no_grad():
         fused = head.sims(img.float(), cap.float(), lens, dtype=torch.bfloat16)
+    monkeypatch.setattr(sgraf, "native_bf16", lambda: True)
     monkeypatch.setattr(sgraf, "brgemm_available", lambda dtype: dtype != torch.bfloat16)
     monkeypatch.setattr(torch.ops.itm_kernels, "sgr_step_", lambda *a: pytest.fail("sgr_step_ was called"),
                         raising=False)
