@@ -60,3 +60,25 @@ def check_fields(config, *, ints=(), bools=(), numbers=()) -> None:
         setattr(config, name, plain_bool(getattr(config, name), owner, name))
     for name, low in numbers:
         setattr(config, name, finite_number(getattr(config, name), owner, name, low))
+
+
+def ensemble_members(models, member_cls, owner: str):
+    """The members of an ensemble as a ``torch.nn.ModuleList``, each checked to be a ``member_cls``.
+
+    Raises:
+        TypeError: ``models`` is a single module, or a member is not a ``member_cls``.
+        ValueError: ``models`` is empty.
+    """
+    from torch import nn
+
+    name = member_cls.__name__
+    if isinstance(models, nn.Module):
+        raise TypeError(f"models must be a sequence of {name} models, got a single {type(models).__name__}; "
+                        "wrap it in a list")
+    models = list(models)
+    if not models:
+        raise ValueError(f"{owner} needs at least one model (models is empty)")
+    for i, m in enumerate(models):
+        if not isinstance(m, member_cls):
+            raise TypeError(f"models[{i}] is a {type(m).__name__}, expected {name}")
+    return nn.ModuleList(models)

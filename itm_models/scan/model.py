@@ -15,6 +15,7 @@ from torch import nn
 import itm_kernels
 from itm_kernels._common.bf16_widen import widens_bf16_matmuls
 
+from ..config_utils import ensemble_members
 from ..checkpoints import register_model_type
 from ..encoders import EncoderText, build_image_encoder
 from .config import AGG_FUNCS, SCANConfig
@@ -145,13 +146,7 @@ class SCANEnsemble(nn.Module):
 
     def __init__(self, models: Sequence[SCAN]):
         super().__init__()
-        models = list(models)
-        if not models:
-            raise ValueError("SCANEnsemble needs at least one model")
-        for i, m in enumerate(models):
-            if not isinstance(m, SCAN):
-                raise TypeError(f"models[{i}] is a {type(m).__name__}, expected SCAN")
-        self.models = nn.ModuleList(models)
+        self.models = ensemble_members(models, SCAN, "SCANEnsemble")
 
     def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(N, K, img_dim) -> one (N, K, d_m) embedding per member."""

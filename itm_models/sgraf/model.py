@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itm_kernels._common.bf16_widen import widens_bf16_matmuls
 
+from ..config_utils import ensemble_members
 from ..checkpoints import register_model_type
 from ..encoders import EncoderImagePrecomp, _check_captions, l2norm
 from .config import SGRAFConfig
@@ -148,16 +149,7 @@ class SGRAFEnsemble(nn.Module):
 
     def __init__(self, models: Sequence[SGRAF]):
         super().__init__()
-        if isinstance(models, nn.Module):
-            raise TypeError(f"models must be a sequence of SGRAF models, got a single {type(models).__name__}; "
-                            "wrap it in a list")
-        models = list(models)
-        if not models:
-            raise ValueError("SGRAFEnsemble needs at least one model (models is empty)")
-        for i, m in enumerate(models):
-            if not isinstance(m, SGRAF):
-                raise TypeError(f"models[{i}] is a {type(m).__name__}, expected SGRAF")
-        self.models = nn.ModuleList(models)
+        self.models = ensemble_members(models, SGRAF, "SGRAFEnsemble")
 
     @property
     def module_names(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..config_utils import ensemble_members
 from ..checkpoints import register_model_type
 from ..encoders import EncoderImagePrecomp
 from ..sgraf.model import SGRAFTextEncoder
@@ -75,16 +76,7 @@ class TSHSREnsemble(nn.Module):
 
     def __init__(self, models: Sequence[TSHSR]):
         super().__init__()
-        if isinstance(models, nn.Module):
-            raise TypeError(f"models must be a sequence of TSHSR models, got a single {type(models).__name__}; "
-                            "wrap it in a list")
-        models = list(models)
-        if not models:
-            raise ValueError("TSHSREnsemble needs at least one model (models is empty)")
-        for i, m in enumerate(models):
-            if not isinstance(m, TSHSR):
-                raise TypeError(f"models[{i}] is a {type(m).__name__}, expected TSHSR")
-        self.models = nn.ModuleList(models)
+        self.models = ensemble_members(models, TSHSR, "TSHSREnsemble")
 
     def encode_images(self, images: Tensor) -> list[Tensor]:
         """(N, 36, img_dim) -> one (N, 36, d_m) embedding per member."""
