@@ -139,17 +139,19 @@ def check_tile_bytes(op: str, value) -> None:
         raise ValueError(f"{op}: max_tile_bytes must be an int >= 0 (0: the default), got {value!r}")
 
 
-def check_feature_pair(images, captions) -> None:
-    """images (N_img, K, d) and captions (N_cap, L_max, d): float tensors sharing d, dtype and device."""
-    check_features("images", images)
-    check_features("captions", captions)
+def check_feature_pair(images, captions, names: tuple[str, str] = ("images", "captions")) -> None:
+    """images (N_img, K, d) and captions (N_cap, L_max, d): float tensors sharing d, dtype and device; ``names``
+    are the argument names the errors use."""
+    a, b = names
+    check_features(a, images)
+    check_features(b, captions)
     if images.shape[2] != captions.shape[2]:
-        raise ValueError(f"images and captions must share the feature size d, got images d={images.shape[2]} "
-                         f"and captions d={captions.shape[2]}")
+        raise ValueError(f"{a} and {b} must share the feature size d, got {a} d={images.shape[2]} "
+                         f"and {b} d={captions.shape[2]}")
     if images.dtype != captions.dtype:
-        raise TypeError(f"images and captions must have the same dtype, got {images.dtype} and {captions.dtype}")
+        raise TypeError(f"{a} and {b} must have the same dtype, got {images.dtype} and {captions.dtype}")
     if images.device != captions.device:
-        raise ValueError(f"images and captions must be on the same device, got {images.device} and {captions.device}")
+        raise ValueError(f"{a} and {b} must be on the same device, got {images.device} and {captions.device}")
 
 
 def check_xattn_args(images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, backend):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from itm_kernels._common.validation import FLOAT_DTYPES, check_features, check_lengths
+from itm_kernels._common.validation import FLOAT_DTYPES, check_feature_pair, check_features, check_lengths
 from itm_kernels._common.bf16_widen import native_bf16, widens_bf16_matmuls
 from itm_kernels._common.dtypes import compute_dtype
 from itm_kernels._common.fast_mm import brgemm_available, mm_float_out
@@ -104,11 +104,7 @@ class SGRAFSimilarity(nn.Module):
             raise ValueError(f"img_emb must be (N_img, {NUM_REGIONS}, {self.embed_size}), got {tuple(img_emb.shape)}")
         if cap_emb.shape[2] != self.embed_size:
             raise ValueError(f"cap_emb must be (N_cap, L_max, {self.embed_size}), got {tuple(cap_emb.shape)}")
-        if img_emb.dtype != cap_emb.dtype:
-            raise TypeError(f"img_emb and cap_emb must have the same dtype, got {img_emb.dtype} and {cap_emb.dtype}")
-        if img_emb.device != cap_emb.device:
-            raise ValueError(f"img_emb and cap_emb must be on the same device, got {img_emb.device} and "
-                             f"{cap_emb.device}")
+        check_feature_pair(img_emb, cap_emb, names=("img_emb", "cap_emb"))
         return check_lengths("cap_lens", cap_lens, cap_emb.shape[0], cap_emb.shape[1], cap_emb.device)
 
     def _weights(self, dtype: torch.dtype, mm_dtype: torch.dtype) -> dict:
