@@ -14,27 +14,28 @@ namespace itm {
 namespace cpu {
 namespace simd {
 
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-
-// 16 bfloat16 values widened to one float32 vector.
-ITM_INLINE Vec<float>::V widen16(const c10::BFloat16* p) {
-  U16x16 h;
+// W / 4 bfloat16 values widened to one float32 vector of W bytes.
+template <int W> ITM_INLINE typename Vec<float, W>::V widen_bf16(const c10::BFloat16* p) {
+  typedef typename VecOf<uint16_t, W / 2>::V U16;
+  typedef typename VecOf<uint32_t, W>::V U32;
+  U16 h;
   std::memcpy(&h, p, sizeof(h));
-  const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
-  Vec<float>::V v;
+  const U32 u = __builtin_convertvector(h, U32) << 16;
+  typename Vec<float, W>::V v;
   std::memcpy(&v, &u, sizeof(v));
   return v;
 }
 
-// One float32 vector rounded to 16 bfloat16 values (round to nearest even, NaN -> 0x7fc0).
-ITM_INLINE void narrow16(c10::BFloat16* p, Vec<float>::V v) {
-  U32x16 u;
+// One float32 vector of W bytes rounded to W / 4 bfloat16 values (round to nearest even, NaN -> 0x7fc0).
+template <int W> ITM_INLINE void narrow_bf16(c10::BFloat16* p, typename Vec<float, W>::V v) {
+  typedef typename VecOf<uint16_t, W / 2>::V U16;
+  typedef typename VecOf<uint32_t, W>::V U32;
+  U32 u;
   std::memcpy(&u, &v, sizeof(u));
-  U32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const U32x16 nan = (U32x16)(v != v);
+  U32 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U32 nan = (U32)(v != v);
   r = (r & ~nan) | (0x7fc0u & nan);
-  const U16x16 h = __builtin_convertvector(r, U16x16);
+  const U16 h = __builtin_convertvector(r, U16);
   std::memcpy(p, &h, sizeof(h));
 }
 

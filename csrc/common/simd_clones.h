@@ -3,13 +3,13 @@
 // which gcc < 12 lacks for these targets and which cannot be forced from outside), and chosen per call by
 // simd_level() (common/isa.h: CPU detection capped by ITM_KERNELS_ISA).
 //
-//   ITM_SIMD_FUNCTION(name, impl)          defines name(args...) = impl(args...) at the level in use;
-//   ITM_SIMD_FUNCTION_LEVELED(name, impl)  the same, calling impl(SimdTag<level>{}, args...), for bodies that size
-//                                          their register blocks per level (16 ymm registers vs 32 zmm).
-// impl must be an ITM_INLINE (always_inline) function or template whose arguments deduce its template parameters:
-// it is inlined into each version and compiled for that version's target; everything it calls that is not
-// inlined runs as baseline code. Non-x86 hosts, compilers without x86 target attributes and builds with
-// -DITM_SIMD_NO_DISPATCH (setup.py: ITM_KERNELS_SIMD=baseline) get the baseline version alone.
+//   ITM_SIMD_FUNCTION(name, impl)  defines name(args...) = impl<W>(args...) at the level in use, W its register
+//                                  width in bytes (kVecBytes: 64 zmm, 32 ymm, 16 xmm). Bodies build their vectors
+//                                  and size their register blocks from W (common/simd_vec.h says why they must).
+// impl must be an ITM_INLINE (always_inline) function template whose first template parameter is `int W` and whose
+// arguments deduce the rest: it is inlined into each version and compiled for that version's target; everything
+// it calls that is not inlined runs as baseline code. Non-x86 hosts, compilers without x86 target attributes and
+// builds with -DITM_SIMD_NO_DISPATCH (setup.py: ITM_KERNELS_SIMD=baseline) get the baseline version alone.
 #pragma once
 #include <type_traits>
 #include <utility>
@@ -26,20 +26,21 @@
 
 namespace itm {
 namespace cpu {
-template <SimdLevel L> using SimdTag = std::integral_constant<SimdLevel, L>;
+// The register width, in bytes, that the SIMD bodies use at each level.
+template <SimdLevel L> constexpr int kVecBytes = L == SimdLevel::kAvx512 ? 64 : (L == SimdLevel::kAvx2 ? 32 : 16);
 }  // namespace cpu
 }  // namespace itm
 
 #if defined(ITM_SIMD_DISPATCH_X86)
-#define ITM_SIMD_FUNCTION_LEVELED(name, impl)                                                                        \
+#define ITM_SIMD_FUNCTION(name, impl)                                                                                \
   template <class... A> ITM_TARGET_AVX512 decltype(auto) name##_avx512(A&&... a) {                                 \
-    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kAvx512>{}, std::forward<A>(a)...);                     \
+    return impl<::itm::cpu::kVecBytes<::itm::cpu::SimdLevel::kAvx512>>(std::forward<A>(a)...);                     \
   }                                                                                                                \
   template <class... A> ITM_TARGET_AVX2 decltype(auto) name##_avx2(A&&... a) {                                     \
-    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kAvx2>{}, std::forward<A>(a)...);                       \
+    return impl<::itm::cpu::kVecBytes<::itm::cpu::SimdLevel::kAvx2>>(std::forward<A>(a)...);                       \
   }                                                                                                                \
   template <class... A> decltype(auto) name##_baseline(A&&... a) {                                                 \
-    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kBaseline>{}, std::forward<A>(a)...);                   \
+    return impl<::itm::cpu::kVecBytes<::itm::cpu::SimdLevel::kBaseline>>(std::forward<A>(a)...);                   \
   }                                                                                                                \
   template <class... A> inline decltype(auto) name(A&&... a) {                                                     \
     switch (::itm::cpu::simd_level()) {                                                                            \
@@ -49,14 +50,8 @@ template <SimdLevel L> using SimdTag = std::integral_constant<SimdLevel, L>;
     }                                                                                                              \
   }
 #else
-#define ITM_SIMD_FUNCTION_LEVELED(name, impl)                                                                        \
+#define ITM_SIMD_FUNCTION(name, impl)                                                                                \
   template <class... A> inline decltype(auto) name(A&&... a) {                                                     \
-    return impl(::itm::cpu::SimdTag<::itm::cpu::SimdLevel::kBaseline>{}, std::forward<A>(a)...);                   \
+    return impl<::itm::cpu::kVecBytes<::itm::cpu::SimdLevel::kBaseline>>(std::forward<A>(a)...);                   \
   }
 #endif
-
-#define ITM_SIMD_FUNCTION(name, impl)                                                                                \
-  template <class Tag, class... A> ITM_INLINE decltype(auto) name##_untagged_(Tag, A&&... a) {                      \
-    return impl(std::forward<A>(a)...);                                                                            \
-  }                                                                                                                \
-  ITM_SIMD_FUNCTION_LEVELED(name, name##_untagged_)

@@ -76,23 +76,24 @@ enum OutKind { kOutF32 = 0, kOutF64 = 1, kOutBf16 = 2 };
 
 // ------------------------------------------------------------------------------------------------------------------
 // Vector loads/stores in the input and output dtypes.
-typedef double F64x16 __attribute__((vector_size(128)));
-
-ITM_INLINE Vec<float>::V vload_as(const float* p) { return vload(p); }
-ITM_INLINE Vec<double>::V vload_as(const double* p) { return vload(p); }
-ITM_INLINE Vec<float>::V vload_as(const bf16* p) { return widen16(p); }
-ITM_INLINE void vstore_as(bf16* p, Vec<float>::V v) { narrow16(p, v); }
-ITM_INLINE void vstore_as(float* p, Vec<float>::V v) { vstore(p, v); }
-ITM_INLINE void vstore_as(double* p, Vec<double>::V v) { vstore(p, v); }
-ITM_INLINE void vstore_as(double* p, Vec<float>::V v) {
-  F64x16 w = __builtin_convertvector(v, F64x16);
+template <int VB> ITM_INLINE typename Vec<float, VB>::V vload_as(const float* p) { return vload<VB>(p); }
+template <int VB> ITM_INLINE typename Vec<double, VB>::V vload_as(const double* p) { return vload<VB>(p); }
+template <int VB> ITM_INLINE typename Vec<float, VB>::V vload_as(const bf16* p) { return widen_bf16<VB>(p); }
+template <int VB> ITM_INLINE void vstore_as(bf16* p, typename Vec<float, VB>::V v) { narrow_bf16<VB>(p, v); }
+template <int VB> ITM_INLINE void vstore_as(float* p, typename Vec<float, VB>::V v) { vstore(p, v); }
+template <int VB> ITM_INLINE void vstore_as(double* p, typename Vec<double, VB>::V v) { vstore(p, v); }
+template <int VB> ITM_INLINE void vstore_as(double* p, typename Vec<float, VB>::V v) {
+  typedef typename VecOf<double, 2 * VB>::V F64;
+  F64 w = __builtin_convertvector(v, F64);
   std::memcpy(p, &w, sizeof(w));
 }
 
 // ------------------------------------------------------------------------------------------------------------------
 // Packed B operands: the layout of common/vnni.h (column blocks of nb; VNNI pairs for bfloat16).
-ITM_SIMD_FUNCTION(pack_cols, pack_cols_impl)
-ITM_SIMD_FUNCTION(pack_rows, pack_rows_impl)
+template <int VB, class... A> ITM_INLINE void pack_cols_simd(A&&... a) { pack_cols_impl(std::forward<A>(a)...); }
+template <int VB, class... A> ITM_INLINE void pack_rows_simd(A&&... a) { pack_rows_impl(std::forward<A>(a)...); }
+ITM_SIMD_FUNCTION(pack_cols, pack_cols_simd)
+ITM_SIMD_FUNCTION(pack_rows, pack_rows_simd)
 
 // C (M x N, ldc) (+)= A (M x Kd, lda) B (Kd x N, row stride N; VNNI for bfloat16). brgemm is called on a multiple
 // of 16 rows plus a tail, so that the per-shape kernels stay few whatever the ragged row counts.
@@ -149,17 +150,17 @@ bool vnni_ok() {
 // LeakyReLU, the l2 norm of each region's row over each caption's words, the softmax over the regions of
 // lambda * normalised score, |a_t|^2 = alpha_t^T G alpha_t; writes Pt[t * K2 + k] = alpha_kt / (|a_t| + eps) for
 // t < W (columns K..K2 zero). S is overwritten.
-template <class T, class E>
+template <int VB, class T, class E>
 ITM_INLINE void attention_impl(T* S, int64_t ld, int64_t K, int64_t K2, int64_t W, const int64_t* seg_off,
                                const int64_t* seg_len, int64_t nseg, const T* G, T lam, E* Pt) {
-  using V = typename Vec<T>::V;
-  constexpr int N = Vec<T>::N;
+  using V = typename Vec<T, VB>::V;
+  constexpr int N = Vec<T, VB>::N;
   const int64_t Wv = (W + N - 1) / N * N;
-  const V zero = vsplat<T>(T(0));
+  const V zero = vsplat<VB, T>(T(0));
   for (int64_t k = 0; k < K; ++k) {
     T* row = S + k * ld;
     for (int64_t j = 0; j < Wv; j += N) {
-      const V x = vload(row + j);
+      const V x = vload<VB>(row + j);
       vstore(row + j, x > zero ? x : x * T(kSlope));
     }
     for (int64_t q = 0; q < nseg; ++q) {
@@ -172,29 +173,29 @@ ITM_INLINE void attention_impl(T* S, int64_t ld, int64_t K, int64_t K2, int64_t 
     }
   }
   for (int64_t j = 0; j < Wv; j += N) {
-    V m = vload(S + j);
-    for (int64_t k = 1; k < K; ++k) m = vmax(m, vload(S + k * ld + j));
+    V m = vload<VB>(S + j);
+    for (int64_t k = 1; k < K; ++k) m = vmax(m, vload<VB>(S + k * ld + j));
     V sum = zero;
     for (int64_t k = 0; k < K; ++k) {
-      const V e = vexp(vload(S + k * ld + j) - m);
+      const V e = vexp(vload<VB>(S + k * ld + j) - m);
       vstore(S + k * ld + j, e);
       sum += e;
     }
-    const V r = vsplat<T>(T(1)) / sum;
+    const V r = vsplat<VB, T>(T(1)) / sum;
     V a2 = zero;
     for (int64_t k = 0; k < K; ++k) {  // alpha and alpha^T G alpha (G symmetric: lower triangle twice + diagonal)
-      const V ak = vload(S + k * ld + j) * r;
+      const V ak = vload<VB>(S + k * ld + j) * r;
       vstore(S + k * ld + j, ak);
       const T* g = G + k * K;
       V off = zero;
-      for (int64_t k2 = 0; k2 < k; ++k2) off += vload(S + k2 * ld + j) * g[k2];
+      for (int64_t k2 = 0; k2 < k; ++k2) off += vload<VB>(S + k2 * ld + j) * g[k2];
       a2 += ak * (ak * g[k] + off + off);
     }
-    const V inv = vsplat<T>(T(1)) / (vsqrt(vmax(a2, zero)) + T(kEps));
+    const V inv = vsplat<VB, T>(T(1)) / (vsqrt(vmax(a2, zero)) + T(kEps));
     const int64_t nt = std::min<int64_t>(N, W - j);
     for (int64_t k = 0; k < K; ++k) {  // transposed store: the vector converted at once, then its lanes
       E p[N];
-      vstore_as(p, vload(S + k * ld + j) * inv);
+      vstore_as<VB>(p, vload<VB>(S + k * ld + j) * inv);
       for (int64_t l = 0; l < nt; ++l) Pt[(j + l) * K2 + k] = p[l];
     }
     for (int64_t k = K; k < K2; ++k)
@@ -247,11 +248,11 @@ template <class T> void gram_guard_patch(T* A, int64_t lda, int64_t k0, int64_t 
 }
 
 // X[t, j] = (A[t, j] - e_t[k0 + j])^2 in the GEMM input dtype, j < kc, t < W (features >= d: e = 0).
-template <class T, class E>
+template <int VB, class T, class E>
 ITM_INLINE void diff_sq_impl(const T* A, int64_t lda, const E* const* rows, int64_t k0, int64_t kc, int64_t d, E* X,
                              int64_t ldx, int64_t W) {
-  using V = typename Vec<T>::V;
-  constexpr int N = Vec<T>::N;
+  using V = typename Vec<T, VB>::V;
+  constexpr int N = Vec<T, VB>::N;
   const int64_t ne = std::max<int64_t>(0, std::min(kc, d - k0));
   for (int64_t t = 0; t < W; ++t) {
     const E* e = rows[t] + k0;
@@ -259,8 +260,8 @@ ITM_INLINE void diff_sq_impl(const T* A, int64_t lda, const E* const* rows, int6
     E* x = X + t * ldx;
     int64_t j = 0;
     for (; j + N <= ne; j += N) {
-      const V v = vload(a + j) - vload_as(e + j);
-      vstore_as(x + j, v * v);
+      const V v = vload<VB>(a + j) - vload_as<VB>(e + j);
+      vstore_as<VB>(x + j, v * v);
     }
     for (; j < ne; ++j) {
       const T v = a[j] - widen(e[j]);
@@ -271,20 +272,20 @@ ITM_INLINE void diff_sq_impl(const T* A, int64_t lda, const E* const* rows, int6
 }
 
 // out row t = (Y[t] + b) / (|Y[t] + b| + eps), cast into the row at rows[t] (s entries, contiguous).
-template <class T>
+template <int VB, class T>
 ITM_INLINE void store_rows_impl(T* Y, int64_t ldy, int64_t W, const T* b, int64_t s, void* const* rows, int kind) {
-  using V = typename Vec<T>::V;
-  constexpr int N = Vec<T>::N;
+  using V = typename Vec<T, VB>::V;
+  constexpr int N = Vec<T, VB>::N;
   const int64_t sv = s / N * N;
   for (int64_t t = 0; t < W; ++t) {
     T* y = Y + t * ldy;
-    V acc = vsplat<T>(T(0));
+    V acc = vsplat<VB, T>(T(0));
     for (int64_t j = 0; j < sv; j += N) {
-      const V v = vload(y + j) + vload(b + j);
+      const V v = vload<VB>(y + j) + vload<VB>(b + j);
       vstore(y + j, v);
       acc += v * v;
     }
-    T sq = hsum<T>(acc);
+    T sq = hsum(acc);
     for (int64_t j = sv; j < s; ++j) {
       y[j] += b[j];
       sq += y[j] * y[j];
@@ -294,18 +295,18 @@ ITM_INLINE void store_rows_impl(T* Y, int64_t ldy, int64_t W, const T* b, int64_
       bf16* o = static_cast<bf16*>(rows[t]);
       int64_t j = 0;
       if constexpr (std::is_same_v<T, float>)
-        for (; j < sv; j += N) vstore_as(o + j, vload(y + j) * f);
+        for (; j < sv; j += N) vstore_as<VB>(o + j, vload<VB>(y + j) * f);
       for (; j < s; ++j) o[j] = bf16(static_cast<float>(y[j] * f));
     } else if (kind == kOutF32) {
       float* o = static_cast<float*>(rows[t]);
       int64_t j = 0;
       if constexpr (std::is_same_v<T, float>)
-        for (; j < sv; j += N) vstore(o + j, vload(y + j) * f);
+        for (; j < sv; j += N) vstore(o + j, vload<VB>(y + j) * f);
       for (; j < s; ++j) o[j] = static_cast<float>(y[j] * f);
     } else {
       double* o = static_cast<double*>(rows[t]);
       int64_t j = 0;
-      for (; j < sv; j += N) vstore_as(o + j, vload(y + j) * f);
+      for (; j < sv; j += N) vstore_as<VB>(o + j, vload<VB>(y + j) * f);
       for (; j < s; ++j) o[j] = static_cast<double>(y[j] * f);
     }
   }
@@ -325,7 +326,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void diff_sq_avx
     bf16* x = X + t * ldx;
     int64_t j = 0;
     for (; j + 16 <= ne; j += 16) {
-      const Vec<float>::V v = vload(a + j) - vload_as(e + j);
+      const Vec<float>::V v = vload(a + j) - vload_as<64>(e + j);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), (__m256i)_mm512_cvtneps_pbh((__m512)(v * v)));
     }
     for (; j < ne; ++j) {

@@ -46,69 +46,73 @@ using namespace itm::cpu::simd;
 
 // out[j] = softmax_j(lam * x[j]), j < n; x and out hold at least round_up(n, Vec<T>::N) entries (the tail of x is
 // overwritten with the row's first value, which changes neither the max nor, after masking, the sum).
-template <typename T>
+template <int VB, typename T>
 ITM_INLINE void softmax_scaled(T* x, int64_t n, T lam, T* out) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::N;
+  using V = typename Vec<T, VB>::V;
+  constexpr int W = Vec<T, VB>::N;
   const int64_t np = (n + W - 1) / W * W;
   for (int64_t j = n; j < np; ++j) x[j] = x[0];
-  V m = vsplat<T>(x[0]);
-  for (int64_t j = 0; j < np; j += W) m = vmax(m, vload(x + j));
-  const V vm = vsplat<T>(lam * hmax<T>(m));
-  const auto iota = viota<T>();
-  V sum = vsplat<T>(T(0));
+  V m = vsplat<VB, T>(x[0]);
+  for (int64_t j = 0; j < np; j += W) m = vmax(m, vload<VB>(x + j));
+  const V vm = vsplat<VB>(lam * hmax(m));
+  const auto iota = viota<VB, T>();
+  V sum = vsplat<VB, T>(T(0));
   for (int64_t j = 0; j < np; j += W) {
-    V e = vexp(vload(x + j) * lam - vm);
-    e = vmask_below<T>(iota, n - j) ? e : vsplat<T>(T(0));
+    V e = vexp(vload<VB>(x + j) * lam - vm);
+    e = vmask_below(iota, n - j) ? e : vsplat<VB, T>(T(0));
     vstore(out + j, e);
     sum += e;
   }
-  const V inv = vsplat<T>(T(1) / hsum<T>(sum));
-  for (int64_t j = 0; j < np; j += W) vstore(out + j, vload(out + j) * inv);
+  const V inv = vsplat<VB, T>(T(1) / hsum(sum));
+  for (int64_t j = 0; j < np; j += W) vstore(out + j, vload<VB>(out + j) * inv);
 }
 
 // acc[v] = sum_{u < n} g[u * NB + v * W] * a[u]: four independent FMA chains (one chain is latency-bound).
-template <typename T, int NV>
-ITM_INLINE void weighted_rows(const T* g, const T* a, int64_t n, typename Vec<T>::V* acc) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::N;
+template <int VB, typename T, int NV>
+ITM_INLINE void weighted_rows(const T* g, const T* a, int64_t n, typename Vec<T, VB>::V* acc) {
+  using V = typename Vec<T, VB>::V;
+  constexpr int W = Vec<T, VB>::N;
   constexpr int64_t NB = NV * W;
-  V c[4][NV];
-  for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = vsplat<T>(T(0));
+  constexpr int R = NV <= 2 ? 4 : 2;  // chains: R NV accumulators stay in registers
+  V c[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = vsplat<VB>(T(0));
   int64_t u = 0;
-  for (; u + 4 <= n; u += 4)
-    for (int r = 0; r < 4; ++r)
-      for (int v = 0; v < NV; ++v) c[r][v] += vload(g + (u + r) * NB + v * W) * a[u + r];
+  for (; u + R <= n; u += R)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) c[r][v] += vload<VB>(g + (u + r) * NB + v * W) * a[u + r];
   for (; u < n; ++u)
-    for (int v = 0; v < NV; ++v) c[0][v] += vload(g + u * NB + v * W) * a[u];
-  for (int v = 0; v < NV; ++v) acc[v] += (c[0][v] + c[1][v]) + (c[2][v] + c[3][v]);
+    for (int v = 0; v < NV; ++v) c[0][v] += vload<VB>(g + u * NB + v * W) * a[u];
+  for (int v = 0; v < NV; ++v) {
+    if constexpr (R == 4) acc[v] += (c[0][v] + c[1][v]) + (c[2][v] + c[3][v]);
+    else acc[v] += c[0][v] + c[1][v];
+  }
 }
 
 // num[b] = sum_j a_j s[j, b]; quad[b] = sum_{j,u} a_j a_u g[j, u, b] over NB = NV vectors of blocks, for the
 // j-th row of s at s + j * s_stride. sym: g symmetric (use the lower triangle).
-template <typename T, int NV>
+template <int VB, typename T, int NV>
 ITM_INLINE void weighted_sums(const T* a, int64_t n, const T* s, int64_t s_stride, const T* g, bool sym,
-                              typename Vec<T>::V* num, typename Vec<T>::V* quad) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::N;
+                              typename Vec<T, VB>::V* num, typename Vec<T, VB>::V* quad) {
+  using V = typename Vec<T, VB>::V;
+  constexpr int W = Vec<T, VB>::N;
   constexpr int64_t NB = NV * W;
-  for (int v = 0; v < NV; ++v) num[v] = vsplat<T>(T(0)), quad[v] = vsplat<T>(T(0));
+  for (int v = 0; v < NV; ++v) num[v] = vsplat<VB, T>(T(0)), quad[v] = vsplat<VB, T>(T(0));
   for (int64_t j = 0; j < n; ++j) {
     const T aj = a[j];
     const T* sj = s + j * s_stride;
-    for (int v = 0; v < NV; ++v) num[v] += vload(sj + v * W) * aj;
+    for (int v = 0; v < NV; ++v) num[v] += vload<VB>(sj + v * W) * aj;
     const T* gj = g + j * n * NB;
     if (sym) {
-      for (int v = 0; v < NV; ++v) quad[v] += vload(gj + j * NB + v * W) * (aj * aj);
+      for (int v = 0; v < NV; ++v) quad[v] += vload<VB>(gj + j * NB + v * W) * (aj * aj);
       V acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = vsplat<T>(T(0));
-      weighted_rows<T, NV>(gj, a, j, acc);
+      for (int v = 0; v < NV; ++v) acc[v] = vsplat<VB, T>(T(0));
+      weighted_rows<VB, T, NV>(gj, a, j, acc);
       for (int v = 0; v < NV; ++v) quad[v] += acc[v] * (2 * aj);
     } else {
       V acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = vsplat<T>(T(0));
-      weighted_rows<T, NV>(gj, a, n, acc);
+      for (int v = 0; v < NV; ++v) acc[v] = vsplat<VB, T>(T(0));
+      weighted_rows<VB, T, NV>(gj, a, n, acc);
       for (int v = 0; v < NV; ++v) quad[v] += acc[v] * aj;
     }
   }
@@ -116,28 +120,33 @@ ITM_INLINE void weighted_sums(const T* a, int64_t n, const T* s, int64_t s_strid
 
 // s[k, t, :] = sum_e v[k, e, :] * e[t, e, :] and S[k, t] = sum_b s[k, t, b] for k < K, t < L (lanes = blocks); v (Kp, db, NB), e (Lp, db, NB) with
 // Kp, Lp multiples of the register tile (zero rows beyond K, L).
-template <typename T, int NV>
+// The register tile is TK x TT of ScoreTile<T> at 64-byte vectors and shrinks (to divisors of it, so that Kp and
+// Lp stay multiples) until its TK TT NV accumulators fit: 16 of 32 zmm, 8 of 16 ymm / xmm.
+template <int VB, typename T, int NV>
 ITM_INLINE void block_scores(const T* vi, const T* ec, int64_t K, int64_t L, int64_t Kp, int64_t Lp, int64_t db,
                              T* s_blk, T* s_sum) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::N;
+  using V = typename Vec<T, VB>::V;
+  constexpr int W = Vec<T, VB>::N;
   constexpr int64_t NB = NV * W;
-  constexpr int TK = ScoreTile<T>::TK, TT = ScoreTile<T>::TT;
+  constexpr int kAcc = VB == 64 ? 16 : 8;
+  constexpr int TT = std::min(ScoreTile<T>::TT, std::max(1, kAcc / NV));
+  constexpr int TK = std::min(ScoreTile<T>::TK, std::max(1, kAcc / (NV * TT)));
+  static_assert(ScoreTile<T>::TK % TK == 0 && ScoreTile<T>::TT % TT == 0, "tiles divide the padded sizes");
   const int64_t row = db * NB;
   for (int64_t k0 = 0; k0 < Kp; k0 += TK) {
     for (int64_t t0 = 0; t0 < Lp; t0 += TT) {
       V acc[TK][TT][NV];
       for (int r = 0; r < TK; ++r)
         for (int q = 0; q < TT; ++q)
-          for (int v = 0; v < NV; ++v) acc[r][q][v] = vsplat<T>(T(0));
+          for (int v = 0; v < NV; ++v) acc[r][q][v] = vsplat<VB, T>(T(0));
       const T* a0 = vi + k0 * row;
       const T* b0 = ec + t0 * row;
       for (int64_t e = 0; e < db; ++e) {
         V a[TK][NV], b[TT][NV];
         for (int r = 0; r < TK; ++r)
-          for (int v = 0; v < NV; ++v) a[r][v] = vload(a0 + r * row + e * NB + v * W);
+          for (int v = 0; v < NV; ++v) a[r][v] = vload<VB>(a0 + r * row + e * NB + v * W);
         for (int q = 0; q < TT; ++q)
-          for (int v = 0; v < NV; ++v) b[q][v] = vload(b0 + q * row + e * NB + v * W);
+          for (int v = 0; v < NV; ++v) b[q][v] = vload<VB>(b0 + q * row + e * NB + v * W);
         for (int r = 0; r < TK; ++r)
           for (int q = 0; q < TT; ++q)
             for (int v = 0; v < NV; ++v) acc[r][q][v] += a[r][v] * b[q][v];
@@ -148,7 +157,7 @@ ITM_INLINE void block_scores(const T* vi, const T* ec, int64_t K, int64_t L, int
           V total = acc[r][q][0];
           for (int v = 0; v < NV; ++v) vstore(s_blk + ((k0 + r) * L + t0 + q) * NB + v * W, acc[r][q][v]);
           for (int v = 1; v < NV; ++v) total += acc[r][q][v];
-          s_sum[(k0 + r) * L + t0 + q] = hsum_tree<T>(total);  // S = sum over the blocks, from the registers
+          s_sum[(k0 + r) * L + t0 + q] = hsum_tree(total);  // S = sum over the blocks, from the registers
         }
     }
   }
@@ -199,18 +208,20 @@ __attribute__((noinline)) void gram_guard_pair(const T* vi, const T* ec, const T
     }
 }
 
-// NV vectors of Vec<T>::N blocks each: the block count is a multiple of the vector width (16 in GSMN: one
-// AVX-512 vector of float32, two of float64).
-template <typename T, int NV>
-ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV>, const T* __restrict__ vi,
+// NV64 64-byte vectors of blocks (Vec<T>::N each): the block count is a multiple of the widest vector (16 in GSMN:
+// one 64-byte vector of float32, two of float64), NV = NV64 * 64 / VB vectors at this level's width VB.
+template <int VB, typename T, int NV64>
+ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV64>, const T* __restrict__ vi,
                                    const T* __restrict__ ec, const T* __restrict__ gram_e,
                                    const T* __restrict__ gram_v, const T* __restrict__ img_sq,
                                    const T* __restrict__ cap_sq, const Dims& D, const Out& O, int64_t i, int64_t c,
                                    int64_t L, T lam, T* __restrict__ region, T* __restrict__ word,
                                    std::vector<T>& buf) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::N;
+  constexpr int NV = NV64 * (kMaxVecBytes / VB);
+  using V = typename Vec<T, VB>::V;
+  constexpr int W = Vec<T, VB>::N;
   constexpr int64_t B = NV * W;
+  static_assert(B == NV64 * Vec<T>::N, "the block layout does not depend on the level");
   const int64_t K = D.K, Lt = D.Lt, Kp = D.Kp, Lp = D.Lp;
   const int64_t Lw = (L + W - 1) / W * W, Kw = (K + W - 1) / W * W;
   const size_t n_main = static_cast<size_t>(K * L * B + K * L + K * Lw + L * Kw + Lw + Kw + K + L + 2 * W);
@@ -224,7 +235,7 @@ ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV>, const T* __r
   T* tmp = beta_t + L * Kw;         // max(Lw, Kw) scratch
   T* row = tmp + Lw + Kw;           // K
   T* col = row + K;                 // L
-  block_scores<T, NV>(vi, ec, K, L, Kp, Lp, D.db, s_blk, h);
+  block_scores<VB, T, NV>(vi, ec, K, L, Kp, Lp, D.db, s_blk, h);
   for (int64_t t = 0; t < L; ++t) col[t] = 0;
   for (int64_t k = 0; k < K; ++k) {
     T rk = 0;
@@ -240,14 +251,14 @@ ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV>, const T* __r
   for (int64_t t = 0; t < L; ++t) col[t] = T(1) / (std::sqrt(col[t]) + T(kEps));
   for (int64_t k = 0; k < K; ++k) {  // regions query the words
     for (int64_t t = 0; t < L; ++t) tmp[t] = h[k * L + t] * col[t];
-    softmax_scaled(tmp, L, lam, alpha + k * Lw);
+    softmax_scaled<VB>(tmp, L, lam, alpha + k * Lw);
   }
   for (int64_t t = 0; t < L; ++t) {  // words query the regions
     for (int64_t k = 0; k < K; ++k) tmp[k] = h[k * L + t] * row[k];
-    softmax_scaled(tmp, K, lam, beta_t + t * Kw);
+    softmax_scaled<VB>(tmp, K, lam, beta_t + t * Kw);
   }
   V num[NV], quad[NV];
-  const V eps = vsplat<T>(T(kEps)), zero = vsplat<T>(T(0));
+  const V eps = vsplat<VB, T>(T(kEps)), zero = vsplat<VB, T>(T(0));
   const T* ge = gram_e + c * Lt * Lt * B;
   for (int64_t k = 0; k < K; ++k) {
     // the caption's Gram matrix is (Lt, Lt, B); its top-left (L, L) block is read with row stride Lt * B
@@ -257,11 +268,11 @@ ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV>, const T* __r
     for (int64_t t = 0; t < L; ++t) {
       const T at = a[t];
       const T* st = s_blk + (k * L + t) * B;
-      for (int v = 0; v < NV; ++v) nacc[v] += vload(st + v * W) * at;
+      for (int v = 0; v < NV; ++v) nacc[v] += vload<VB>(st + v * W) * at;
       const T* gt = ge + t * Lt * B;
       V acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = vload(gt + t * B + v * W) * (at * T(0.5));
-      weighted_rows<T, NV>(gt, a, t, acc);
+      for (int v = 0; v < NV; ++v) acc[v] = vload<VB>(gt + t * B + v * W) * (at * T(0.5));
+      weighted_rows<VB, T, NV>(gt, a, t, acc);
       for (int v = 0; v < NV; ++v) qacc[v] += acc[v] * (2 * at);
     }
     const T* vsq = img_sq + (i * K + k) * B;
@@ -269,19 +280,19 @@ ITM_INLINE void pair_epilogue_impl(std::integral_constant<int, NV>, const T* __r
     for (int v = 0; v < NV; ++v) {
       V q = vmax(qacc[v], zero);
       vstore(q_reg + k * B + v * W, q);
-      V den = vmax(vsqrt(vload(vsq + v * W)) * vsqrt(q), eps);
+      V den = vmax(vsqrt(vload<VB>(vsq + v * W)) * vsqrt(q), eps);
       vstore(out + v * W, nacc[v] / den);
     }
   }
   const T* gv = gram_v + i * K * K * B;
   for (int64_t t = 0; t < L; ++t) {
-    weighted_sums<T, NV>(beta_t + t * Kw, K, s_blk + t * B, L * B, gv, true, num, quad);
+    weighted_sums<VB, T, NV>(beta_t + t * Kw, K, s_blk + t * B, L * B, gv, true, num, quad);
     const T* esq = cap_sq + (c * Lt + t) * B;
     T* out = word + (((O.i0 + i) * O.n_cap + O.cap_index[c]) * O.L_out + t) * B;
     for (int v = 0; v < NV; ++v) {
       V q = vmax(quad[v], zero);
       vstore(q_word + t * B + v * W, q);
-      V den = vmax(vsqrt(vload(esq + v * W)) * vsqrt(q), eps);
+      V den = vmax(vsqrt(vload<VB>(esq + v * W)) * vsqrt(q), eps);
       vstore(out + v * W, num[v] / den);
     }
   }

@@ -23,39 +23,43 @@
 namespace {
 
 using namespace itm::cpu::simd;
-using VF = Vec<float>::V;
-constexpr int kW = Vec<float>::N;
+constexpr int kMaxW = Vec<float>::N;  // the widest vector's lanes: node sizes are multiples of it
 constexpr float kEps = static_cast<float>(itm::kEps);
 static_assert(kEps == 1e-8f, "the float32 eps of the SAF gate and l2norm");
 
 ITM_INLINE float sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
 
-ITM_INLINE float dot(const float* a, const float* b, int64_t s) {
-  VF acc = vsplat(0.0f);
-  for (int64_t k = 0; k < s; k += kW) acc += vload(a + k) * vload(b + k);
-  return hsum_tree<float>(acc);
+template <int W> ITM_INLINE float dot(const float* a, const float* b, int64_t s) {
+  using VF = typename Vec<float, W>::V;
+  constexpr int kW = Vec<float, W>::N;
+  VF acc = vsplat<W>(0.0f);
+  for (int64_t k = 0; k < s; k += kW) acc += vload<W>(a + k) * vload<W>(b + k);
+  return hsum_tree(acc);
 }
 
 // One pair: x (m, s) valid node rows; v (s) scratch.
+template <int W>
 ITM_INLINE float saf_pair_impl(const float* x, int64_t m, int64_t s, const float* gate_w, float gate_scale,
                                float gate_shift, const float* eval_w, float eval_b, float* v) {
-  for (int64_t k = 0; k < s; k += kW) vstore(v + k, vsplat(0.0f));
+  using VF = typename Vec<float, W>::V;
+  constexpr int kW = Vec<float, W>::N;
+  for (int64_t k = 0; k < s; k += kW) vstore(v + k, vsplat<W>(0.0f));
   float total = 0.0f;
   for (int64_t j = 0; j < m; ++j) {
     const float* row = x + j * s;
-    const float sigma = sigmoid(gate_scale * dot(gate_w, row, s) + gate_shift);
+    const float sigma = sigmoid(gate_scale * dot<W>(gate_w, row, s) + gate_shift);
     total += sigma;
-    const VF vs = vsplat(sigma);
-    for (int64_t k = 0; k < s; k += kW) vstore(v + k, vload(v + k) + vs * vload(row + k));
+    const VF vs = vsplat<W>(sigma);
+    for (int64_t k = 0; k < s; k += kW) vstore(v + k, vload<W>(v + k) + vs * vload<W>(row + k));
   }
   const float inv_total = 1.0f / (total + kEps);
-  VF sq = vsplat(0.0f), ev = vsplat(0.0f);
+  VF sq = vsplat<W>(0.0f), ev = vsplat<W>(0.0f);
   for (int64_t k = 0; k < s; k += kW) {
-    const VF vk = vload(v + k) * vsplat(inv_total);
+    const VF vk = vload<W>(v + k) * vsplat<W>(inv_total);
     sq += vk * vk;
-    ev += vk * vload(eval_w + k);
+    ev += vk * vload<W>(eval_w + k);
   }
-  return sigmoid(hsum_tree<float>(ev) / (std::sqrt(hsum_tree<float>(sq)) + kEps) + eval_b);
+  return sigmoid(hsum_tree(ev) / (std::sqrt(hsum_tree(sq)) + kEps) + eval_b);
 }
 ITM_SIMD_FUNCTION(saf_pair, saf_pair_impl)
 
@@ -72,7 +76,7 @@ at::Tensor saf_scores_cpu(const at::Tensor& x, const at::Tensor& node_counts, co
               "saf_scores: x must be a contiguous float32 (P, n, s) CPU tensor, got ", x.sizes(), " ",
               x.scalar_type(), " on ", x.device());
   const int64_t P = x.size(0), n = x.size(1), s = x.size(2);
-  TORCH_CHECK(s > 0 && s % kW == 0, "saf_scores: the node size s must be a positive multiple of ", kW, ", got ", s);
+  TORCH_CHECK(s > 0 && s % kMaxW == 0, "saf_scores: the node size s must be a positive multiple of ", kMaxW, ", got ", s);
   TORCH_CHECK(node_counts.device().is_cpu() && node_counts.scalar_type() == at::kLong && node_counts.dim() == 1 &&
                   node_counts.size(0) == P && node_counts.is_contiguous(),
               "saf_scores: node_counts must be a contiguous int64 (", P, ",) CPU tensor, got ", node_counts.sizes(),

@@ -36,62 +36,71 @@
 namespace {
 
 using namespace itm::cpu::simd;
-using VF = Vec<float>::V;
-constexpr int kW = Vec<float>::N;  // 16 lanes
+constexpr int kMaxW = Vec<float>::N;  // the widest vector's lanes (16): node sizes and logits rows are multiples
 constexpr int64_t kChunkRows = 256;
 constexpr int64_t kNb = 64;  // GEMM column block
 
 // float32 rows as they are; bfloat16 rows widened 16 at a time and stored back rounded to nearest even (NaN kept
 // quiet), as c10::BFloat16 does (common/bf16.h); s % 16 == 0.
-ITM_INLINE void widen_row(const float* src, float* dst, int64_t s) { std::memcpy(dst, src, s * sizeof(float)); }
-ITM_INLINE void widen_row(const c10::BFloat16* src, float* dst, int64_t s) {
-  for (int64_t k = 0; k < s; k += kW) vstore(dst + k, widen16(src + k));
+template <int W> ITM_INLINE void widen_row(const float* src, float* dst, int64_t s) { std::memcpy(dst, src, s * sizeof(float)); }
+template <int W> ITM_INLINE void widen_row(const c10::BFloat16* src, float* dst, int64_t s) {
+  constexpr int kW = Vec<float, W>::N;
+  for (int64_t k = 0; k < s; k += kW) vstore(dst + k, widen_bf16<W>(src + k));
 }
-ITM_INLINE void narrow_row(const float* src, float* dst, int64_t s) { std::memcpy(dst, src, s * sizeof(float)); }
-ITM_INLINE void narrow_row(const float* src, c10::BFloat16* dst, int64_t s) {
-  for (int64_t k = 0; k < s; k += kW) narrow16(dst + k, vload(src + k));
+template <int W> ITM_INLINE void narrow_row(const float* src, float* dst, int64_t s) { std::memcpy(dst, src, s * sizeof(float)); }
+template <int W> ITM_INLINE void narrow_row(const float* src, c10::BFloat16* dst, int64_t s) {
+  constexpr int kW = Vec<float, W>::N;
+  for (int64_t k = 0; k < s; k += kW) narrow_bf16<W>(dst + k, vload<W>(src + k));
 }
 
 // logits (m4 x ldl) = Y X^T for m4 = round_up(m, 4) rows of Y and X (s features, s % 16 == 0; rows >= m zero).
+// Blocks of BA x 4 dot products: 16 accumulators in 32 zmm, 8 in 16 ymm / xmm.
+template <int W>
 ITM_INLINE void block_logits(const float* Y, const float* X, int64_t m4, int64_t s, float* logits, int64_t ldl) {
-  for (int64_t i0 = 0; i0 < m4; i0 += 4) {
+  using VF = typename Vec<float, W>::V;
+  constexpr int kW = Vec<float, W>::N;
+  constexpr int BA = W == 64 ? 4 : 2;
+  for (int64_t i0 = 0; i0 < m4; i0 += BA) {
     for (int64_t j0 = 0; j0 < m4; j0 += 4) {
-      VF acc[4][4];
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) acc[a][b] = vsplat(0.0f);
+      VF acc[BA][4];
+      for (int a = 0; a < BA; ++a)
+        for (int b = 0; b < 4; ++b) acc[a][b] = vsplat<W>(0.0f);
       for (int64_t k = 0; k < s; k += kW) {
-        VF y[4], x[4];
-        for (int a = 0; a < 4; ++a) y[a] = vload(Y + (i0 + a) * s + k);
-        for (int b = 0; b < 4; ++b) x[b] = vload(X + (j0 + b) * s + k);
-        for (int a = 0; a < 4; ++a)
+        VF y[BA], x[4];
+        for (int a = 0; a < BA; ++a) y[a] = vload<W>(Y + (i0 + a) * s + k);
+        for (int b = 0; b < 4; ++b) x[b] = vload<W>(X + (j0 + b) * s + k);
+        for (int a = 0; a < BA; ++a)
           for (int b = 0; b < 4; ++b) acc[a][b] += y[a] * x[b];
       }
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) logits[(i0 + a) * ldl + j0 + b] = hsum_tree<float>(acc[a][b]);
+      for (int a = 0; a < BA; ++a)
+        for (int b = 0; b < 4; ++b) logits[(i0 + a) * ldl + j0 + b] = hsum_tree(acc[a][b]);
     }
   }
 }
 
 // out rows i, i + 1 (s features) = ReLU(sum_{j < m} A[i][j] U_j + bias); A rows have stride lda, U rows ldu.
+template <int W>
 ITM_INLINE void attend_two_rows(const float* A, int64_t lda, const float* U, int64_t ldu, int64_t m, int64_t s,
                                 const float* bias, float* out0, float* out1) {
-  constexpr int kC = 8;  // 8 vectors = 128 features per pass
+  using VF = typename Vec<float, W>::V;
+  constexpr int kW = Vec<float, W>::N;
+  constexpr int kC = W == 64 ? 8 : 4;  // vectors per pass: 2 kC accumulators (16 of 32 zmm; 8 of 16 ymm / xmm)
   for (int64_t k0 = 0; k0 < s; k0 += kC * kW) {
     const int nv = static_cast<int>(std::min<int64_t>(kC, (s - k0) / kW));
     VF acc0[kC], acc1[kC];
-    for (int v = 0; v < kC; ++v) acc0[v] = acc1[v] = vsplat(0.0f);
+    for (int v = 0; v < kC; ++v) acc0[v] = acc1[v] = vsplat<W>(0.0f);
     for (int64_t j = 0; j < m; ++j) {
-      const VF a0 = vsplat(A[j]), a1 = vsplat(A[lda + j]);
+      const VF a0 = vsplat<W>(A[j]), a1 = vsplat<W>(A[lda + j]);
       const float* u = U + j * ldu + k0;
       for (int v = 0; v < nv; ++v) {
-        const VF uj = vload(u + v * kW);
+        const VF uj = vload<W>(u + v * kW);
         acc0[v] += a0 * uj;
         acc1[v] += a1 * uj;
       }
     }
-    const VF zero = vsplat(0.0f);
+    const VF zero = vsplat<W>(0.0f);
     for (int v = 0; v < nv; ++v) {
-      const VF b = vload(bias + k0 + v * kW);
+      const VF b = vload<W>(bias + k0 + v * kW);
       vstore(out0 + k0 + v * kW, vmax(acc0[v] + b, zero));
       vstore(out1 + k0 + v * kW, vmax(acc1[v] + b, zero));
     }
@@ -99,23 +108,25 @@ ITM_INLINE void attend_two_rows(const float* A, int64_t lda, const float* U, int
 }
 
 // Row softmax of logits[i][0..m) in place (ldl >= round_up(m, 16)); padding lanes get weight 0.
-ITM_INLINE void softmax_row(float* row, int64_t m) {
+template <int W> ITM_INLINE void softmax_row(float* row, int64_t m) {
+  using VF = typename Vec<float, W>::V;
+  constexpr int kW = Vec<float, W>::N;
   const int64_t mp = (m + kW - 1) / kW * kW;
   for (int64_t j = m; j < mp; ++j) row[j] = row[0];
-  VF mx = vload(row);
-  for (int64_t j = kW; j < mp; j += kW) mx = vmax(mx, vload(row + j));
-  const VF vm = vsplat(hmax<float>(mx));
-  const auto iota = viota<float>();
-  VF sum = vsplat(0.0f);
+  VF mx = vload<W>(row);
+  for (int64_t j = kW; j < mp; j += kW) mx = vmax(mx, vload<W>(row + j));
+  const VF vm = vsplat<W>(hmax(mx));
+  const auto iota = viota<W, float>();
+  VF sum = vsplat<W>(0.0f);
   for (int64_t j = 0; j < mp; j += kW) {
-    VF e = vexp(vload(row + j) - vm);
-    const auto keep = vmask_below<float>(iota, m - j);
-    e = keep ? e : vsplat(0.0f);
+    VF e = vexp(vload<W>(row + j) - vm);
+    const auto keep = vmask_below(iota, m - j);
+    e = keep ? e : vsplat<W>(0.0f);
     vstore(row + j, e);
     sum += e;
   }
-  const VF inv = vsplat(1.0f / hsum<float>(sum));
-  for (int64_t j = 0; j < mp; j += kW) vstore(row + j, vload(row + j) * inv);
+  const VF inv = vsplat<W>(1.0f / hsum(sum));
+  for (int64_t j = 0; j < mp; j += kW) vstore(row + j, vload<W>(row + j) * inv);
 }
 
 // Per-thread scratch: float32 copies of one pair's X and Y + c rows (round_up(n, 4) rows each, for the 4 x 4
@@ -123,7 +134,7 @@ ITM_INLINE void softmax_row(float* row, int64_t m) {
 struct Scratch {
   std::vector<float> x, y, logits, out, yu;
   Scratch(int64_t n, int64_t s, int64_t chunk_rows) {
-    const int64_t n4 = (n + 3) / 4 * 4, ldl = std::max<int64_t>(16, (n4 + kW - 1) / kW * kW);
+    const int64_t n4 = (n + 3) / 4 * 4, ldl = std::max<int64_t>(16, (n4 + kMaxW - 1) / kMaxW * kMaxW);
     x.resize(n4 * s);
     y.resize(n4 * s);
     logits.resize(n4 * ldl);
@@ -133,32 +144,33 @@ struct Scratch {
 };
 
 // One pair: x (n, s) nodes in place, yu (n, 2 s) float32 [Y | U] of its nodes.
-template <typename T>
+template <int W, typename T>
 ITM_INLINE void sgr_pair_impl(T* x, const float* yu, int64_t n, int64_t m, int64_t s, const float* c,
                               const float* bias, Scratch& w) {
-  const int64_t m4 = (m + 3) / 4 * 4, ldl = std::max<int64_t>(16, (m4 + kW - 1) / kW * kW);
+  constexpr int kW = Vec<float, W>::N;
+  const int64_t m4 = (m + 3) / 4 * 4, ldl = std::max<int64_t>(16, (m4 + kMaxW - 1) / kMaxW * kMaxW);
   for (int64_t j = 0; j < m; ++j) {
-    widen_row(x + j * s, w.x.data() + j * s, s);
+    widen_row<W>(x + j * s, w.x.data() + j * s, s);
     float* y = w.y.data() + j * s;
     const float* yj = yu + j * 2 * s;
-    for (int64_t k = 0; k < s; k += kW) vstore(y + k, vload(yj + k) + vload(c + k));   // (Y_i + c) . X_j
+    for (int64_t k = 0; k < s; k += kW) vstore(y + k, vload<W>(yj + k) + vload<W>(c + k));   // (Y_i + c) . X_j
   }
   std::fill(w.x.begin() + m * s, w.x.begin() + m4 * s, 0.f);      // padding rows of the 4 x 4 blocks
   std::fill(w.y.begin() + m * s, w.y.begin() + m4 * s, 0.f);
-  block_logits(w.y.data(), w.x.data(), m4, s, w.logits.data(), ldl);
+  block_logits<W>(w.y.data(), w.x.data(), m4, s, w.logits.data(), ldl);
   for (int64_t i = 0; i < m4; ++i) {
     float* row = w.logits.data() + i * ldl;
     if (i >= m) {                                                    // a padding row: zero weights, never stored
       std::fill(row, row + ldl, 0.f);
       continue;
     }
-    softmax_row(row, m);
+    softmax_row<W>(row, m);
   }
   for (int64_t i = 0; i < m; i += 2) {
     // An odd last row pairs with the zero row m (its softmax row is all zero); only row i is stored.
-    attend_two_rows(w.logits.data() + i * ldl, ldl, yu + s, 2 * s, m, s, bias, w.out.data(), w.out.data() + s);
-    narrow_row(w.out.data(), x + i * s, s);
-    if (i + 1 < m) narrow_row(w.out.data() + s, x + (i + 1) * s, s);
+    attend_two_rows<W>(w.logits.data() + i * ldl, ldl, yu + s, 2 * s, m, s, bias, w.out.data(), w.out.data() + s);
+    narrow_row<W>(w.out.data(), x + i * s, s);
+    if (i + 1 < m) narrow_row<W>(w.out.data() + s, x + (i + 1) * s, s);
   }
   std::memset(static_cast<void*>(x + m * s), 0, (n - m) * s * sizeof(T));
 }
@@ -181,25 +193,27 @@ void chunk_gemm(const T* x, const T* packed, int64_t rows, int64_t s, float* yu)
 }
 
 // z0 = sum_{j < m} softmax_j(y0 . X_j) X_j: the last step's attention of the global node over its pair's nodes.
-template <typename T>
+template <int W, typename T>
 ITM_INLINE void global_attend_pair_impl(const T* x, const float* y0, int64_t m, int64_t s, float* z0,
                                         std::vector<float>& rows, std::vector<float>& logits) {
+  using VF = typename Vec<float, W>::V;
+  constexpr int kW = Vec<float, W>::N;
   const float* X = nullptr;
   if constexpr (std::is_same_v<T, float>) {
     X = x;
   } else {
-    for (int64_t j = 0; j < m; ++j) widen_row(x + j * s, rows.data() + j * s, s);
+    for (int64_t j = 0; j < m; ++j) widen_row<W>(x + j * s, rows.data() + j * s, s);
     X = rows.data();
   }
   for (int64_t j = 0; j < m; ++j) {
-    VF acc = vsplat(0.0f);
-    for (int64_t k = 0; k < s; k += kW) acc += vload(y0 + k) * vload(X + j * s + k);
-    logits[j] = hsum_tree<float>(acc);
+    VF acc = vsplat<W>(0.0f);
+    for (int64_t k = 0; k < s; k += kW) acc += vload<W>(y0 + k) * vload<W>(X + j * s + k);
+    logits[j] = hsum_tree(acc);
   }
-  softmax_row(logits.data(), m);
+  softmax_row<W>(logits.data(), m);
   for (int64_t k = 0; k < s; k += kW) {
-    VF acc = vsplat(0.0f);
-    for (int64_t j = 0; j < m; ++j) acc += vsplat(logits[j]) * vload(X + j * s + k);
+    VF acc = vsplat<W>(0.0f);
+    for (int64_t j = 0; j < m; ++j) acc += vsplat<W>(logits[j]) * vload<W>(X + j * s + k);
     vstore(z0 + k, acc);
   }
 }
@@ -237,7 +251,7 @@ at::Tensor sgr_global_attend_cpu(const at::Tensor& x, const at::Tensor& y0, cons
   const float* yp = y0.data_ptr<float>();
   float* zp = z0.data_ptr<float>();
   at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
-    std::vector<float> rows(n * s), logits((n + kW - 1) / kW * kW);
+    std::vector<float> rows(n * s), logits((n + kMaxW - 1) / kMaxW * kMaxW);
     for (int64_t p = p0; p < p1; ++p) {
       if (x.scalar_type() == at::kFloat)
         global_attend_pair(x.data_ptr<float>() + p * n * s, yp + p * s, counts[p], s, zp + p * s, rows, logits);

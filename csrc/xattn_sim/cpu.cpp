@@ -49,6 +49,10 @@ namespace cpu {
 namespace {
 using namespace simd;
 
+// Columns per attend_cols block, in vectors: its 4 * NV accumulators (max, sum, num, a2) stay in registers with room
+// for the loads (32 zmm at 64 bytes; 16 ymm / xmm at 32 and 16 bytes).
+template <int W> constexpr int kAttendBlock = W == 64 ? 4 : 2;
+
 template <class V, class T> ITM_INLINE V vpre(V x, bool clip) {
   return clip ? (x > T(0) ? x : x * T(kLeakySlope)) : x;
 }
@@ -125,12 +129,12 @@ __attribute__((noinline)) T exact_cosine(const TileArgs<T>& a, const T* Z, int64
 // sqrt/divide that turns them into factors runs vectorised over the rows). Windows of the vector width run past a
 // group's end: those lanes are masked out of the statistics, and their stores are overwritten by the next group
 // (groups are processed left to right) or land in the row's slack (ld >= qpad + width).
-template <class T, int kKind>
+template <int W, class T, int kKind>
 ITM_INLINE void norm_group(const T* S, T* Z, int64_t ld, int64_t rn, const TileArgs<T>& a, bool clip, T* stat) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  constexpr int N = Vec<T>::N;
-  const I iota = viota<T>();
+  using V = typename Vec<T, W>::V;
+  using I = typename Vec<T, W>::I;
+  constexpr int N = Vec<T, W>::N;
+  const I iota = viota<W, T>();
   const V zero = {};
   const T lam = a.lambda_softmax;
   for (int64_t h = 0; h < a.n_cg; ++h) {
@@ -139,42 +143,42 @@ ITM_INLINE void norm_group(const T* S, T* Z, int64_t ld, int64_t rn, const TileA
     const int64_t n = a.cg_len[h];
     if (kKind == 3) {  // clipped / no_norm
       for (int64_t r = 0; r < rn; ++r)
-        for (int64_t j = 0; j < n; j += N) vstore(zp + r * ld + j, vpre<V, T>(vload(sp + r * ld + j), clip) * lam);
+        for (int64_t j = 0; j < n; j += N) vstore(zp + r * ld + j, vpre<V, T>(vload<W>(sp + r * ld + j), clip) * lam);
     } else if (kKind == 1 || kKind == 2) {  // l2 / l1
       for (int64_t r = 0; r < rn; ++r) {
         V acc = zero;
         for (int64_t j = 0; j < n; j += N) {
-          V p = vpre<V, T>(vload(sp + r * ld + j), clip);
+          V p = vpre<V, T>(vload<W>(sp + r * ld + j), clip);
           V term = kKind == 1 ? p * p : (p < T(0) ? -p : p);
-          acc += vmask_below<T>(iota, n - j) ? term : zero;
+          acc += vmask_below(iota, n - j) ? term : zero;
         }
-        stat[r] = hsum<T>(acc);
+        stat[r] = hsum(acc);
       }
       for (int64_t r = 0; r < rn; ++r) stat[r] = lam * norm_factor<T>(stat[r], kKind == 1 ? kL2Norm : kL1Norm);
       for (int64_t r = 0; r < rn; ++r) {
         const T f = stat[r];
-        for (int64_t j = 0; j < n; j += N) vstore(zp + r * ld + j, vpre<V, T>(vload(sp + r * ld + j), clip) * f);
+        for (int64_t j = 0; j < n; j += N) vstore(zp + r * ld + j, vpre<V, T>(vload<W>(sp + r * ld + j), clip) * f);
       }
     } else {  // softmax over the group's columns
-      const V ninf = vsplat<T>(-std::numeric_limits<T>::infinity());
+      const V ninf = vsplat<W, T>(-std::numeric_limits<T>::infinity());
       for (int64_t r = 0; r < rn; ++r) {
         V mx = ninf;
         for (int64_t j = 0; j < n; j += N)
-          mx = vmax(mx, vmask_below<T>(iota, n - j) ? vload(sp + r * ld + j) : ninf);
-        const V vm = vsplat(hmax<T>(mx));
+          mx = vmax(mx, vmask_below(iota, n - j) ? vload<W>(sp + r * ld + j) : ninf);
+        const V vm = vsplat<W>(hmax(mx));
         V acc = zero;
         for (int64_t j = 0; j < n; j += N) {
-          V e = vexp(vload(sp + r * ld + j) - vm);
-          e = vmask_below<T>(iota, n - j) ? e : zero;
+          V e = vexp(vload<W>(sp + r * ld + j) - vm);
+          e = vmask_below(iota, n - j) ? e : zero;
           acc += e;
           vstore(zp + r * ld + j, e);
         }
-        stat[r] = hsum<T>(acc);
+        stat[r] = hsum(acc);
       }
       for (int64_t r = 0; r < rn; ++r) stat[r] = lam / stat[r];
       for (int64_t r = 0; r < rn; ++r) {
         const T f = stat[r];
-        for (int64_t j = 0; j < n; j += N) vstore(zp + r * ld + j, vload(zp + r * ld + j) * f);
+        for (int64_t j = 0; j < n; j += N) vstore(zp + r * ld + j, vload<W>(zp + r * ld + j) * f);
       }
     }
   }
@@ -183,23 +187,23 @@ ITM_INLINE void norm_group(const T* S, T* Z, int64_t ld, int64_t rn, const TileA
 // Step 2 on NV vectors of columns starting at c, for the rows [0, rn) of a row group (S, Z point at its first
 // row): e = exp(Z - max) (stored back into Z), sum e, num = sum e s, a2 = e^T G e (G symmetric: the strict lower
 // triangle twice plus the diagonal).
-template <class T, int NV>
+template <int W, class T, int NV>
 ITM_INLINE void attend_cols(const T* S, T* Z, int64_t ld, int64_t c, int64_t rn, const T* G, int64_t ldg,
                             T* sum_out, T* num_out, T* a2_out) {
-  using V = typename Vec<T>::V;
-  constexpr int N = Vec<T>::N;
+  using V = typename Vec<T, W>::V;
+  constexpr int N = Vec<T, W>::N;
   V m[NV], sum[NV], num[NV], a2[NV];
-  for (int v = 0; v < NV; ++v) m[v] = vsplat<T>(-std::numeric_limits<T>::infinity());
+  for (int v = 0; v < NV; ++v) m[v] = vsplat<W, T>(-std::numeric_limits<T>::infinity());
   for (int64_t r = 0; r < rn; ++r)
-    for (int v = 0; v < NV; ++v) m[v] = vmax(m[v], vload(Z + r * ld + c + v * N));
+    for (int v = 0; v < NV; ++v) m[v] = vmax(m[v], vload<W>(Z + r * ld + c + v * N));
   for (int v = 0; v < NV; ++v) sum[v] = num[v] = a2[v] = V{};
   for (int64_t r = 0; r < rn; ++r) {
     for (int v = 0; v < NV; ++v) {
       T* zp = Z + r * ld + c + v * N;
-      V e = vexp(vload(zp) - m[v]);
+      V e = vexp(vload<W>(zp) - m[v]);
       vstore(zp, e);
       sum[v] += e;
-      num[v] += e * vload(S + r * ld + c + v * N);
+      num[v] += e * vload<W>(S + r * ld + c + v * N);
     }
   }
   for (int64_t r = 0; r < rn; ++r) {
@@ -208,11 +212,11 @@ ITM_INLINE void attend_cols(const T* S, T* Z, int64_t ld, int64_t c, int64_t rn,
     for (int v = 0; v < NV; ++v) acc[v] = V{};
     for (int64_t r2 = 0; r2 < r; ++r2) {
       const T grr2 = g[r2];
-      for (int v = 0; v < NV; ++v) acc[v] += grr2 * vload(Z + r2 * ld + c + v * N);
+      for (int v = 0; v < NV; ++v) acc[v] += grr2 * vload<W>(Z + r2 * ld + c + v * N);
     }
     const T gd = g[r];
     for (int v = 0; v < NV; ++v) {
-      V er = vload(Z + r * ld + c + v * N);
+      V er = vload<W>(Z + r * ld + c + v * N);
       a2[v] += er * (acc[v] * T(2) + er * gd);
     }
   }
@@ -224,39 +228,39 @@ ITM_INLINE void attend_cols(const T* S, T* Z, int64_t ld, int64_t c, int64_t rn,
 }
 
 // Aggregation of r[0, n) (r readable up to the next multiple of the vector width).
-template <class T> ITM_INLINE T aggregate_span(const T* r, int64_t n, int agg, T lambda_lse) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  constexpr int N = Vec<T>::N;
-  const I iota = viota<T>();
+template <int W, class T> ITM_INLINE T aggregate_span(const T* r, int64_t n, int agg, T lambda_lse) {
+  using V = typename Vec<T, W>::V;
+  using I = typename Vec<T, W>::I;
+  constexpr int N = Vec<T, W>::N;
+  const I iota = viota<W, T>();
   const V zero = {};
-  const V ninf = vsplat<T>(-std::numeric_limits<T>::infinity());
+  const V ninf = vsplat<W, T>(-std::numeric_limits<T>::infinity());
   if (agg == kMean || agg == kSum) {
     V acc = zero;
     for (int64_t j = 0; j < n; j += N) {
-      acc += vmask_below<T>(iota, n - j) ? vload(r + j) : zero;
+      acc += vmask_below(iota, n - j) ? vload<W>(r + j) : zero;
     }
-    const T s = hsum<T>(acc);
+    const T s = hsum(acc);
     return agg == kMean ? s / T(n) : s;
   }
   V mx = ninf;
   for (int64_t j = 0; j < n; j += N) {
-    mx = vmax(mx, vmask_below<T>(iota, n - j) ? vload(r + j) : ninf);
+    mx = vmax(mx, vmask_below(iota, n - j) ? vload<W>(r + j) : ninf);
   }
-  const T top = hmax<T>(mx);
+  const T top = hmax(mx);
   if (agg == kMax) return top;
   V acc = zero;
-  const V vt = vsplat(top);
+  const V vt = vsplat<W>(top);
   for (int64_t j = 0; j < n; j += N) {
-    V e = vexp((vload(r + j) - vt) * lambda_lse);
-    acc += vmask_below<T>(iota, n - j) ? e : zero;
+    V e = vexp((vload<W>(r + j) - vt) * lambda_lse);
+    acc += vmask_below(iota, n - j) ? e : zero;
   }
-  return top + std::log(hsum<T>(acc)) / lambda_lse;
+  return top + std::log(hsum(acc)) / lambda_lse;
 }
 
-template <class T, int kKind> ITM_INLINE void tile_epilogue_impl(const TileArgs<T>& a) {
-  constexpr int N = Vec<T>::N;
-  constexpr int NV = 4;
+template <int W, class T, int kKind> ITM_INLINE void tile_epilogue_impl(const TileArgs<T>& a) {
+  constexpr int N = Vec<T, W>::N;
+  constexpr int NV = kAttendBlock<W>;
   const bool clip = norm_clips(a.norm);
   T* sum = a.aux;
   T* num = a.aux + a.ld;
@@ -268,11 +272,11 @@ template <class T, int kKind> ITM_INLINE void tile_epilogue_impl(const TileArgs<
     const int64_t r0 = a.rg_off[g], rn = a.rg_len[g];
     const T* S = a.S + r0 * a.ld;
     T* Z = a.Z + r0 * a.ld;
-    norm_group<T, kKind>(S, Z, a.ld, rn, a, clip, a.stat);
+    norm_group<W, T, kKind>(S, Z, a.ld, rn, a, clip, a.stat);
     int64_t c = 0;
     for (; c + NV * N <= a.qpad; c += NV * N)
-      attend_cols<T, NV>(S, Z, a.ld, c, rn, a.gram[g], a.gram_ld[g], sum, num, a2);
-    for (; c < a.qpad; c += N) attend_cols<T, 1>(S, Z, a.ld, c, rn, a.gram[g], a.gram_ld[g], sum, num, a2);
+      attend_cols<W, T, NV>(S, Z, a.ld, c, rn, a.gram[g], a.gram_ld[g], sum, num, a2);
+    for (; c < a.qpad; c += N) attend_cols<W, T, 1>(S, Z, a.ld, c, rn, a.gram[g], a.gram_ld[g], sum, num, a2);
     const T* qn = a.qnorm;
     for (int64_t q = 0; q < a.qpad; ++q) {
       const T inv = T(1) / sum[q];
@@ -291,18 +295,18 @@ template <class T, int kKind> ITM_INLINE void tile_epilogue_impl(const TileArgs<
       for (int64_t q = a.cg_off[h], q1 = a.cg_off[h] + a.cg_len[h]; q < q1; ++q)
         if (a2[q] < ratio * b[q] * b[q]) R[q] = exact_cosine<T>(a, Z, r0, rn, q, sum[q]);
     for (int64_t h = 0; h < a.n_cg; ++h)
-      a.out[g * a.out_sg + h * a.out_sh] = aggregate_span<T>(R + a.cg_off[h], a.cg_len[h], a.agg, a.lambda_lse);
+      a.out[g * a.out_sg + h * a.out_sh] = aggregate_span<W, T>(R + a.cg_off[h], a.cg_len[h], a.agg, a.lambda_lse);
   }
 }
 
-template <class T> ITM_INLINE void tile_epilogue_dispatch(const TileArgs<T>& a) {
+template <int W, class T> ITM_INLINE void tile_epilogue_dispatch(const TileArgs<T>& a) {
   switch (a.norm) {
-    case kSoftmax: tile_epilogue_impl<T, 0>(a); break;
+    case kSoftmax: tile_epilogue_impl<W, T, 0>(a); break;
     case kL2Norm:
-    case kClippedL2Norm: tile_epilogue_impl<T, 1>(a); break;
+    case kClippedL2Norm: tile_epilogue_impl<W, T, 1>(a); break;
     case kL1Norm:
-    case kClippedL1Norm: tile_epilogue_impl<T, 2>(a); break;
-    default: tile_epilogue_impl<T, 3>(a); break;
+    case kClippedL1Norm: tile_epilogue_impl<W, T, 2>(a); break;
+    default: tile_epilogue_impl<W, T, 3>(a); break;
   }
 }
 
@@ -311,31 +315,34 @@ ITM_SIMD_FUNCTION(tile_epilogue, tile_epilogue_dispatch)
 // ------------------------------------------------------------------------------------------------------------------
 // Per-call tables: Gram matrices of the context sets and norms of the query items, from the inputs (bfloat16
 // widened to float exactly). Each dot product keeps 4 vectors of partial sums (64 float / 32 double lanes).
-template <class T> ITM_INLINE typename Vec<T>::V vload_as(const T* p) { return vload(p); }
-ITM_INLINE Vec<float>::V vload_as(const c10::BFloat16* p) { return widen16(p); }
+template <int W, class T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+ITM_INLINE typename Vec<T, W>::V vload_as(const T* p) {
+  return vload<W>(p);
+}
+template <int W> ITM_INLINE typename Vec<float, W>::V vload_as(const c10::BFloat16* p) { return widen_bf16<W>(p); }
 
-template <class T, class in_t> ITM_INLINE T dot_rows(const in_t* x, const in_t* y, int64_t d) {
-  using V = typename Vec<T>::V;
-  constexpr int N = Vec<T>::N;
+template <int W, class T, class in_t> ITM_INLINE T dot_rows(const in_t* x, const in_t* y, int64_t d) {
+  using V = typename Vec<T, W>::V;
+  constexpr int N = Vec<T, W>::N;
   V acc[4] = {V{}, V{}, V{}, V{}};
   int64_t k = 0;
   for (; k + 4 * N <= d; k += 4 * N)
-    for (int v = 0; v < 4; ++v) acc[v] += vload_as(x + k + v * N) * vload_as(y + k + v * N);
-  for (; k + N <= d; k += N) acc[0] += vload_as(x + k) * vload_as(y + k);
-  T s = hsum<T>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (int v = 0; v < 4; ++v) acc[v] += vload_as<W>(x + k + v * N) * vload_as<W>(y + k + v * N);
+  for (; k + N <= d; k += N) acc[0] += vload_as<W>(x + k) * vload_as<W>(y + k);
+  T s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
   for (; k < d; ++k) s += widen(x[k]) * widen(y[k]);
   return s;
 }
 
 // G[r * ldg + r2] = x_r . x_r2 for r2 <= r < n (the lower triangle the epilogue reads); rows of length d.
-template <class T, class in_t>
+template <int W, class T, class in_t>
 ITM_INLINE void lower_gram_impl(const in_t* x, int64_t n, int64_t d, T* G, int64_t ldg) {
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t r2 = 0; r2 <= r; ++r2) G[r * ldg + r2] = dot_rows<T>(x + r * d, x + r2 * d, d);
+    for (int64_t r2 = 0; r2 <= r; ++r2) G[r * ldg + r2] = dot_rows<W, T>(x + r * d, x + r2 * d, d);
 }
 
-template <class T, class in_t> ITM_INLINE void row_norms_impl(const in_t* x, int64_t n, int64_t d, T* out) {
-  for (int64_t r = 0; r < n; ++r) out[r] = std::sqrt(dot_rows<T>(x + r * d, x + r * d, d));
+template <int W, class T, class in_t> ITM_INLINE void row_norms_impl(const in_t* x, int64_t n, int64_t d, T* out) {
+  for (int64_t r = 0; r < n; ++r) out[r] = std::sqrt(dot_rows<W, T>(x + r * d, x + r * d, d));
 }
 
 ITM_SIMD_FUNCTION(lower_gram, lower_gram_impl)
