@@ -109,7 +109,7 @@ def run_gsmn(n_img: int, n_cap: int, official_subset=(100, 100), repeats: int = 
         f"GSMN all-pairs evaluation, {n_img} images x {n_cap} captions (K = 36, d = 1024, lengths 8..20; seconds, "
         f"{repeats} repeats); official-style timed on {sub_img} x {sub_cap} and extrapolated by pairs (~)",
         ["size", "head", "inputs", *COMPARISON_HEADERS, "bare GEMM s x3 (winner)", "fraction of GEMM limit",
-         "peak extra MiB", "max |ours - official fp32|"], rows)
+         "peak extra MiB", "max abs diff to official fp32"], rows)
     for name in dtypes:
         print(f"# {name} (x3): {bare[name].note()}")
     return table

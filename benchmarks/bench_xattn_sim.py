@@ -3,13 +3,14 @@
     python benchmarks/bench_xattn_sim.py --quick                  # 60 x 300: about a minute
     python benchmarks/bench_xattn_sim.py                          # 200 x 1,000, t2i/i2t, fp32/bf16
     python benchmarks/bench_xattn_sim.py --sizes 1000x5000        # the report size (Flickr30K 1K test)
+    python benchmarks/bench_xattn_sim.py --sizes 1000x5000 --dim 256   # small d: the epilogue's share is largest
 
 Prints, per size x dtype x direction: the official-style loop (``itm_models.baselines.scan``) fed float32 and,
 for bfloat16 rows, fed bfloat16 (timed on a subset of at most ``--official-pairs`` pairs and extrapolated
 linearly by pairs where marked "~"), ours, the speed-up over each, the bare packed product
 (N_img K x d) @ (d x sum L) in the same dtype by the fastest of torch.mm, oneDNN linear and brgemm (named),
 timed in the same run, the fraction of that limit (bare / ours), and our peak extra memory of one call in a
-fresh process (the (N_img, N_cap) output counts). K = 36, d = 1024, lengths uniform 8..20.
+fresh process (the (N_img, N_cap) output counts). K = 36, d = 1024 (``--dim``), lengths uniform 8..20.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from common import (COMPARISON_HEADERS, SCAN_LAMBDAS, Timing, bare_product_timin
                     subset_timing, timings)
 
 
-def xattn_call(n_img: int, n_cap: int, dtype_name: str, direction: str, backend: str, device: str = "cpu"):
+def xattn_call(n_img: int, n_cap: int, dtype_name: str, direction: str, backend: str, device: str = "cpu",
+               dim: int = 1024):
     """Builder for ``common.peak_memory``: the inputs of one row and the call that computes its similarities."""
-    images, captions, lens = random_features(n_img, n_cap, dtype=getattr(torch, dtype_name), device=device)
+    images, captions, lens = random_features(n_img, n_cap, d=dim, dtype=getattr(torch, dtype_name), device=device)
     lam1, lam2 = SCAN_LAMBDAS[direction]
     return lambda: itm_kernels.xattn_sim(images, captions, lens, direction=direction, lambda_softmax=lam1,
                                          lambda_lse=lam2, backend=backend)
@@ -55,6 +57,7 @@ def main(argv=None):
     parser.add_argument("--directions", default="t2i,i2t")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--official-pairs", type=int, default=20000, help="pairs the official-style loop times")
+    parser.add_argument("--dim", type=int, default=1024, help="feature size d")
     args = parser.parse_args(argv)
     start("bench_xattn_sim", args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +67,7 @@ def main(argv=None):
     rows, notes = [], []
     for size in sizes:
         n_img, n_cap = parse_size(size)
-        images32, captions32, lens = random_features(n_img, n_cap, device=device)
+        images32, captions32, lens = random_features(n_img, n_cap, d=args.dim, device=device)
         official32 = {d: official_timing(images32, captions32, lens, d, args.official_pairs, torch.float32,
                                          args.repeats, args.warmup) for d in args.directions.split(",")}
         for dtype_name in args.dtypes.split(","):
@@ -82,11 +85,11 @@ def main(argv=None):
                     images32, captions32, lens, direction, args.official_pairs, dtype, args.repeats, args.warmup)[0]
                 mark = "" if exact else "~"
                 mem = peak_memory(xattn_call, n_img, n_cap, dtype_name, direction, backend, device=device,
-                                  enabled=not args.no_memory)
+                                  dim=args.dim, enabled=not args.no_memory)
                 rows.append([size, direction, dtype_name, *comparison_cells(off32, off_same, ours, mark),
                              bare.cell(".3g"), bare.fraction(ours), mem, f"{n_img * n_cap * 4 / 2**20:.1f}"])
                 print(" | ".join(rows[-1]), flush=True)
-    print_table(f"xattn_sim, K=36, d=1024, lengths 8..20, backend {backend} (seconds; '~' = official-style loop "
+    print_table(f"xattn_sim, K=36, d={args.dim}, lengths 8..20, backend {backend} (seconds; '~' = official-style loop "
                 f"timed on at most {args.official_pairs} pairs, extrapolated linearly by pairs; {args.repeats} "
                 "repeats)",
                 ["size", "dir", "dtype", *COMPARISON_HEADERS, "bare GEMM s (winner)", "fraction of GEMM limit",

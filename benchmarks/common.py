@@ -223,6 +223,12 @@ class Yardstick:
         return "bare product candidates (median s): " + ", ".join(f"{k} {v:.3g}" for k, v in self.medians.items())
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU (at the SIMD level in use) has a native bfloat16 dot product (``build_info``)."""
+    import itm_kernels
+    return bool(itm_kernels.build_info().get("native_bf16", True))
+
+
 def fastest_product_timing(a, b, *, repeats: int = 3, warmup: int = 1, col_chunk: int = 8192,
                            max_out_bytes: int = 128 << 20) -> Yardstick:
     """Timing of the product ``a @ b`` ((M, K) @ (K, N), the operands' dtype) by the fastest product this CPU has:
@@ -230,7 +236,11 @@ def fastest_product_timing(a, b, *, repeats: int = 3, warmup: int = 1, col_chunk
     tensors) and our brgemm (``itm_kernels._common.fast_mm.mm_float_out``), each timed here, after ``warmup``
     runs, over ``repeats`` runs. The product is computed in column blocks of ``col_chunk`` and row blocks whose
     result is at most ``max_out_bytes`` (same FLOPs, bounded memory); operand packing and layout conversion happen
-    once, outside the timed region. Returns the winner (lowest median) with every candidate's median."""
+    once, outside the timed region. bfloat16 operands on a CPU without a native bfloat16 dot product (AVX2, or
+    ``ITM_KERNELS_ISA=avx2``) get the float32 product of the widened operands (widened outside the timed region)
+    instead of ATen's bfloat16 products, which are scalar fallbacks there: the fastest way to that product on such
+    a CPU, and the one our kernels take. Returns the winner (lowest median) with every
+    candidate's median."""
     m, n = a.shape[0], b.shape[1]
     cols = [(c0, min(n, c0 + col_chunk)) for c0 in range(0, n, col_chunk)]
     rows_per = max(1, max_out_bytes // (4 * min(n, col_chunk)))
@@ -239,12 +249,17 @@ def fastest_product_timing(a, b, *, repeats: int = 3, warmup: int = 1, col_chunk
     candidates = {}
     out = torch.empty(min(m, rows_per), min(n, col_chunk), dtype=a.dtype, device=a.device)
 
+    # bfloat16 without a native dot product: ATen's bfloat16 products are scalar fallbacks there (minutes); the
+    # widened float32 product stands in for them.
+    widen = a.device.type == "cpu" and a.dtype == torch.bfloat16 and not _native_bf16()
+
     def run_mm():
         for bb in b_blocks:
             for r0, r1 in rows:
                 torch.mm(a[r0:r1], bb, out=out[: r1 - r0, : bb.shape[1]])
-    candidates["torch.mm"] = run_mm
-    if a.device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if not widen:
+        candidates["torch.mm"] = run_mm
+    if a.device.type == "cpu" and torch.backends.mkldnn.is_available() and not widen:
         try:
             a_blocks = [a[r0:r1].contiguous().to_mkldnn() for r0, r1 in rows]
             w_blocks = [bb.t().contiguous().to_mkldnn() for bb in b_blocks]
@@ -263,6 +278,15 @@ def fastest_product_timing(a, b, *, repeats: int = 3, warmup: int = 1, col_chunk
                 for r0, r1 in rows:
                     mm_float_out(a[r0:r1], bb)
         candidates["brgemm"] = run_brgemm
+    if widen:
+        a32, b32 = a.float(), [bb.float() for bb in b_blocks]
+        out32 = out.float()
+
+        def run_widened():
+            for bb in b32:
+                for r0, r1 in rows:
+                    torch.mm(a32[r0:r1], bb, out=out32[: r1 - r0, : bb.shape[1]])
+        candidates["fp32 mm (no native bf16)"] = run_widened
     results = {name: timings(fn, repeats=repeats, warmup=warmup) for name, fn in candidates.items()}
     name = min(results, key=lambda k: results[k].median)
     return Yardstick(results[name], name, {k: t.median for k, t in results.items()})

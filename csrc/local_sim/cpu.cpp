@@ -19,8 +19,8 @@
 // Where brgemm has no bfloat16 VNNI path (checked once at load), bfloat16 runs as float32 products of the same
 // values. Row counts are split into a multiple of 16 plus a tail, which bounds the number of distinct brgemm shapes
 // (each JIT kernel is ~20 KiB, cached per thread for the life of the process; measured: the resident set settles
-// 9 MiB above the first call per thread over 600 calls of random shapes). The element-wise parts use 64-byte GCC
-// vectors compiled for AVX-512 / AVX2 / baseline (simd_clones.h, chosen per call); bfloat16 rounding of (A - E)^2
+// 9 MiB above the first call per thread over 600 calls of random shapes). The element-wise parts use GCC vectors of
+// the level's register width compiled for AVX-512 / AVX2 / baseline (simd_clones.h, chosen per call); bfloat16 rounding of (A - E)^2
 // uses AVX512-BF16's vcvtneps2bf16 where the core has it and the AVX-512 level is in use.
 //
 // Measured on one Zen 5 core (60 images x 300 captions, d = 1024, s = 256, K = 36, lengths 8..20): bfloat16

@@ -8,8 +8,8 @@
 //   X'_i      = ReLU(sum_j A_ij U_j + b_g)     (i < m_p; rows i >= m_p are set to zero)
 // which equals the official ReLU(W_g (softmax(Q K^T) X) + b_g) because the rows of A sum to 1 and the query-side
 // terms that do not depend on j cancel in the softmax. The pair's node rows are widened to float32 once, the
-// logits are 4 x 4 register blocks of dot products over s, the softmax is vectorised, and A U is an outer-product
-// accumulation, 2 rows x 128 features at a time. Everything accumulates in float32 (bfloat16 nodes: the GEMM
+// logits are 4 x 4 (AVX-512) or 2 x 4 register blocks of dot products over s, the softmax is vectorised, and A U is
+// an outer-product accumulation, 2 rows x 8 vectors (AVX-512) or 4 vectors of features at a time. Everything accumulates in float32 (bfloat16 nodes: the GEMM
 // multiplies bfloat16 with a float32 result; only X' is rounded back to bfloat16).
 //
 // itm_kernels::sgr_global_attend: the last step's attention of the global node (node 0) over its pair's nodes,

@@ -14,8 +14,8 @@
 //      t2i, H = E E^T per caption for i2t), R = cosine_from_gram(num / sum e, |q|, a2 / (sum e)^2);
 //   3. per (row group, column group): the aggregation of R over the group's valid columns.
 // The attended vectors never exist; padding rows/columns are computed by the GEMM only where an image has fewer
-// than K valid regions and are never read. The epilogue is written with 64-byte GCC vector types and compiled
-// for AVX-512, AVX2+FMA and baseline, chosen per call by the SIMD level (common/simd_clones.h, ITM_KERNELS_ISA).
+// than K valid regions and are never read. The epilogue is written with GCC vector types of the level's register
+// width (64 / 32 / 16 bytes) and compiled for AVX-512, AVX2+FMA and baseline, chosen per call by the SIMD level (common/simd_clones.h, ITM_KERNELS_ISA).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
