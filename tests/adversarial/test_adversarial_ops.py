@@ -35,7 +35,7 @@ TRITON = "triton" in itm_kernels.available_backends("cpu")
 BACKENDS = CPU_BACKENDS + (["triton"] if TRITON else [])
 # The Triton kernels of xattn_sim and local_sim take |a|^2 from the Gram identity with no guard yet (the fused
 # kernels of csrc/ and the torch backends have one): near-cancelling contexts are a known gap there.
-UNGUARDED = {("xattn_sim", "triton"), ("local_sim", "triton")}
+UNGUARDED = set()
 
 
 def finite(*tensors) -> bool:
