@@ -86,6 +86,10 @@ MAX_BLOCK_S = 256
 # Feature columns per step of both passes on a GPU.
 BLOCK_D = 32
 NUM_WARPS = 8
+# Feature columns per d-chunk of the Gram guard's fix-up pass: its extra (BLOCK_L x BLOCK_D) float32 chunk of a
+# spilled 272 bytes on sm_80 float32 t2i with 32, 48 bytes (sm_80/sm_90 float32) with 16 (tools/compile_check_triton.py
+# --ops; the main pass does not spill). The fix-up only runs on flagged programs.
+FIX_BLOCK_D = 16
 NUM_STAGES = 2
 # Images whose programs are adjacent, so that a bucket's captions are reused from L2 across them.
 GROUP_IMG = 8
@@ -498,7 +502,8 @@ def kernel_config(dtype: torch.dtype, *, K: int, bucket: int, s: int, interpret:
     constexprs = dict(ACC=tl.float32, UPCAST=upcast, DOT_PRECISION=triton_utils.dot_precision(dtype, interpret,
                                                                                               precision),
                       BLOCK_K=block_k, BLOCK_L=block_l, NWB=bucket // block_l, BLOCK_S=block_s, ONE_S=s <= block_s,
-                      BLOCK_D=block_d, GROUP=GROUP_IMG, GRAM_RATIO=GRAM_CANCEL_RATIO, FIX=fix)
+                      BLOCK_D=min(block_d, FIX_BLOCK_D) if fix else block_d, GROUP=GROUP_IMG,
+                      GRAM_RATIO=GRAM_CANCEL_RATIO, FIX=fix)
     return constexprs, dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=True)
 
 
