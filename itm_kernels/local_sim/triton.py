@@ -51,8 +51,10 @@ K = 36, d = 1024, s = 256, 8 warps: 98-255 registers and no spill for every buck
 
 Memory (forward peak): the float32 output (N_img x N_cap x L_max x s, written exactly once, padding rows included;
 no zero-fill pass), the Gram tiles (N_img x BLOCK_K^2 float32, 16 KiB per image at K = 36), the caption index
-tensors, and a copy of ``weight`` in the input dtype / of ``bias`` in float32 when they come in another dtype
-(s x d). Nothing d-sized per pair.
+tensors, a copy of ``weight`` in the input dtype / of ``bias`` in float32 when they come in another dtype
+(s x d), and the Gram guard's flags (one int8 per program: N_img x N_cap x NWB bytes per bucket launch; see
+``_local_sim_kernel``). Nothing d-sized per pair. Each bucket launches the kernel twice: the main pass and the
+guard's fix-up pass, which returns at once for unflagged programs (~nothing when no pair cancels).
 
 Backward (``_local_sim_bwd_kernel``): FlashAttention-style, each pair's tiles are recomputed (scores, attention,
 a^ and y over d) and back-propagated in registers: one launch with a program per context item (dV, and dW/db as
