@@ -354,7 +354,8 @@ def main(argv=None):
     p.add_argument("--table", choices=["all", "scale", "ranks", "two-stage", "ranks-memory", "topk"],
                    default="all")
     p.add_argument("--repeats", type=positive_int, default=1, help="runs per size in the scale table (median, min-max)")
-    p.add_argument("--ranks-size", type=positive_int, default=3500, help="images of the ranks-memory gallery (5 captions "
+    p.add_argument("--ranks-size", type=positive_int, default=3500, help="images of the ranks-memory gallery (5 "
+                   "captions "
                    "each); pick one that takes about a minute on 1 thread")
     p.add_argument("--ranks-repeats", type=positive_int, default=3)
     p.add_argument("--ranks-workloads", default="recall,topk")

@@ -5,8 +5,7 @@ tile functions and models here fail the test if they are ever called); the CLI f
 code 2."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -136,20 +135,36 @@ def test_bad_world_sizes_and_ranks(env, name):
     raises_naming(name, lambda: read_world(env))
 
 
+def _bench_scale():
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exits_with_one_line(main, argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert flag in err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--ranks-size", "-3"), ("--ranks-repeats", "1.5"),
                                          ("--topk-repeats", "x"), ("--ranks-workloads", "bogus")])
-def test_bench_scale_flags_end_with_one_line(flag, value):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), flag, value],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]
-    assert flag in last and "Traceback" not in done.stderr
+def test_bench_scale_flags_end_with_one_line(flag, value, capsys):
+    _exits_with_one_line(_bench_scale().main, [flag, value], flag, capsys)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "1.5", "x"])
-def test_itm_eval_batch_size_flag_ends_with_one_line(value, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "itm_models.cli.eval", "--checkpoint", str(tmp_path / "m.pt"),
-                           "--data", str(tmp_path), "--distributed", "--batch-size", value],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "--batch-size" in done.stderr and "Traceback" not in done.stderr
+def test_itm_eval_batch_size_flag_ends_with_one_line(value, tmp_path, capsys):
+    from itm_models.cli.eval import main
+    _exits_with_one_line(main, ["--checkpoint", str(tmp_path / "m.pt"), "--data", str(tmp_path), "--distributed",
+                                "--batch-size", value], "--batch-size", capsys)
+
+
+def test_evaluate_checks_batch_sizes_before_loading(tmp_path):
+    from itm_models.cli.eval import evaluate
+    raises_naming("batch_size", lambda: evaluate([str(tmp_path / "missing.pt")], tmp_path, "test", batch_size=0))
+    raises_naming("official_batch_size", lambda: evaluate([str(tmp_path / "missing.pt")], tmp_path, "test",
+                                                          official_batch_size=-1))
