@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from itm_models.cli.args import positive_int  # noqa: E402
+
 D, K, L = 64, 8, 8
 IMG_CHUNK, CAP_CHUNK = 250, 2000
 
@@ -346,21 +348,25 @@ def topk_table(cases, repeats: int):
                  "peak extra MiB"], rows)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--table", choices=["all", "scale", "ranks", "two-stage", "ranks-memory", "topk"],
                    default="all")
-    p.add_argument("--repeats", type=int, default=1, help="runs per size in the scale table (median, min-max)")
-    p.add_argument("--ranks-size", type=int, default=3500, help="images of the ranks-memory gallery (5 captions "
+    p.add_argument("--repeats", type=positive_int, default=1, help="runs per size in the scale table (median, min-max)")
+    p.add_argument("--ranks-size", type=positive_int, default=3500, help="images of the ranks-memory gallery (5 "
+                   "captions "
                    "each); pick one that takes about a minute on 1 thread")
-    p.add_argument("--ranks-repeats", type=int, default=3)
+    p.add_argument("--ranks-repeats", type=positive_int, default=3)
     p.add_argument("--ranks-workloads", default="recall,topk")
-    p.add_argument("--topk-repeats", type=int, default=3)
+    p.add_argument("--topk-repeats", type=positive_int, default=3)
     p.add_argument("--topk-memory-only", action="store_true", help="only the peak-memory column of --table topk")
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ranks-child", nargs=3, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    workloads = tuple(a.ranks_workloads.split(","))
+    if not workloads or not set(workloads) <= {"recall", "topk"}:
+        p.error(f"--ranks-workloads takes a comma-separated subset of recall,topk, got {a.ranks_workloads!r}")
     if a.child is not None:
         return child_main(a.child)
     if a.ranks_child is not None:
@@ -372,7 +378,7 @@ def main():
     if a.table in ("all", "two-stage"):
         two_stage_table([10, 30, 100, 300] if a.quick else [10, 30, 100, 300, 1000])
     if a.table in ("all", "ranks-memory"):
-        ranks_memory_table(a.ranks_size, a.ranks_repeats, tuple(a.ranks_workloads.split(",")))
+        ranks_memory_table(a.ranks_size, a.ranks_repeats, workloads)
     if a.table in ("all", "topk"):
         cases = [("small", 1000, "images"), ("small", 1000, "captions"), ("realistic", 200, "captions")]
         if not a.quick:

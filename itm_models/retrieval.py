@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from itm_kernels._common.validation import check_size
 from itm_kernels.xattn_topk import check_k
 from itm_kernels.xattn_topk.merge import empty_topk, merge_candidates, merge_tile
 
@@ -35,8 +36,10 @@ def _pool(x: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
 @torch.no_grad()
 def shortlist_pooled(img_emb, cap_emb, cap_lens, n: int, *, queries: str = "captions", chunk: int = 4096):
     """Top-``n`` gallery items per query by cosine of mean-pooled embeddings: (N_q, n) values and indices."""
+    chunk = check_size("chunk", chunk)
     pi, pc = _pool(img_emb, None), _pool(cap_emb, torch.as_tensor(cap_lens))
     q, g = (pc, pi) if queries == "captions" else (pi, pc)
+    n = check_k(n, g.shape[0], "n")
     best_v, best_i = empty_topk(q.shape[0], torch.float32, q.device)
     for g0 in range(0, g.shape[0], chunk):
         best_v, best_i = merge_tile(best_v, best_i, q @ g[g0:g0 + chunk].t(), g0, n)

@@ -102,7 +102,7 @@ def _resources(cubin: bytes) -> dict:
 
 # SGRAF / GSMN launches: K = 36 regions, d = 1024, s = 256 (local_sim), 16 blocks (node_match), L_max = 32.
 OP_SHAPES = dict(K=36, L_MAX=32, D=1024, S=256, NB=16, N_IMG=1000, N_CAP=5000)
-OP_KERNELS = ("local_sim", "local_sim_bwd", "node_match")
+OP_KERNELS = ("local_sim", "local_sim_fix", "local_sim_bwd", "node_match")
 
 
 def _compile(fn, types, values, constexprs, options, arch):
@@ -131,13 +131,14 @@ def compile_op_one(kernel: str, arch: int, dtype_name: str, direction: str = "t2
     K, L, D, S = sh["K"], sh["L_MAX"], sh["D"], sh["S"]
     ctx_rows, qry_rows = (K, L) if direction == "t2i" else (L, K)
     n_ctx, n_qry = (sh["N_IMG"], sh["N_CAP"]) if direction == "t2i" else (sh["N_CAP"], sh["N_IMG"])
-    if kernel == "local_sim":
+    if kernel in ("local_sim", "local_sim_fix"):
+        # local_sim_fix: the Gram guard's fix-up pass (the same kernel with FIX=True).
         constexprs, options = tls.kernel_config(dtype, K=ctx_rows, bucket=block_rows(qry_rows), s=S,
-                                                precision=precision)
+                                                precision=precision, fix=kernel == "local_sim_fix")
         fn = tls.jit_kernel(False)
         types = dict(img_ptr=elem, img_len_ptr="*i64", cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64",
                      cap_range_ptr="*i32", gram_ptr="*fp32", w_ptr=elem, b_ptr="*fp32", out_ptr="*fp32",
-                     lambda_softmax="fp64")
+                     flag_ptr="*i8", lambda_softmax="fp64")
         out_rows = L if direction == "t2i" else K
         pair = out_rows * S
         strides = (sh["N_CAP"] * pair, pair) if direction == "t2i" else (pair, sh["N_CAP"] * pair)
@@ -192,16 +193,18 @@ def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: s
     dtype = getattr(torch, dtype_name)
     elem = "*" + DTYPES[dtype_name]
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
-    fn = tx.jit_kernel(kernel if kernel in ("xattn_sim", "xattn_sim_bwd") else "gram", False)
+    fn = tx.jit_kernel({"xattn_sim_fix": "xattn_sim"}.get(kernel, kernel)
+                       if kernel in ("xattn_sim", "xattn_sim_fix", "xattn_sim_bwd") else "gram", False)
     shape = SHAPES[direction]
     ctx_rows, qry_rows = (K, L_MAX) if direction == "t2i" else (L_MAX, K)
     n_ctx, n_qry = (N_IMG, N_BUCKET) if direction == "t2i" else (N_BUCKET, N_IMG)
-    if kernel == "xattn_sim":
+    if kernel in ("xattn_sim", "xattn_sim_fix"):
+        # xattn_sim_fix: the Gram guard's fix-up pass (the same kernel with FIX=True).
         constexprs, options = tx.kernel_config(dtype, n_qry=n_qry, d=D, norm=norm, agg=agg, precision=precision,
-                                               **shape)
+                                               fix=kernel == "xattn_sim_fix", **shape)
         types = dict(ctx_ptr=elem, qry_ptr=elem, gram_ptr=acc, out_ptr=acc, ctx_idx_ptr="*i32", qry_idx_ptr="*i32",
                      ctx_len_ptr="*i64", qry_len_ptr="*i64", ctx_range_ptr="*i32", qry_range_ptr="*i32",
-                     lambda_softmax="fp64", lambda_lse="fp64")
+                     flag_ptr="*i8", lambda_softmax="fp64", lambda_lse="fp64")
         out_strides = (N_CAP, 1) if direction == "t2i" else (1, N_CAP)
         values = dict(n_ctx=n_ctx, n_qry=n_qry, D=D, stride_cn=ctx_rows * D, stride_cr=D, stride_qn=qry_rows * D,
                       stride_qr=D, stride_oc=out_strides[0], stride_oq=out_strides[1])
@@ -250,7 +253,8 @@ def compile_check(archs=(80, 90), dtypes=("float32", "bfloat16"), directions=("t
                                                                                               "lse")]
     results = []
     for arch, dtype_name, direction in itertools.product(archs, dtypes, directions):
-        for kernel, (norm, agg) in [("gram", options[0])] + [("xattn_sim", o) for o in options]:
+        for kernel, (norm, agg) in ([("gram", options[0])] + [("xattn_sim", o) for o in options]
+                                    + [("xattn_sim_fix", o) for o in options]):
             try:
                 info = compile_one(kernel, arch, dtype_name, direction, norm, agg)
             except Exception as exc:
@@ -269,7 +273,8 @@ def all_variants(archs=(80, 90)) -> list[tuple]:
     dtypes = [("float32", p) for p in ("ieee", "tf32", "tf32x3")] + [(d, "ieee") for d in ("bfloat16", "float16",
                                                                                              "float64")]
     xattn = [(kernel, arch, dtype, direction, norm, agg, precision)
-             for kernel in ("xattn_sim", "xattn_sim_bwd") for arch in archs for dtype, precision in dtypes
+             for kernel in ("xattn_sim", "xattn_sim_fix", "xattn_sim_bwd") for arch in archs
+             for dtype, precision in dtypes
              for direction in ("t2i", "i2t") for norm in reference.NORMS for agg in reference.AGGS]
     # local_sim (forward and fused backward, both directions) and node_match (t2i only: it computes both ways at
     # once): no norm/agg options; no float64 kernels (float64 runs on "torch").

@@ -5,6 +5,12 @@ vector a = sum_c alpha_c v_c. In float32 that quadratic form cancels when a near
 is made of (e.g. two nearly opposite regions attended equally): its rounding error is about eps (sum_c alpha_c
 |v_c|)^2, so a cosine can leave [-1, 1] (1.024, or 5000). Items where alpha^T G alpha < GRAM_CANCEL_RATIO
 (sum_c alpha_c |v_c|)^2 are rare in real data; they are recomputed from the explicit a in float64.
+
+The Triton kernels (``itm_kernels/xattn_sim/triton.py``, ``itm_kernels/local_sim/triton.py``) apply the same test
+on the device in two launches over one grid: the main pass writes one int8 flag per program, and a fix-up pass
+(the same kernel specialised with FIX=True) returns at once for unflagged programs and recomputes flagged ones from
+the explicit attended vectors in float32, chunked over d; their fused backwards take |a|^2 and G alpha from the
+explicit a on flagged pairs. No host sync either way.
 """
 from __future__ import annotations
 

@@ -9,6 +9,21 @@ import torch
 from .constants import AGGS, BACKENDS, DIRECTIONS, FLOAT_DTYPES, NORMS
 
 
+def check_size(name: str, value, *, minimum: int = 1, maximum: int | None = None, what: str = "") -> int:
+    """``value`` as an int in ``minimum..maximum`` (a count, chunk, batch or shard size), else a ValueError naming
+    ``name``, the expected range (``what`` says what bounds it) and the value. Python and numpy ints only: bools,
+    floats (also integral ones), strings and tensors are refused, so that a size is never silently truncated."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an int {bound}{f' ({what})' if what else ''}, got {value}")
+    return value
+
+
 def check_features(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, len, d), got {type(x).__name__}")

@@ -51,8 +51,10 @@ K = 36, d = 1024, s = 256, 8 warps: 98-255 registers and no spill for every buck
 
 Memory (forward peak): the float32 output (N_img x N_cap x L_max x s, written exactly once, padding rows included;
 no zero-fill pass), the Gram tiles (N_img x BLOCK_K^2 float32, 16 KiB per image at K = 36), the caption index
-tensors, and a copy of ``weight`` in the input dtype / of ``bias`` in float32 when they come in another dtype
-(s x d). Nothing d-sized per pair.
+tensors, a copy of ``weight`` in the input dtype / of ``bias`` in float32 when they come in another dtype
+(s x d), and the Gram guard's flags (one int8 per program: N_img x N_cap x NWB bytes per bucket launch; see
+``_local_sim_kernel``). Nothing d-sized per pair. Each bucket launches the kernel twice: the main pass and the
+guard's fix-up pass, which returns at once for unflagged programs (~nothing when no pair cancels).
 
 Backward (``_local_sim_bwd_kernel``): FlashAttention-style, each pair's tiles are recomputed (scores, attention,
 a^ and y over d) and back-propagated in registers: one launch with a program per context item (dV, and dW/db as
@@ -72,6 +74,7 @@ import triton
 import triton.language as tl
 
 from .._common import triton_utils
+from .._common.constants import GRAM_CANCEL_RATIO
 from .._common.triton_utils import EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BLOCK, NEG_BIG, block_rows  # noqa: F401
 # Most regions a program holds (its K x K Gram and K x L tiles live in registers).
 MAX_K = 128
@@ -85,6 +88,10 @@ MAX_BLOCK_S = 256
 # Feature columns per step of both passes on a GPU.
 BLOCK_D = 32
 NUM_WARPS = 8
+# Feature columns per d-chunk of the Gram guard's fix-up pass: its extra (BLOCK_L x BLOCK_D) float32 chunk of a
+# spilled 272 bytes on sm_80 float32 t2i with 32, 48 bytes (sm_80/sm_90 float32) with 16 (tools/compile_check_triton.py
+# --ops; the main pass does not spill). The fix-up only runs on flagged programs.
+FIX_BLOCK_D = 16
 NUM_STAGES = 2
 # Images whose programs are adjacent, so that a bucket's captions are reused from L2 across them.
 GROUP_IMG = 8
@@ -92,12 +99,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _local_sim_kernel(img_ptr, img_len_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, cap_range_ptr, gram_ptr, w_ptr,
-                      b_ptr, out_ptr, n_img, n_cap, L_out, D, S,
+                      b_ptr, out_ptr, flag_ptr, n_img, n_cap, L_out, D, S,
                       stride_in, stride_ik, stride_cn, stride_ct, stride_ws, stride_oi, stride_oc,
                       lambda_softmax: tl.float64,
                       ACC: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, NWB: tl.constexpr, BLOCK_S: tl.constexpr,
-                      ONE_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+                      ONE_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GRAM_RATIO: tl.constexpr,
+                      FIX: tl.constexpr):
     """SGRAF local similarity vectors of one (image, caption) pair, words [wb BLOCK_L, (wb + 1) BLOCK_L).
 
     Program -> (image i, caption slot p of the bucket, word block wb < NWB), GROUP images adjacent; caption
@@ -120,8 +128,22 @@ def _local_sim_kernel(img_ptr, img_len_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, c
     L_c only writes zeros, so the output needs no zero fill. Rows beyond K / L_c and columns beyond D / S are never
     read (masked loads), so padding may hold anything. With ONE_S false (S > BLOCK_S) the unnormalised y chunks are
     written first and rescaled after a barrier.
+
+    Gram guard, in two launches of this kernel over the same grid (``itm_kernels._common.gram_guard``): only |a_t|
+    comes from the Gram form (a^ itself is formed explicitly in pass 2).
+      * FIX false (the main pass) also takes b_t = sum_k alpha_kt |v_k| (|v_k| = sqrt(G_kk)) and stores
+        flag[pid] = 1 when a valid word has |a_t|^2 < GRAM_RATIO b_t^2 (the quadratic form cancelled), else 0.
+      * FIX true (the fix-up pass) returns at once where flag[pid] == 0; a flagged program recomputes its scores
+        and alpha, takes |a_t|^2 from the explicit a = alpha^T V over d-chunks (one more tl.dot per chunk, IEEE
+        precision, float32 sums), forms a^ in pass 2 as (alpha^T V_chunk) / (|a| + eps) (normalised after the
+        product, in float32 also for bf16/fp16 inputs) and rewrites its whole block of rows.
+    The flag tensor is one int8 per program (N_img x N_cap x NWB bytes per bucket launch, against the output's
+    4 L s bytes per pair); with no flag the fix-up launch costs one byte load per program (~nothing).
     """
     pid = tl.program_id(0)
+    if FIX:
+        if tl.load(flag_ptr + pid) == 0:
+            return
     n_q = n_cap * NWB
     per_group = GROUP * n_q
     first = (pid // per_group) * GROUP
@@ -193,12 +215,32 @@ def _local_sim_kernel(img_ptr, img_len_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, c
         z = tl.where(k_valid[:, None], tl.full((), lambda_softmax, ACC) * n, NEG_BIG)
         p = tl.where(k_valid[:, None], tl.exp(z - tl.max(z, axis=0, keep_dims=True)), 0.0)
         alpha = p / tl.sum(p, axis=0, keep_dims=True)
-        g = tl.load(gram_ptr + img * (BLOCK_K * BLOCK_K) + offs_k[:, None] * BLOCK_K + offs_k[None, :])
-        g_alpha = tl.dot(g, alpha, input_precision=DOT_PRECISION)
-        a_norm = tl.sqrt(tl.maximum(tl.sum(alpha * g_alpha, axis=0), 0.0))
-        p_t = tl.trans(alpha * (1.0 / (a_norm + EPS))[None, :]).to(in_ty)            # (BLOCK_L, BLOCK_K)
-        if UPCAST:
-            p_t = p_t.to(ACC)
+        if FIX:
+            a_sq = tl.zeros((BLOCK_L,), dtype=ACC)
+            alpha_t = tl.trans(alpha)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + offs_dd
+                x = tl.load(v_rows[:, None] + offs_d[None, :], mask=k_valid[:, None] & (offs_d < D)[None, :],
+                            other=0.0)
+                a = tl.dot(alpha_t, x.to(ACC), input_precision="ieee")                   # (BLOCK_L, BLOCK_D)
+                a_sq += tl.sum(a * a, axis=1)
+        else:
+            g = tl.load(gram_ptr + img * (BLOCK_K * BLOCK_K) + offs_k[:, None] * BLOCK_K + offs_k[None, :])
+            g_alpha = tl.dot(g, alpha, input_precision=DOT_PRECISION)
+            a_sq = tl.sum(alpha * g_alpha, axis=0)
+            v_norm = tl.sqrt(tl.maximum(tl.load(gram_ptr + img * (BLOCK_K * BLOCK_K) + offs_k * (BLOCK_K + 1)), 0.0))
+            b_t = tl.sum(alpha * v_norm[:, None], axis=0)
+            cancelled = t_valid & (a_sq < GRAM_RATIO * b_t * b_t)
+            tl.store(flag_ptr + pid, tl.max(cancelled.to(tl.int32), axis=0).to(tl.int8))
+        a_norm = tl.sqrt(tl.maximum(a_sq, 0.0))
+        inv_a = 1.0 / (a_norm + EPS)
+        if FIX:
+            # Normalise after the product: folding 1/|a| into the weights first would scale the cancelling terms.
+            p_t = tl.trans(alpha)
+        else:
+            p_t = tl.trans(alpha * inv_a[None, :]).to(in_ty)                          # (BLOCK_L, BLOCK_K)
+            if UPCAST:
+                p_t = p_t.to(ACC)
 
         y_sq = tl.zeros((BLOCK_L,), dtype=ACC)
         for s0 in range(0, S, BLOCK_S):
@@ -215,7 +257,10 @@ def _local_sim_kernel(img_ptr, img_len_ptr, cap_ptr, cap_idx_ptr, cap_len_ptr, c
                 if UPCAST:
                     x = x.to(ACC)
                     w = w.to(ACC)
-                a_hat = tl.dot(p_t, x, input_precision=DOT_PRECISION)                    # (BLOCK_L, BLOCK_D)
+                if FIX:
+                    a_hat = tl.dot(p_t, x.to(ACC), input_precision="ieee") * inv_a[:, None]
+                else:
+                    a_hat = tl.dot(p_t, x, input_precision=DOT_PRECISION)                # (BLOCK_L, BLOCK_D)
                 diff = a_hat - y.to(ACC)
                 sq = (diff * diff).to(in_ty)
                 if UPCAST:
@@ -262,7 +307,7 @@ def _local_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, qry_ptr, qry_len_ptr, gram_ptr, 
                           lambda_softmax: tl.float64,
                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, OUTER_CTX: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          BLOCK_D: tl.constexpr, GRAM_RATIO: tl.constexpr):
     """Gradient of sum grad * local_sim w.r.t. ONE item's rows (deterministic: no atomics).
 
     Context items n (t2i: images, rows v_k = regions, k < C_n; i2t: captions, rows = words) are attended over by
@@ -284,6 +329,11 @@ def _local_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, qry_ptr, qry_len_ptr, gram_ptr, 
 
     The output rows of a pair are grad + n stride_gc + m stride_gq + t stride_gt (s contiguous). Rows beyond the
     lengths are never read and get 0; the whole caption is one tile (BLOCK_Q >= its length) and S one chunk.
+
+    Gram guard (as the forward's): a^ is always (alpha^T V_chunk) / (|a| + eps), normalised after the product; a
+    pair with a valid row where |a|^2 < GRAM_RATIO (sum_k alpha |v_k|)^2 takes |a|^2 and G alpha = V a from the
+    explicit a (one more d-loop, IEEE tl.dot) instead of the Gram forms, whose cancellation would otherwise
+    scale the gradient's error by up to b^2 / |a|^2.
     """
     outer = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
@@ -331,9 +381,23 @@ def _local_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, qry_ptr, qry_len_ptr, gram_ptr, 
         alpha = p / tl.sum(p, axis=0, keep_dims=True)
         g = tl.load(gram_ptr + c_item * (BLOCK_C * BLOCK_C) + offs_c[:, None] * BLOCK_C + offs_c[None, :])
         g_alpha_prod = tl.dot(g, alpha, input_precision=DOT_PRECISION)
-        a_norm = tl.sqrt(tl.maximum(tl.sum(alpha * g_alpha_prod, axis=0), 0.0))
+        a_sq = tl.sum(alpha * g_alpha_prod, axis=0)
+        v_norm = tl.sqrt(tl.maximum(tl.load(gram_ptr + c_item * (BLOCK_C * BLOCK_C) + offs_c * (BLOCK_C + 1)), 0.0))
+        b_t = tl.sum(alpha * v_norm[:, None], axis=0)
+        p_t = tl.trans(alpha)                                                                 # (BLOCK_Q, BLOCK_C)
+        if tl.max((q_valid & (a_sq < GRAM_RATIO * b_t * b_t)).to(tl.int32), axis=0) > 0:
+            # The Gram forms cancelled (see the forward's guard): |a|^2 and G alpha = V a from the explicit a.
+            a_sq = tl.zeros((BLOCK_Q,), dtype=ACC)
+            g_alpha_prod = tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + offs_dd
+                x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & (offs_d < D)[None, :],
+                            other=0.0).to(ACC)
+                a = tl.dot(p_t, x, input_precision="ieee")
+                a_sq += tl.sum(a * a, axis=1)
+                g_alpha_prod = tl.dot(x, tl.trans(a), g_alpha_prod, input_precision="ieee")
+        a_norm = tl.sqrt(tl.maximum(a_sq, 0.0))
         inv = 1.0 / (a_norm + EPS)
-        p_t = tl.trans(alpha * inv[None, :])                                                  # (BLOCK_Q, BLOCK_C)
 
         acc_y = tl.zeros((BLOCK_Q, BLOCK_S), dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
@@ -342,7 +406,7 @@ def _local_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, qry_ptr, qry_len_ptr, gram_ptr, 
             x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
             y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
             w = tl.load(w_rows[:, None] + offs_d[None, :], mask=s_valid[:, None] & d_in[None, :], other=0.0)
-            u = tl.dot(p_t, x.to(ACC), input_precision=DOT_PRECISION) - y.to(ACC)
+            u = tl.dot(p_t, x.to(ACC), input_precision=DOT_PRECISION) * inv[:, None] - y.to(ACC)
             acc_y = tl.dot(u * u, tl.trans(w.to(ACC)), acc_y, input_precision=DOT_PRECISION)
         yv = acc_y + bias[None, :]
         y_norm = tl.sqrt(tl.sum(yv * yv, axis=1))
@@ -361,7 +425,7 @@ def _local_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, qry_ptr, qry_len_ptr, gram_ptr, 
             y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
             w = tl.load(w_rows[:, None] + offs_d[None, :], mask=s_valid[:, None] & d_in[None, :], other=0.0)
             x = x.to(ACC)
-            a_hat = tl.dot(p_t, x, input_precision=DOT_PRECISION)
+            a_hat = tl.dot(p_t, x, input_precision=DOT_PRECISION) * inv[:, None]
             g_u = 2.0 * (a_hat - y.to(ACC)) * tl.dot(g_y, w.to(ACC), input_precision=DOT_PRECISION)
             rad += tl.sum(g_u * a_hat, axis=1)
             vg = tl.dot(x, tl.trans(g_u), vg, input_precision=DOT_PRECISION)
@@ -385,7 +449,7 @@ def _local_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, qry_ptr, qry_len_ptr, gram_ptr, 
             w = tl.load(w_rows[:, None] + offs_d[None, :], mask=s_valid[:, None] & d_in[None, :], other=0.0)
             x = x.to(ACC)
             y = y.to(ACC)
-            a_hat = tl.dot(p_t, x, input_precision=DOT_PRECISION)
+            a_hat = tl.dot(p_t, x, input_precision=DOT_PRECISION) * inv[:, None]
             u = a_hat - y
             g_u = 2.0 * u * tl.dot(g_y, w.to(ACC), input_precision=DOT_PRECISION)
             if OUTER_CTX:
@@ -414,8 +478,10 @@ def jit_kernel(interpret: bool, name: str = "local_sim"):
 
 
 def kernel_config(dtype: torch.dtype, *, K: int, bucket: int, s: int, interpret: bool = False,
-                  max_block_l: int | None = None, precision: str = FP32_DOT_PRECISION) -> tuple[dict, dict]:
-    """Constexpr values and launch options (num_warps, num_stages, ...) of ``_local_sim_kernel`` for one launch.
+                  max_block_l: int | None = None, precision: str = FP32_DOT_PRECISION, fix: bool = False
+                  ) -> tuple[dict, dict]:
+    """Constexpr values and launch options (num_warps, num_stages, ...) of ``_local_sim_kernel`` for one launch:
+    the main pass, or with ``fix`` the Gram guard's fix-up pass (untuned; it only runs on flagged programs).
 
     ``bucket``: the (power-of-two) word rows of the caption bucket; blocks of at most ``max_block_l`` (default
     ``MAX_BLOCK_L``) words, NWB = bucket / BLOCK_L programs per pair. In the interpreter BLOCK_S and BLOCK_D are 16,
@@ -438,7 +504,8 @@ def kernel_config(dtype: torch.dtype, *, K: int, bucket: int, s: int, interpret:
     constexprs = dict(ACC=tl.float32, UPCAST=upcast, DOT_PRECISION=triton_utils.dot_precision(dtype, interpret,
                                                                                               precision),
                       BLOCK_K=block_k, BLOCK_L=block_l, NWB=bucket // block_l, BLOCK_S=block_s, ONE_S=s <= block_s,
-                      BLOCK_D=block_d, GROUP=GROUP_IMG)
+                      BLOCK_D=min(block_d, FIX_BLOCK_D) if fix else block_d, GROUP=GROUP_IMG,
+                      GRAM_RATIO=GRAM_CANCEL_RATIO, FIX=fix)
     return constexprs, dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=True)
 
 
@@ -557,15 +624,18 @@ def local_sim_triton(images: torch.Tensor, captions: torch.Tensor, cap_lens: tor
         constexprs, options = kernel_config(images.dtype, K=ctx.shape[1], bucket=bucket, s=s, interpret=interpret,
                                             precision=precision)
         grid = (n_ctx * n_qry * constexprs["NWB"],)
+        flags = torch.zeros(grid, dtype=torch.int8, device=images.device)     # the Gram guard's, one per program
+        args = (ctx, ctx_lens, qry, order, qry_lens, ranges[bucket_no], gram, w, b, out, flags, n_ctx, n_qry, l_out,
+                d, s, ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), w.stride(0), stride_oi, stride_oc,
+                float(lambda_softmax))
         kernel = jit_kernel(interpret)
+        fix_constexprs = dict(constexprs, FIX=True)
         if autotune and not interpret:
-            kernel = autotuned_kernel()
             constexprs.pop("BLOCK_D")
-            options = dict(enable_fp_fusion=True)
-        kernel[grid](
-            ctx, ctx_lens, qry, order, qry_lens, ranges[bucket_no], gram, w, b, out, n_ctx, n_qry, l_out, d, s,
-            ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), w.stride(0), stride_oi, stride_oc,
-            float(lambda_softmax), **constexprs, **options)
+            autotuned_kernel()[grid](*args, **constexprs, enable_fp_fusion=True)
+        else:
+            kernel[grid](*args, **constexprs, **options)
+        kernel[grid](*args, **fix_constexprs, **options)
     return out
 
 
@@ -609,7 +679,7 @@ def bwd_config(dtype: torch.dtype, *, block_c: int, block_q: int, block_s: int, 
     constexprs = dict(ACC=tl.float64 if wide else tl.float32,
                       DOT_PRECISION="ieee" if interpret or wide else precision, OUTER_CTX=outer_ctx,
                       BLOCK_C=block_c, BLOCK_Q=block_q, BLOCK_S=block_s,
-                      BLOCK_D=MIN_BLOCK if interpret else BWD_BLOCK_D)
+                      BLOCK_D=MIN_BLOCK if interpret else BWD_BLOCK_D, GRAM_RATIO=GRAM_CANCEL_RATIO)
     return constexprs, dict(num_warps=BWD_NUM_WARPS, num_stages=1, enable_fp_fusion=True)
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 from .._common.triton_utils import (EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BLOCK, NEG_BIG, _check_mode,  # noqa: F401
                                     _gram_kernel, acc_dtype, block_rows, check_mode, dtype_constexprs, gram_config,
                                     interpreted, jit, length_buckets, triton_imported_interpreted)
+from .._common.constants import GRAM_CANCEL_RATIO
 from .._common.triton_utils import device_length_buckets  # noqa: F401  (shared with local_sim and node_match)
 from .._common.triton_utils import gram as _gram
 from .._common.triton_utils import length_buckets as _length_buckets
@@ -33,6 +34,8 @@ from .._common.triton_utils import length_buckets as _length_buckets
 # K and the caption buckets (powers of two); sizes beyond 64 rows compile but were not checked for spills.
 TARGET_QUERY_ROWS = 32
 NUM_WARPS = 8
+# Feature columns per d-chunk of the Gram guard's fix-up pass (at most).
+FIX_BLOCK_D = 32
 # Context items that consecutive programs share, so that a block of query items is reused from L2.
 GROUP_CTX = 8
 
@@ -49,12 +52,12 @@ _NORM_KINDS = {
 
 
 def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
-                      qry_range_ptr, out_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_oc, stride_oq,
-                      lambda_softmax: tl.float64, lambda_lse: tl.float64,
+                      qry_range_ptr, out_ptr, flag_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr,
+                      stride_oc, stride_oq, lambda_softmax: tl.float64, lambda_lse: tl.float64,
                       NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_G: tl.constexpr):
+                      BLOCK_G: tl.constexpr, GRAM_RATIO: tl.constexpr, FIX: tl.constexpr):
     """SCAN scores of one context item against QB query items: QB entries of ``out``.
 
     Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
@@ -76,9 +79,23 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
     Rows beyond the lengths are never read (masked loads) and every statistic is masked, so padding may hold
     anything. ``out`` is addressed as out_ptr + n stride_oc + m stride_oq, which is how i2t writes out[image,
     caption] although its context items are captions.
+
+    Gram guard, in two launches of this kernel over the same grid (``itm_kernels._common.gram_guard``):
+      * FIX false (the main pass) also takes b[j, t] = sum_k alpha |x_k| (|x_k| = sqrt(G_kk), one more (C x NQ)
+        product-sum, no extra tile) and stores flag[pid] = 1 when some valid row has |a|^2 < GRAM_RATIO b^2 (the
+        quadratic form cancelled: its float32 error ~ eps b^2 exceeds a share of |a|^2), else 0.
+      * FIX true (the fix-up pass) returns at once where flag[pid] == 0; a flagged program recomputes s and alpha
+        as above, then forms the attended vectors explicitly over d-chunks (a_chunk = alpha^T X_chunk, one tl.dot
+        at IEEE precision) and accumulates num = a . y and |a|^2 from them in ACC, then overwrites the QB
+        aggregated scores of its tile. Scores are aggregated per program, so the fix-up redoes the whole tile.
+    The flag tensor is one int8 per program (N_ctx x ceil(N_qry / QB) bytes per bucket launch); when nothing is
+    flagged the fix-up launch costs one byte load per program (a launch's overhead, ~nothing).
     """
     NQ: tl.constexpr = QB * BLOCK_Q
     pid = tl.program_id(0)
+    if FIX:
+        if tl.load(flag_ptr + pid) == 0:
+            return
     n_qb = tl.cdiv(n_qry, QB)
     per_group = GROUP * n_qb
     first = (pid // per_group) * GROUP
@@ -143,11 +160,31 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
     logits = tl.where(cv3, tl.full((), lambda_softmax, ACC) * z, NEG_BIG)
     p = tl.where(cv3, tl.exp(logits - tl.max(logits, axis=0, keep_dims=True)), 0.0)
     alpha = p / tl.sum(p, axis=0, keep_dims=True)
-    num = tl.reshape(tl.sum(alpha * s3, axis=0), (NQ,))
     alpha2 = tl.reshape(alpha, (BLOCK_C, NQ))
-    g = tl.load(gram_ptr + ctx_item * (BLOCK_G * BLOCK_G) + offs_c[:, None] * BLOCK_G + offs_c[None, :])
-    g_alpha = tl.dot(g, alpha2, input_precision=DOT_PRECISION)
-    a_norm = tl.sqrt(tl.maximum(tl.sum(alpha2 * g_alpha, axis=0), 0.0))
+    if FIX:
+        # Exact: the attended vectors a (NQ x BLOCK_D per chunk) formed explicitly, never their Gram form.
+        num = tl.zeros((NQ,), dtype=ACC)
+        a_sq = tl.zeros((NQ,), dtype=ACC)
+        alpha_t = tl.trans(alpha2)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+            y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+            a = tl.dot(alpha_t, x.to(ACC), input_precision="ieee")
+            num += tl.sum(a * y.to(ACC), axis=1)
+            a_sq += tl.sum(a * a, axis=1)
+    else:
+        num = tl.reshape(tl.sum(alpha * s3, axis=0), (NQ,))
+        g = tl.load(gram_ptr + ctx_item * (BLOCK_G * BLOCK_G) + offs_c[:, None] * BLOCK_G + offs_c[None, :])
+        g_alpha = tl.dot(g, alpha2, input_precision=DOT_PRECISION)
+        a_sq = tl.sum(alpha2 * g_alpha, axis=0)
+        x_norm = tl.sqrt(tl.maximum(tl.load(gram_ptr + ctx_item * (BLOCK_G * BLOCK_G) + offs_c * (BLOCK_G + 1)),
+                                    0.0))
+        b = tl.sum(alpha2 * x_norm[:, None], axis=0)
+        cancelled = q_valid & (a_sq < GRAM_RATIO * b * b)
+        tl.store(flag_ptr + pid, tl.max(cancelled.to(tl.int32), axis=0).to(tl.int8))
+    a_norm = tl.sqrt(tl.maximum(a_sq, 0.0))
     r = num / tl.maximum(tl.sqrt(q_sq) * a_norm, EPS)
 
     # Aggregate over each query item's valid rows.
@@ -185,9 +222,10 @@ def jit_kernel(name: str, interpret: bool):
 
 
 def kernel_config(dtype: torch.dtype, *, block_c: int, block_q: int, n_qry: int, d: int, norm: str, agg: str,
-                  interpret: bool = False, precision: str = FP32_DOT_PRECISION, block_g: int | None = None
-                  ) -> tuple[dict, dict]:
-    """Constexpr values and launch options (num_warps, num_stages) of ``_xattn_sim_kernel`` for one launch.
+                  interpret: bool = False, precision: str = FP32_DOT_PRECISION, block_g: int | None = None,
+                  fix: bool = False) -> tuple[dict, dict]:
+    """Constexpr values and launch options (num_warps, num_stages) of ``_xattn_sim_kernel`` for one launch: the
+    main pass, or with ``fix`` the Gram guard's fix-up pass (untuned; it only runs on flagged programs).
 
     Shared with ``tools/compile_check_triton.py`` so that CI compiles exactly what the launcher runs. This is the
     untuned configuration (the interpreter's, float64's, and the base the autotuner varies: ``AUTOTUNE_CONFIGS``).
@@ -195,7 +233,12 @@ def kernel_config(dtype: torch.dtype, *, block_c: int, block_q: int, n_qry: int,
     norm_kind, clip = _NORM_KINDS[norm]
     qb = max(1, min(TARGET_QUERY_ROWS // block_q, triton.next_power_of_2(max(n_qry, 1))))
     constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, GROUP=GROUP_CTX, BLOCK_C=block_c, BLOCK_Q=block_q, QB=qb,
-                      BLOCK_G=block_g or block_c, **dtype_constexprs(dtype, d, interpret, precision))
+                      BLOCK_G=block_g or block_c, GRAM_RATIO=GRAM_CANCEL_RATIO, FIX=fix,
+                      **dtype_constexprs(dtype, d, interpret, precision))
+    if fix:
+        # The fix-up widens each chunk to ACC for its IEEE product: 64-wide bf16 chunks spilled (160-176 bytes on
+        # sm_80/sm_90, t2i); 32-wide ones do not (tools/compile_check_triton.py).
+        constexprs["BLOCK_D"] = min(constexprs["BLOCK_D"], FIX_BLOCK_D)
     return constexprs, dict(num_warps=NUM_WARPS, num_stages=2, enable_fp_fusion=True)
 
 
@@ -230,17 +273,20 @@ def _launch(out, ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens
                                         norm=norm, agg=agg, interpret=interpret, precision=precision,
                                         block_g=gram.shape[1])
     grid = (n_ctx * triton.cdiv(n_qry, constexprs["QB"]),)
+    # One Gram-guard flag per program (see _xattn_sim_kernel): zero where a program returns before computing.
+    flags = torch.zeros(grid, dtype=torch.int8, device=ctx.device)
+    args = (ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, out, flags, n_ctx, n_qry,
+            ctx.shape[2], ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_oc, stride_oq,
+            float(lambda_softmax), float(lambda_lse))
+    fix_constexprs = dict(constexprs, FIX=True)
     kind = _autotune_kind(ctx.dtype)
+    kernel = jit_kernel("xattn_sim", interpret)
     if autotune and not interpret and kind is not None:
-        kernel = autotuned_kernel(kind)
         constexprs.pop("BLOCK_D")
-        options = dict(enable_fp_fusion=True)
+        autotuned_kernel(kind)[grid](*args, **constexprs, enable_fp_fusion=True)
     else:
-        kernel = jit_kernel("xattn_sim", interpret)
-    kernel[grid](
-        ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, out, n_ctx, n_qry, ctx.shape[2],
-        ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), stride_oc, stride_oq,
-        float(lambda_softmax), float(lambda_lse), **constexprs, **options)
+        kernel[grid](*args, **constexprs, **options)
+    kernel[grid](*args, **fix_constexprs, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,8 +312,14 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tens
     bucket's height, not to L_max; short captions share a program (up to ``TARGET_QUERY_ROWS`` stacked words).
     The buckets are found on the device (``device_length_buckets``): no host sync, CUDA-graph capturable once the
     autotuner has run for these shapes (its first launch per key benchmarks, which synchronises).
+    Gram guard: each bucket runs the kernel twice over one grid, the main pass (which also flags programs whose
+    |a|^2 = alpha^T G alpha cancelled) and a fix-up pass that returns at once unless flagged and otherwise
+    recomputes its tile from the explicit attended vectors (``_xattn_sim_kernel``); with no flag the fix-up costs
+    one launch of one-byte loads. No host sync either way.
     Memory: the output, the context Gram tiles (t2i: N_img x BLOCK_K^2; i2t: N_cap x BLOCK_L^2 with BLOCK_L =
-    round_pow2(L_max), in float32/float64) and the index tensors. Needs a CUDA device, or CPU tensors with ``TRITON_INTERPRET=1``.
+    round_pow2(L_max), in float32/float64), the index tensors and the guard's flags (one int8 per program of a
+    bucket launch: N_ctx x ceil(N_qry_bucket / QB) bytes, at most a quarter of the output's bytes). Needs a CUDA
+    device, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
     interpret = interpreted()
     _check_mode(interpret)
@@ -308,7 +360,7 @@ def _xattn_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_len_ptr, 
                           NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TINY: tl.constexpr,
                           OUTER_CTX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          BLOCK_D: tl.constexpr, GRAM_RATIO: tl.constexpr):
     """Gradient of sum_{n,m} grad[n, m] out[n, m] w.r.t. ONE item's rows (deterministic: no atomics).
 
     OUTER_CTX: program n = a context item, looping over all query items m, accumulates dX_n (C_n x d) into
@@ -324,6 +376,11 @@ def _xattn_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_len_ptr, 
 
     The second d-loop multiplies g_s (ACC) by the re-loaded rows, widened to ACC. Memory: the gradient outputs
     and the Gram tiles; nothing of size N_ctx x N_qry is formed. Padding rows are never read and get 0.
+
+    Gram guard (as the forward's): where some valid row of a pair has a_sq < GRAM_RATIO b^2, b = sum_k alpha
+    |x_k|, the Gram forms cancelled and the gradient through 1/|a| would be wrong by up to eps b^2 / |a|^2
+    relative; that pair then takes num, a_sq and G alpha = X a from the explicit attended vectors (one more
+    d-loop, a = alpha^T X per chunk at IEEE precision). Unflagged pairs pay one (C x Q) product-sum for b.
     """
     outer = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
@@ -385,6 +442,23 @@ def _xattn_sim_bwd_kernel(ctx_ptr, ctx_len_ptr, gram_ptr, qry_ptr, qry_len_ptr, 
         g = tl.load(gram_ptr + c_item * (BLOCK_C * BLOCK_C) + offs_c[:, None] * BLOCK_C + offs_c[None, :])
         g_alpha_prod = tl.dot(g, alpha, input_precision=DOT_PRECISION)
         a_sq = tl.sum(alpha * g_alpha_prod, axis=0)
+        x_norm = tl.sqrt(tl.maximum(tl.load(gram_ptr + c_item * (BLOCK_C * BLOCK_C) + offs_c * (BLOCK_C + 1)), 0.0))
+        b = tl.sum(alpha * x_norm[:, None], axis=0)
+        if tl.max((q_valid & (a_sq < GRAM_RATIO * b * b)).to(tl.int32), axis=0) > 0:
+            num = tl.zeros((BLOCK_Q,), dtype=ACC)
+            a_sq = tl.zeros((BLOCK_Q,), dtype=ACC)
+            g_alpha_prod = tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC)
+            alpha_t = tl.trans(alpha)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_in = offs_d < D
+                x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+                y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+                x = x.to(ACC)
+                a = tl.dot(alpha_t, x, input_precision="ieee")
+                num += tl.sum(a * y.to(ACC), axis=1)
+                a_sq += tl.sum(a * a, axis=1)
+                g_alpha_prod = tl.dot(x, tl.trans(a), g_alpha_prod, input_precision="ieee")
         a_norm = tl.sqrt(tl.maximum(a_sq, TINY))
         qn = tl.sqrt(q_sq)
         den = qn * a_norm
@@ -458,7 +532,8 @@ def bwd_config(dtype: torch.dtype, *, block_c: int, block_q: int, d: int, norm: 
     """Constexpr values and launch options of ``_xattn_sim_bwd_kernel`` (shared with the compile check)."""
     norm_kind, clip = _NORM_KINDS[norm]
     constexprs = dict(NORM=norm_kind, CLIP=clip, AGG=agg, OUTER_CTX=outer_ctx, BLOCK_C=block_c, BLOCK_Q=block_q,
-                      TINY=float(torch.finfo(acc_dtype(dtype)).tiny), **dtype_constexprs(dtype, d, interpret))
+                      TINY=float(torch.finfo(acc_dtype(dtype)).tiny), GRAM_RATIO=GRAM_CANCEL_RATIO,
+                      **dtype_constexprs(dtype, d, interpret))
     if dtype != torch.float64 and not interpret:
         # The second d-loop multiplies float32 tiles: follow the forward's float32 precision choice. 32-wide
         # d-chunks: with 64 the bf16 variants spill (255 registers, 192-256 stack bytes on sm_90, 8 warps).

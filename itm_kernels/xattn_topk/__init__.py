@@ -19,6 +19,8 @@ the matrix assembled from the same tiles exactly, and of the one-call matrix to 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch as _torch
 from torch import Tensor
 
@@ -33,19 +35,23 @@ _DEFAULT_TILE = 1 << 20  # scores per tile: 4 MiB of float32
 
 
 def check_k(k, gallery: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    """``k`` as an int in 1..gallery: TypeError for a non-int (bools, floats, tensors; numpy ints are taken),
+    ValueError out of range, both naming ``name``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or isinstance(k, Tensor):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = int(k)
     if k < 1 or k > gallery:
         raise ValueError(f"{name} must lie in 1..{gallery} (the gallery size), got {k}")
     return k
 
 
 def check_chunk(name: str, value) -> int | None:
+    """``value`` as a positive int, or None; ValueError naming ``name`` otherwise (numpy ints are taken)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or isinstance(value, Tensor) or value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
+    return int(value)
 
 
 @_torch.no_grad()

@@ -29,6 +29,8 @@ import time
 import numpy as np
 import torch
 
+from itm_kernels._common.validation import check_size
+
 from .args import USER_ERRORS, backend_name, device_name, one_line, positive_int
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -107,6 +109,9 @@ def evaluate(checkpoints, data, split, *, vocab=None, fold5=False, dtype="float3
     from ..eval.similarity import GSMN_FILES, gsmn_split, is_graph_model, similarity_matrix
     from ..eval.metrics import ensemble_sims, recall, recall_fold5
 
+    check_size("batch_size", batch_size)
+    if official_batch_size is not None:
+        check_size("official_batch_size", official_batch_size)
     t0 = time.perf_counter()
     models = [load_model(p, backend=backend, trusted=trusted) for p in checkpoints]
     graph_flags = [is_graph_model(m) for m in models]

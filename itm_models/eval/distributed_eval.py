@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from itm_kernels._common.validation import check_size
+
 from .distributed import init_distributed
 from .streaming import model_tile_fn, save_sims_npy, streaming_recall
 
@@ -71,6 +73,12 @@ def evaluate_distributed(models, datasets, *, fold5=False, dtype=torch.float32, 
     from .metrics import _RECALL_KEYS, METRIC_KEYS
     from .similarity import _cast, _graph_inputs, encode_images, image_rows
 
+    for name, value in (("batch_size", batch_size), ("img_chunk", img_chunk), ("cap_chunk", cap_chunk),
+                        ("captions_per_image", captions_per_image)):
+        check_size(name, value)
+    if len(models) == 0 or len(models) != len(datasets):
+        raise ValueError(f"evaluate_distributed needs one dataset per model (at least one), got {len(models)} "
+                         f"models and {len(datasets)} datasets")
     t0 = time.perf_counter()
     rank, size, device = init_distributed(device or "cpu", timeout_s=timeout_s)
     graph_kwargs = graph_kwargs or [None] * len(models)

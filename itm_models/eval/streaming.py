@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from itm_kernels._common.validation import check_size
+
 from .metrics import METRIC_KEYS, _RECALL_KEYS, _summary
 
 __all__ = ["streaming_recall", "streaming_topk", "similarity_topk", "model_topk_sharded", "save_sims_npy",
@@ -40,6 +42,11 @@ def world(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def _check_sizes(**sizes) -> list[int]:
+    """The sizes as ints >= 1, else a ValueError naming the first bad one (before any tile is computed)."""
+    return [check_size(name, value) for name, value in sizes.items()]
 
 
 def grid(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -185,6 +192,8 @@ def streaming_topk(tile_fn: TileFn, n_img: int, n_cap: int, k: int, *, queries: 
     from itm_kernels.xattn_topk.merge import merge_candidates, merge_tile
     if queries not in QUERIES:
         raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+    n_img, n_cap, img_chunk, cap_chunk = _check_sizes(n_img=n_img, n_cap=n_cap, img_chunk=img_chunk,
+                                                      cap_chunk=cap_chunk)
     n_q, n_g = (n_img, n_cap) if queries == "images" else (n_cap, n_img)
     k = check_k(k, n_g)
     rank, size = world(group)
@@ -234,6 +243,7 @@ def similarity_topk(model, img_embs, cap_embs, cap_lens, k: int, *, queries: str
     Both give identical results for float32/bfloat16 scores of the cpu backend (its scores do not depend on the
     tiling); float64 scores agree to rounding (ATen mm's blocking).
     """
+    _check_sizes(img_chunk=img_chunk, cap_chunk=cap_chunk)
     if (graph_inputs is None and callable(getattr(model, "topk", None)) and set(kwargs) <= {"backend"}
             and not isinstance(img_embs, (list, tuple))):
         return model_topk_sharded(model, img_embs, cap_embs, cap_lens, k, queries=queries, group=group, **kwargs)
@@ -298,6 +308,8 @@ def save_sims_npy(tile_fn: TileFn, n_img: int, n_cap: int, path, *, img_chunk: i
     Rank 0 creates the file (``np.lib.format.open_memmap``); after a barrier every rank opens it ``r+`` and writes
     the rows of its own image chunks tile by tile, so no process holds more than one tile.
     """
+    n_img, n_cap, img_chunk, cap_chunk = _check_sizes(n_img=n_img, n_cap=n_cap, img_chunk=img_chunk,
+                                                      cap_chunk=cap_chunk)
     rank, size = world(group)
     path = str(path)
     if rank == 0:

@@ -33,9 +33,6 @@ FLOOR = 2e-5
 CPU_BACKENDS = [b for b in itm_kernels.available_backends("cpu") if b != "triton"]
 TRITON = "triton" in itm_kernels.available_backends("cpu")
 BACKENDS = CPU_BACKENDS + (["triton"] if TRITON else [])
-# The Triton kernels of xattn_sim and local_sim take |a|^2 from the Gram identity with no guard yet (the fused
-# kernels of csrc/ and the torch backends have one): near-cancelling contexts are a known gap there.
-UNGUARDED = {("xattn_sim", "triton"), ("local_sim", "triton")}
 
 
 def finite(*tensors) -> bool:
@@ -170,15 +167,9 @@ def test_xattn_topk_ignores_poisoned_padding(backend):
 # Item 3: cosines through the Gram identity must not leave [-1, 1] when the attended context nearly vanishes
 # ---------------------------------------------------------------------------------------------------------------
 
-def _xfail_unguarded(op, backend):
-    if (op, backend) in UNGUARDED:
-        pytest.xfail(f"{op}'s {backend} kernel has no Gram-cancellation guard yet")
-
-
 @pytest.mark.parametrize("eps", [1e-3, 1e-4])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_issue_reproducer_xattn_cancellation(backend, eps):
-    _xfail_unguarded("xattn_sim", backend)
     im = torch.tensor([[[1.0, 0.0], [-1.0, eps]]])
     cap = torch.tensor([[[0.0, 1.0]]])
     out = xattn_sim(im, cap, [1], lambda_softmax=0.0, norm="no_norm", backend=backend)
@@ -198,7 +189,6 @@ def cancelling_pair(d, eps, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["local_sim", "node_match"])
 def test_issue_reproducer_cancellation_local_sim_node_match(op, backend, eps):
-    _xfail_unguarded(op, backend)
     v, e = cancelling_pair(256, eps)
     if op == "node_match":
         truth = node_match_reference(v.double(), e.double(), [3], lambda_softmax=0.0)
@@ -374,11 +364,11 @@ MODES = ("plain", "cancel", "duplicate", "zero")
 
 
 @st.composite
-def adversarial_problem(draw, tiny=False):
+def adversarial_problem(draw, tiny=False, modes=None):
     n_img, n_cap = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     K, L = draw(st.integers(2, 3 if tiny else 4)), draw(st.integers(1, 3 if tiny else 5))
     d = draw(st.sampled_from([32] if tiny else [32, 48]))
-    mode = draw(st.sampled_from(MODES))
+    mode = draw(st.sampled_from(modes or MODES))
     pad = draw(st.sampled_from([NAN, INF, 1e30]))
     seed = draw(st.integers(0, 2 ** 16))
     g = torch.Generator().manual_seed(seed)
@@ -485,12 +475,43 @@ def test_fuzz_cpu_backends_against_float64_reference(case, backend, p):
 @settings(max_examples=4)
 @given(p=adversarial_problem(tiny=True))
 def test_fuzz_triton_against_float64_reference(case, p):
-    if p["mode"] == "cancel" and (fuzz_cases(32, p)[case][0], "triton") in UNGUARDED:
-        p = dict(p, mode="cancel (unguarded kernel: checked finite only)")
-        outs, grads = _runs(p, case, "triton")
-        assert finite(*outs, *grads)
-        return
     _check_against_truth(p, case, "triton")
+
+
+# The Triton kernels' Gram guard (flag + fix-up launch, and the flagged pairs of the fused backwards): every example
+# near-cancelling. float32 inputs: outputs and gradients as _check_against_truth (4x the float32 reference's error
+# plus 2e-5 / 1e-4 of the largest magnitude). bfloat16 inputs (forward): the truth is the float64 reference on the
+# bf16-rounded inputs and the yardstick the float32 reference on them (the kernels accumulate in float32): 4x its
+# error plus 2e-5 of the largest magnitude (xattn_sim) or plus 2^-7 (local_sim: by design its bf16 path also rounds
+# W and (a^ - e)^2 to bf16 before the projection, about 2^-9 relative each, on unit output rows). Without the guard
+# these were off by up to 1e3 (xattn_sim) and 0.96 (local_sim).
+GUARDED_CASES = ["xattn_sim t2i", "xattn_sim i2t", "local_sim t2i", "local_sim i2t"]
+BF16_LOCAL_SIM_ROUNDING = 2.0 ** -7
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not available here (interpreter or GPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", GUARDED_CASES)
+@settings(max_examples=2)
+@given(p=adversarial_problem(tiny=True, modes=("cancel",)), lam_s=st.sampled_from([0.0, 1e-12, 1.0]))
+def test_triton_gram_guard_near_cancelling_contexts(case, dtype, p, lam_s):
+    p = dict(p, lam_s=lam_s)
+    if dtype == torch.float32:
+        _check_against_truth(p, case, "triton")
+        return
+    op, fn = fuzz_cases(p["im"].shape[2], p)[case]
+    kw = dict(img_lens=p["img_lens"]) if op == "xattn_sim" else {}
+    im = (p["im_padded"] if op == "xattn_sim" else p["im"]).to(dtype)
+    cap = p["cap"].to(dtype)
+    got = fn(im, cap, p["lens"], "triton", **kw)
+    truth = fn(im.double(), cap.double(), p["lens"], "truth", dtype=torch.float64, **kw)
+    ref32 = fn(im.float(), cap.float(), p["lens"], "truth", dtype=torch.float32, **kw)
+    for o, t, r in zip(got, truth, ref32):
+        assert finite(o), f"{case} bf16: non-finite output"
+        floor = BF16_LOCAL_SIM_ROUNDING if op == "local_sim" else FLOOR
+        tol = 4 * (r.double() - t).abs().max().item() + floor * (1 + t.abs().max().item())
+        err = (o.double() - t).abs().max().item()
+        assert err <= tol, f"{case} bf16 (lambda_softmax {lam_s}): error {err:.3e} > {tol:.3e}"
 
 
 @pytest.mark.slow

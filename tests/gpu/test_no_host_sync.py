@@ -93,6 +93,60 @@ def test_local_sim_forward_and_fused_backward_never_read_the_host(monkeypatch, d
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def _cancelling(n, rows, d, g, eps=1e-4):
+    """(n, rows, d) unit rows whose row 1 is minus row 0 plus ``eps`` on every 5th feature: with equal attention
+    weights the attended vector nearly vanishes and the Gram identity cancels (the guard's flagged path)."""
+    x = torch.nn.functional.normalize(torch.randn(n, rows, d, generator=g), dim=-1)
+    x[:, 1] = -x[:, 0]
+    x[:, 1, ::5] += eps
+    return x
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["xattn_sim", "local_sim"])
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_gram_guard_fix_up_never_reads_the_host(monkeypatch, op, direction):
+    """The Gram guard's flag and fix-up launches (forward) and flagged pairs (fused backward) stay sync-free."""
+    from itm_kernels.local_sim import local_sim_i2t_reference, local_sim_reference
+    from itm_kernels.xattn_sim import reference as xattn_reference
+
+    g = torch.Generator().manual_seed(4)
+    img = _cancelling(2, 3, 19, g)
+    cap = _cancelling(3, 4, 19, g)
+    img[:, 2] = 0.0          # lambda 0 and two opposite rows: region 2 must not rescue the cancelling context
+    cap[:, 2:] = 0.0
+    cap_lens = torch.tensor([2, 2, 2])
+    img_lens = torch.tensor([2, 2, 2])[:2]
+    img, cap = img.to(DEVICE).requires_grad_(), cap.to(DEVICE).requires_grad_()
+    cap_lens, img_lens = cap_lens.to(DEVICE), img_lens.to(DEVICE)
+    weight = (torch.randn(8, 19, generator=g) / 5).to(DEVICE)
+    bias = torch.randn(8, generator=g).to(DEVICE)
+    with forbid_host_reads(monkeypatch):
+        if op == "xattn_sim":
+            out = xattn_sim_op(img, cap, cap_lens, img_lens, direction, "no_norm", 0.0, "mean", 6.0, "triton", 0,
+                               "ieee")
+        else:
+            out = local_sim_op(img, cap, cap_lens, weight, bias, 0.0, "triton", 0, direction, "ieee")
+        grads = torch.autograd.grad(out, (img, cap), torch.ones_like(out))
+
+    def reference(dtype):
+        i, c = img.detach().to(dtype).requires_grad_(), cap.detach().to(dtype).requires_grad_()
+        if op == "xattn_sim":
+            o = xattn_reference.xattn_sim(i, c, cap_lens, img_lens=img_lens, direction=direction, norm="no_norm",
+                                          lambda_softmax=0.0, agg="mean")
+        else:
+            spec = local_sim_reference if direction == "t2i" else local_sim_i2t_reference
+            o = spec(i, c, cap_lens, weight.to(dtype), bias.to(dtype), lambda_softmax=0.0)
+        return [o.double()] + [x.double() for x in torch.autograd.grad(o, (i, c), torch.ones_like(o))]
+
+    # Unguarded, the cosines were off by up to 1e3 here and the gradients by their own size. Guarded: within 4x the
+    # float32 reference's own error plus 1e-5 (forward) / 1e-4 (gradients) of the largest magnitude (as the fuzz).
+    truth, ref32 = reference(torch.float64), reference(torch.float32)
+    for k, (got, want, r32) in enumerate(zip([out] + list(grads), truth, ref32)):
+        tol = 4 * (r32 - want).abs().max().item() + (1e-5 if k == 0 else 1e-4) * (1 + want.abs().max().item())
+        assert (got.double() - want).abs().max().item() <= tol, f"output {k}: the guarded path is off"
+
+
 @needs_kernels
 def test_node_match_forward_never_reads_the_host(monkeypatch):
     g = torch.Generator().manual_seed(2)

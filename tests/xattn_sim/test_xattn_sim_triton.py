@@ -236,9 +236,9 @@ def test_compile_check_samples_every_reachable_variant(tmp_path):
     import compile_check_triton as tool
 
     variants = tool.all_variants()
-    # xattn_sim fwd/bwd: kernel x arch x dtype/precision x direction x norm x agg; then local_sim fwd/bwd (arch x
-    # 5 dtype/precisions x direction) and node_match (arch x 5, t2i only).
-    assert len(variants) == len(set(variants)) == 2 * 2 * 6 * 2 * 7 * 4 + 2 * (2 * 5 * 2) + 2 * 5
+    # xattn_sim fwd/fix-up/bwd: kernel x arch x dtype/precision x direction x norm x agg; then local_sim
+    # fwd/fix-up/bwd (arch x 5 dtype/precisions x direction) and node_match (arch x 5, t2i only).
+    assert len(variants) == len(set(variants)) == 3 * 2 * 6 * 2 * 7 * 4 + 3 * (2 * 5 * 2) + 2 * 5
     runs = -(-len(variants) // 50)
     assert {v for r in range(runs) for v in tool.sampled_variants(50, r)} == set(variants)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
