@@ -11,8 +11,10 @@ Both directions are the same computation with the roles swapped, so one kernel s
 (t2i: images, context rows = regions; i2t: captions, rows = words) and a QUERY set (t2i: captions, rows = words;
 i2t: images, rows = regions); the score tile is always context x query.
 
-Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``jit_kernel``), so importing this
-module fixes nothing; they call no other ``@triton.jit`` function of ours, which would be wrapped at import (see
+Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``jit_kernel``). The forward's
+per-tile score computation is the device function ``score_items``, which the in-kernel top-k
+(``itm_kernels.xattn_topk.triton``) calls too; device functions are wrapped at import in the mode triton was
+imported in (``device_function``), the only mode a launch in this process can pass ``check_mode`` in (see
 ``itm_kernels._common.triton_utils`` for the mode rules).
 """
 import functools
@@ -22,8 +24,9 @@ import triton
 import triton.language as tl
 
 from .._common.triton_utils import (EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BLOCK, NEG_BIG, _check_mode,  # noqa: F401
-                                    _gram_kernel, acc_dtype, block_rows, check_mode, dtype_constexprs, gram_config,
-                                    interpreted, jit, length_buckets, triton_imported_interpreted)
+                                    _gram_kernel, acc_dtype, block_rows, check_mode, device_function,
+                                    dtype_constexprs, gram_config, interpreted, jit, length_buckets,
+                                    triton_imported_interpreted)
 from .._common.triton_utils import device_length_buckets  # noqa: F401  (shared with local_sim and node_match)
 from .._common.triton_utils import gram as _gram
 from .._common.triton_utils import length_buckets as _length_buckets
@@ -48,59 +51,26 @@ _NORM_KINDS = {
 }
 
 
-def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
-                      qry_range_ptr, out_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_oc, stride_oq,
-                      lambda_softmax: tl.float64, lambda_lse: tl.float64,
-                      NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
-                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_G: tl.constexpr):
-    """SCAN scores of one context item against QB query items: QB entries of ``out``.
+def _score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr, q_first, q_left, D,
+                 stride_cn, stride_cr, stride_qn, stride_qr, lambda_softmax, lambda_lse,
+                 NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, QB: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(QB,) SCAN scores (ACC) of context item ``ctx_item`` against the query items qry_idx[q_first + j], j < QB.
 
-    Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
-    item n = ctx_idx[c0 + p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[q0 + b QB + j],
-    j < QB, with L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
-    (c0, count) = ctx_range[0:2] and (q0, count) = qry_range[0:2] live on the device (a length bucket, found by a
-    device searchsorted): the grid covers the upper bounds n_ctx x n_qry and programs past the counts return at
-    once, so the host never reads a length. G_n is the (BLOCK_G, BLOCK_G) tile gram[n], BLOCK_G >= BLOCK_C.
-
-        s[k, (j, t)] = x_k . y_t                     (tl.dot over d-chunks, ACC accumulator)
-        z = LeakyReLU_0.1(s) if CLIP else s
-        n[k, j, :]  = NORM of z[k, j, t] over t < L_j: softmax | z / (|z|_2 + eps) | z / (|z|_1 + eps) | z
-        alpha[:, j, t] = softmax over k < C_n of lambda_softmax n[k, j, t]
-        num = sum_k alpha s,   |a|^2 = alpha^T G_n alpha (G_n from _gram_kernel, again one tl.dot)
-        R[j, t] = num / max(|y_t| |a|, eps)
-        out[n, m_j] = AGG over t < L_j of R[j, t]:
-                      (1/lambda_lse) log sum exp(lambda_lse R) (max-shifted) | mean | max | sum
-
-    Rows beyond the lengths are never read (masked loads) and every statistic is masked, so padding may hold
-    anything. ``out`` is addressed as out_ptr + n stride_oc + m stride_oq, which is how i2t writes out[image,
-    caption] although its context items are captions.
+    The per-tile computation of ``_xattn_sim_kernel`` (the math is in its docstring), shared with the in-kernel
+    top-k (``itm_kernels.xattn_topk.triton``) so that both produce the same bits. Slots j >= ``q_left`` are
+    empty: their items are not loaded and their scores are garbage for the caller to mask.
     """
     NQ: tl.constexpr = QB * BLOCK_Q
-    pid = tl.program_id(0)
-    n_qb = tl.cdiv(n_qry, QB)
-    per_group = GROUP * n_qb
-    first = (pid // per_group) * GROUP
-    group_rows = tl.minimum(n_ctx - first, GROUP)
-    slot = first + (pid % per_group) % group_rows
-    qb = (pid % per_group) // group_rows
-
-    ctx_start = tl.load(ctx_range_ptr)
-    ctx_count = tl.load(ctx_range_ptr + 1)
-    qry_start = tl.load(qry_range_ptr)
-    qry_count = tl.load(qry_range_ptr + 1)
-    if (slot >= ctx_count) | (qb * QB >= qry_count):
-        return
-    ctx_item = tl.load(ctx_idx_ptr + ctx_start + slot).to(tl.int64)
     ctx_len = tl.load(ctx_len_ptr + ctx_item)
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < ctx_len
     offs_n = tl.arange(0, NQ)
-    q_slot = qb * QB + offs_n // BLOCK_Q
+    q_slot = offs_n // BLOCK_Q
     q_row = offs_n % BLOCK_Q
-    q_in = q_slot < qry_count
-    q_item = tl.load(qry_idx_ptr + qry_start + q_slot, mask=q_in, other=0).to(tl.int64)
+    q_in = q_slot < q_left
+    q_item = tl.load(qry_idx_ptr + q_first + q_slot, mask=q_in, other=0).to(tl.int64)
     q_len = tl.load(qry_len_ptr + q_item, mask=q_in, other=0)
     q_valid = q_in & (q_row < q_len)
     c_ptrs = ctx_ptr + ctx_item * stride_cn + offs_c.to(tl.int64) * stride_cr
@@ -166,6 +136,63 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
         val = tl.max(tl.where(qv2, r2, NEG_BIG), axis=1)
     else:
         val = tl.sum(tl.where(qv2, r2, 0.0), axis=1)
+    return val
+
+
+# The one ``@triton.jit`` device function of this file, called by the forward kernel above and by the top-k kernel
+# (itm_kernels/xattn_topk/triton.py). It is wrapped at import in the mode triton itself was imported in
+# (``device_function``): a launch in the other mode fails ``check_mode`` before it could call it.
+score_items = device_function(_score_items)
+
+
+def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
+                      qry_range_ptr, out_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr, stride_oc, stride_oq,
+                      lambda_softmax: tl.float64, lambda_lse: tl.float64,
+                      NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
+                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
+    """SCAN scores of one context item against QB query items: QB entries of ``out``.
+
+    Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
+    item n = ctx_idx[c0 + p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[q0 + b QB + j],
+    j < QB, with L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
+    (c0, count) = ctx_range[0:2] and (q0, count) = qry_range[0:2] live on the device (a length bucket, found by a
+    device searchsorted): the grid covers the upper bounds n_ctx x n_qry and programs past the counts return at
+    once, so the host never reads a length. G_n is the (BLOCK_G, BLOCK_G) tile gram[n], BLOCK_G >= BLOCK_C.
+
+        s[k, (j, t)] = x_k . y_t                     (tl.dot over d-chunks, ACC accumulator)
+        z = LeakyReLU_0.1(s) if CLIP else s
+        n[k, j, :]  = NORM of z[k, j, t] over t < L_j: softmax | z / (|z|_2 + eps) | z / (|z|_1 + eps) | z
+        alpha[:, j, t] = softmax over k < C_n of lambda_softmax n[k, j, t]
+        num = sum_k alpha s,   |a|^2 = alpha^T G_n alpha (G_n from _gram_kernel, again one tl.dot)
+        R[j, t] = num / max(|y_t| |a|, eps)
+        out[n, m_j] = AGG over t < L_j of R[j, t]:
+                      (1/lambda_lse) log sum exp(lambda_lse R) (max-shifted) | mean | max | sum
+
+    Rows beyond the lengths are never read (masked loads) and every statistic is masked, so padding may hold
+    anything. ``out`` is addressed as out_ptr + n stride_oc + m stride_oq, which is how i2t writes out[image,
+    caption] although its context items are captions.
+    """
+    pid = tl.program_id(0)
+    n_qb = tl.cdiv(n_qry, QB)
+    per_group = GROUP * n_qb
+    first = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_ctx - first, GROUP)
+    slot = first + (pid % per_group) % group_rows
+    qb = (pid % per_group) // group_rows
+
+    ctx_start = tl.load(ctx_range_ptr)
+    ctx_count = tl.load(ctx_range_ptr + 1)
+    qry_start = tl.load(qry_range_ptr)
+    qry_count = tl.load(qry_range_ptr + 1)
+    if (slot >= ctx_count) | (qb * QB >= qry_count):
+        return
+    ctx_item = tl.load(ctx_idx_ptr + ctx_start + slot).to(tl.int64)
+    val = score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
+                      qry_start + qb * QB, qry_count - qb * QB, D, stride_cn, stride_cr, stride_qn, stride_qr,
+                      lambda_softmax, lambda_lse, NORM, CLIP, AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C, BLOCK_Q, QB,
+                      BLOCK_D, BLOCK_G)
 
     offs_j = qb * QB + tl.arange(0, QB)
     j_in = offs_j < qry_count
