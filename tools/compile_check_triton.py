@@ -3,7 +3,7 @@ without a GPU.
 
 For each target (default sm_80 and sm_90), input dtype (default float32 and bfloat16) and direction, this compiles
 the Gram kernel of the context side (t2i: images, 64-row tiles; i2t: captions, 32-row tiles), the attention
-kernel and the in-kernel top-k (both ranked sides, k = 1 and 32), with the constexprs, launch options and argument specialisation the launcher would give a SCAN-sized
+kernel and the in-kernel top-k (both ranked sides, k = 1 and 16), with the constexprs, launch options and argument specialisation the launcher would give a SCAN-sized
 problem (K = 36 regions, captions in the 16-word bucket for t2i and the 32-word bucket for i2t, d = 1024), all the
 way to a cubin (ptxas included). It prints the PTX and cubin sizes, registers and stack (spill) bytes per thread
 (from ``cuobjdump -res-usage`` when it runs) and shared memory, and exits non-zero if any compilation fails.
@@ -180,9 +180,9 @@ def compile_op_one(kernel: str, arch: int, dtype_name: str, direction: str = "t2
 
 
 # The in-kernel top-k (itm_kernels/xattn_topk/triton.py), one kernel per ranked side; compiled at the SCAN-sized
-# xattn_sim launch of its direction, with k = TOPK_KS (KP = 2, the smallest buffer; KP = MAX_K = 32, the largest).
+# xattn_sim launch of its direction, with k = TOPK_KS (KP = 2, the smallest buffer; KP = MAX_K = 16, the largest).
 TOPK_KERNELS = ("xattn_topk:images", "xattn_topk:captions")
-TOPK_KS = (1, 32)
+TOPK_KS = (1, 16)
 
 
 def compile_topk_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: str = "clipped_l2norm",
@@ -324,7 +324,7 @@ def all_variants(archs=(80, 90)) -> list[tuple]:
     ops = [(kernel, arch, dtype, direction, "-", "-", precision)
            for kernel in OP_KERNELS for arch in archs for dtype, precision in op_dtypes
            for direction in (("t2i",) if kernel == "node_match" else ("t2i", "i2t"))]
-    # The in-kernel top-k: both ranked sides, no float64 kernel (float64 runs the streaming driver), k = 32.
+    # The in-kernel top-k: both ranked sides, no float64 kernel (float64 runs the streaming driver), k = 16.
     topk = [(kernel, arch, dtype, direction, norm, agg, precision)
             for kernel in TOPK_KERNELS for arch in archs for dtype, precision in op_dtypes
             for direction in ("t2i", "i2t") for norm in reference.NORMS for agg in reference.AGGS]

@@ -6,11 +6,11 @@ Two methods:
   On the ``cpu`` backend (soft attention): ``cpu.py`` (csrc/xattn_topk/cpu.cpp). Every worker thread offers the
   scores of the tile it has just computed to per-query heaps of its k best. Memory O(threads x N_queries x k)
   beyond the kernel's own scratch.
-  On the ``triton`` backend (soft attention, k <= ``triton.MAX_K`` = 32, float32/bfloat16/float16 inputs):
+  On the ``triton`` backend (soft attention, k <= ``TRITON_MAX_K`` = 16, float32/bfloat16/float16 inputs):
   ``triton.py``. Programs own a block of queries and loop over the gallery, keeping a running top-k per query
   in registers (bitonic merges of packed score/index keys). Memory O(N_queries x next_pow2(k)) int64 beyond the
   Triton xattn_sim forward's Gram tiles.
-- ``"stream"`` (every other case: other backends, ``attention="hard"``, float64 or k > 32 on ``triton``, or on
+- ``"stream"`` (every other case: other backends, ``attention="hard"``, float64 or k > 16 on ``triton``, or on
   request): a driver over ``xattn_sim``. Each (query chunk x gallery chunk) tile is scored by ``xattn_sim`` on the
   chosen backend, materialised (at most ``query_chunk x gallery_chunk`` scores) and merged into a running top-k
   (``merge.merge_tile``).
@@ -40,10 +40,11 @@ from .merge import empty_topk, merge_tile
 __all__ = ["xattn_topk", "check_k", "check_chunk", "QUERIES", "METHODS", "TRITON_MAX_K", "triton_topk_supports"]
 
 QUERIES = ("images", "captions")
-# The largest k of the Triton kernel (triton.py): on sm_90 (float32, K = 36, d = 1024) k <= 32 compiles without
-# spills; at k = 64 the 2 KP-key bitonic merge takes the t2i image-ranking kernel to 255 registers and 168 stack
-# bytes, at 128 to ~2 KB. Larger k runs the streaming driver.
-TRITON_MAX_K = 32
+# The largest k of the Triton kernel (triton.py), from tools/compile_check_triton.py (SCAN size: K = 36, d = 1024):
+# at k <= 16 it fits the registers on sm_80/sm_90; at k = 32 the t2i caption-ranking kernel (float32, sm_90) takes
+# 255 registers and spills 184 bytes, at k = 64 / 128 the image-ranking one 168 bytes / ~2 KB (the 2 KP-key bitonic
+# merge). Larger k runs the streaming driver, which is as exact.
+TRITON_MAX_K = 16
 METHODS = ("auto", "kernel", "stream")
 _DEFAULT_TILE = 1 << 20  # scores per tile: 4 MiB of float32
 
@@ -85,7 +86,7 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
         gallery_chunk: ``"stream"`` only (the kernel tiles on its own): gallery items per tile, default about 1M
             scores per tile.
         method: "kernel" (an in-kernel top-k: the ``cpu`` backend with soft attention, or the ``triton`` backend
-            with soft attention, k <= 32 and float32/bfloat16/float16 inputs; the backend explicit or chosen by
+            with soft attention, k <= 16 and float32/bfloat16/float16 inputs; the backend explicit or chosen by
             "auto"), "stream" (the tile-by-tile driver, any backend), or "auto" (the kernel where it applies, else
             the stream). The results are identical on the ``cpu`` backend; on ``triton`` see the module docstring.
 

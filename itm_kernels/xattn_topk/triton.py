@@ -25,8 +25,9 @@ as +0.0 and every NaN as one NaN above +inf (the order of ``torch.topk``). Equal
 higher index first: the tie rule of ``merge.py`` and ``itm_models.eval.metrics.recall``. Empty slots hold
 INT64_MIN, below every real key; k <= the gallery size, so the first k keys are always real.
 
-Bounds. k <= ``MAX_K`` (32): larger k, float64 inputs (a float64 score and an index do not fit one int64) and
-``attention="hard"`` take the streaming driver (``itm_kernels.xattn_topk``). No host synchronisation: bucket
+Bounds. k <= ``MAX_K`` (16, ``itm_kernels.xattn_topk.TRITON_MAX_K``: register use). Larger k, float64 inputs (a
+float64 score and an index do not fit one int64) and ``attention="hard"`` take the streaming driver
+(``itm_kernels.xattn_topk``). No host synchronisation: bucket
 ranges are device tensors and the loops read their counts on the device.
 
 Memory beyond the inputs: the (N_queries, KP) int64 state (8 KP bytes per query), the (N_queries, k) outputs,
