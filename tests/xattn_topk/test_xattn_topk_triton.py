@@ -12,7 +12,9 @@ poisoned with NaN and +-Inf.
 ``TRITON_INTERPRET=1`` is set before triton's first import (see tests/xattn_sim/test_xattn_sim_triton.py); if
 triton was imported earlier without it, the kernel tests run in a child pytest.
 """
+import json
 import os
+import subprocess
 import sys
 
 if "triton" not in sys.modules:
@@ -28,7 +30,7 @@ import itm_kernels  # noqa: E402
 from itm_kernels.xattn_sim import reference  # noqa: E402
 from itm_kernels.xattn_topk import TRITON_MAX_K  # noqa: E402
 from itm_kernels.xattn_topk import triton as topk_triton  # noqa: E402
-from kernel_helpers import run_kernel_tests_in_child, triton_mode  # noqa: E402
+from kernel_helpers import TRITON_TOOL, run_kernel_tests_in_child, triton_mode  # noqa: E402
 from tests.xattn_topk.topk_helpers import make, poison_images, ref_topk  # noqa: E402
 
 _MODE = triton_mode()
@@ -194,6 +196,32 @@ def test_kernel_tests_in_fresh_interpreter_process():
 def test_kernel_tests_on_gpu_in_fresh_process():
     """The same kernel tests, compiled and run on the GPU."""
     run_kernel_tests_in_child(__file__, "0")
+
+
+@pytest.mark.slow  # ~2-4 min: 32 compilations
+def test_compiles_for_sm80_and_sm90(tmp_path):
+    """Both ranked sides, both directions, float32 and bfloat16, k = 1 and TRITON_MAX_K, compiled to cubins for
+    sm_80 and sm_90 at SCAN size (tools/compile_check_triton.py, fresh process, empty cache). Register use as
+    measured (triton 3.9): 78-209 registers; 8 of the 32 variants (float32 mostly, at <= 128 registers) keep
+    8-16 stack bytes per thread, none more: the bound asserted here."""
+    sys.path.insert(0, str(TRITON_TOOL.parent))
+    import compile_check_triton as tool
+
+    ok, why = tool.cuda_compiler_available()
+    if not ok:
+        pytest.skip(f"triton's CUDA compiler backend is unavailable: {why}")
+    assert tool.TOPK_KS == (1, TRITON_MAX_K)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(TRITON_TOOL), "--json"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
+    results = [r for r in json.loads(proc.stdout.strip().splitlines()[-1]) if r["kernel"].startswith("xattn_topk")]
+    assert {(r["kernel"], r["arch"], r["dtype"], r["direction"], r["k"]) for r in results} == {
+        (k, a, d, s, kk) for k in tool.TOPK_KERNELS for a in ("sm_80", "sm_90") for d in ("float32", "bfloat16")
+        for s in ("t2i", "i2t") for kk in tool.TOPK_KS}
+    for info in results:
+        assert info["cubin_bytes"] > 0 and info.get("stack", 0) <= 16 and info.get("local", 0) == 0, info
 
 
 @needs_kernels
