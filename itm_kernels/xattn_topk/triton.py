@@ -3,10 +3,11 @@
 Kernel. The launch geometry is ``xattn_sim``'s Triton forward (itm_kernels/xattn_sim/triton.py): a CONTEXT side
 (t2i: images; i2t: captions) and a QUERY side of the attention, captions in power-of-two length buckets, one launch
 per bucket. Every score is computed by that file's device function ``score_items`` with the constexprs of the
-matching ``xattn_sim`` launch (``kernel_config``: same tile heights, query stacking QB, d-chunk), so a score is
-bitwise the entry of ``xattn_sim(backend="triton")``'s matrix computed with that configuration (the interpreter
-always; compiled, the untuned configuration: the autotuned ``xattn_sim`` may pick another d-chunk / warp count and
-differ in the last bits). The ranking side of a launch is either
+matching ``xattn_sim`` launch (``kernel_config``: same tile heights, query stacking QB, d-chunk). In the
+interpreter a score is therefore bitwise the entry of ``xattn_sim(backend="triton")``'s matrix (tested); compiled,
+it is the same code under the forward's untuned constexprs (one pipeline stage instead of two), while the
+autotuned forward may pick another d-chunk / warp count: equal to rounding (``tools/gpu_check.py`` checks it
+against the reference and the forward's matrix). The ranking side of a launch is either
 
 - the context item (``QUERY_IS_CTX``: queries="images" with t2i, "captions" with i2t): one program per ranked
   item, looping over the gallery items of the launch QB at a time, or
@@ -27,8 +28,9 @@ INT64_MIN, below every real key; k <= the gallery size, so the first k keys are 
 
 Bounds. k <= ``MAX_K`` (16, ``itm_kernels.xattn_topk.TRITON_MAX_K``: register use). Larger k, float64 inputs (a
 float64 score and an index do not fit one int64) and ``attention="hard"`` take the streaming driver
-(``itm_kernels.xattn_topk``). No host synchronisation: bucket
-ranges are device tensors and the loops read their counts on the device.
+(``itm_kernels.xattn_topk``). No host synchronisation: bucket ranges are device tensors and the loops read their
+counts on the device. Parallelism: N_queries (or N_queries / QB) programs, each sweeping the whole gallery; a
+few queries against a huge gallery leave the GPU underused (no split of the gallery across programs yet).
 
 Memory beyond the inputs: the (N_queries, KP) int64 state (8 KP bytes per query), the (N_queries, k) outputs,
 the context Gram tiles and the index tensors of ``xattn_sim``'s Triton forward; per program, registers for
