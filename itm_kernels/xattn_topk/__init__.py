@@ -24,8 +24,8 @@ to ``torch.topk`` of the full ``xattn_sim`` matrix exactly, and the same indices
 ATen ``mm``, whose rounding depends on the block shape: ``method="kernel"`` scores with the tiling of the one-call
 matrix (same ``max_tile_bytes``, no ``query_chunk``) and is then exact too; otherwise float64 agrees to rounding.
 The ``triton`` kernel computes each score with the Triton ``xattn_sim`` forward's own device function and launch
-configuration: bitwise its matrix entry in the interpreter (tested) and against the untuned compiled forward (the
-autotuned forward may round the last bits differently). Backends whose tiling changes the rounding (``torch``: its
+configuration: bitwise its matrix entry in the interpreter (tested); compiled, the same code under the forward's
+untuned constexprs, which the autotuned forward may change (last-bit differences; not yet run on a GPU). Backends whose tiling changes the rounding (``torch``: its
 GEMM blocking depends on the batch) equal the top-k of the matrix assembled from the same tiles exactly, and of the
 one-call matrix to rounding.
 """
@@ -35,16 +35,12 @@ import torch as _torch
 from torch import Tensor
 
 from .._common.validation import check_choice, check_xattn_args
+from .limits import TRITON_MAX_K, triton_topk_supports
 from .merge import empty_topk, merge_tile
 
 __all__ = ["xattn_topk", "check_k", "check_chunk", "QUERIES", "METHODS", "TRITON_MAX_K", "triton_topk_supports"]
 
 QUERIES = ("images", "captions")
-# The largest k of the Triton kernel (triton.py), from tools/compile_check_triton.py (SCAN size: K = 36, d = 1024):
-# at k <= 16 it fits the registers on sm_80/sm_90; at k = 32 the t2i caption-ranking kernel (float32, sm_90) takes
-# 255 registers and spills 184 bytes, at k = 64 / 128 the image-ranking one 168 bytes / ~2 KB (the 2 KP-key bitonic
-# merge). Larger k runs the streaming driver, which is as exact.
-TRITON_MAX_K = 16
 METHODS = ("auto", "kernel", "stream")
 _DEFAULT_TILE = 1 << 20  # scores per tile: 4 MiB of float32
 
@@ -147,12 +143,6 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
         out_v.append(best_v)
         out_i.append(best_i)
     return _torch.cat(out_v), _torch.cat(out_i)
-
-
-def triton_topk_supports(dtype: _torch.dtype, k: int) -> bool:
-    """Whether the Triton in-kernel top-k takes the problem: k <= TRITON_MAX_K and float32 scores (float32, bfloat16
-    or float16 inputs; a float64 score and its index do not fit one int64 key). Needs no triton import."""
-    return k <= TRITON_MAX_K and dtype in (_torch.float32, _torch.bfloat16, _torch.float16)
 
 
 def _kernel_name(method: str, backend: str, images: Tensor, captions: Tensor, k: int, extra: dict) -> str | None:

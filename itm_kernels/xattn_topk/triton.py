@@ -46,8 +46,8 @@ from .._common.triton_utils import (block_rows, check_mode, device_function, dev
                                     full_range, interpreted, jit)
 from .._common.triton_utils import gram as _gram
 from ..xattn_sim import triton as xattn_triton
-from . import TRITON_MAX_K as MAX_K
-from . import triton_topk_supports as supports
+from .limits import TRITON_MAX_K as MAX_K
+from .limits import triton_topk_supports as supports
 from ..xattn_sim.triton import score_items  # noqa: F401  (a device function the kernel calls by this name)
 
 __all__ = ["MAX_K", "supports", "xattn_topk", "kernel_config", "jit_kernel", "decode_keys"]
