@@ -1,8 +1,9 @@
-"""Compile the Triton kernels of ``itm_kernels`` (xattn_sim, local_sim, node_match) for NVIDIA targets without a GPU.
+"""Compile the Triton kernels of ``itm_kernels`` (xattn_sim, xattn_topk, local_sim, node_match) for NVIDIA targets
+without a GPU.
 
 For each target (default sm_80 and sm_90), input dtype (default float32 and bfloat16) and direction, this compiles
-the Gram kernel of the context side (t2i: images, 64-row tiles; i2t: captions, 32-row tiles) and the attention
-kernel, with the constexprs, launch options and argument specialisation the launcher would give a SCAN-sized
+the Gram kernel of the context side (t2i: images, 64-row tiles; i2t: captions, 32-row tiles), the attention
+kernel and the in-kernel top-k (both ranked sides, k = 1 and 16), with the constexprs, launch options and argument specialisation the launcher would give a SCAN-sized
 problem (K = 36 regions, captions in the 16-word bucket for t2i and the 32-word bucket for i2t, d = 1024), all the
 way to a cubin (ptxas included). It prints the PTX and cubin sizes, registers and stack (spill) bytes per thread
 (from ``cuobjdump -res-usage`` when it runs) and shared memory, and exits non-zero if any compilation fails.
@@ -13,6 +14,7 @@ Runs in its own process: a process that imported triton with ``TRITON_INTERPRET=
     python tools/compile_check_triton.py --arch 90 --dtype float64
     python tools/compile_check_triton.py --sample 6 --run 3    # slice 3 of every reachable variant (fwd + bwd)
     python tools/compile_check_triton.py --ops       # local_sim (fwd + fused bwd) and node_match, SGRAF/GSMN size
+    python tools/compile_check_triton.py --no-topk   # without the in-kernel top-k (xattn_topk) kernels
 
 local_sim and node_match are compiled at SGRAF/GSMN size (``OP_SHAPES``: K = 36, d = 1024, s = 256, captions of up
 to 32 words, 16 blocks) with their launchers' configs (``kernel_config``/``bwd_config`` of their modules); the
@@ -178,11 +180,50 @@ def compile_op_one(kernel: str, arch: int, dtype_name: str, direction: str = "t2
     return info
 
 
+# The in-kernel top-k (itm_kernels/xattn_topk/triton.py), one kernel per ranked side; compiled at the SCAN-sized
+# xattn_sim launch of its direction, with k = TOPK_KS (KP = 2, the smallest buffer; KP = MAX_K = 16, the largest).
+TOPK_KERNELS = ("xattn_topk:images", "xattn_topk:captions")
+TOPK_KS = (1, 16)
+
+
+def compile_topk_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: str = "clipped_l2norm",
+                     agg: str = "lse", precision: str = "ieee", k: int = TOPK_KS[-1]) -> dict:
+    """Compile one ``_xattn_topk_kernel`` variant (``TOPK_KERNELS``: which side is ranked) for sm_<arch>."""
+    import torch
+
+    from itm_kernels.xattn_topk import triton as tk
+
+    dtype = getattr(torch, dtype_name)
+    elem = "*" + DTYPES[dtype_name]
+    queries = kernel.split(":")[1]
+    query_is_ctx = (queries == "images") == (direction == "t2i")
+    shape = SHAPES[direction]
+    ctx_rows, qry_rows = (K, L_MAX) if direction == "t2i" else (L_MAX, K)
+    n_ctx, n_qry = (N_IMG, N_BUCKET) if direction == "t2i" else (N_BUCKET, N_IMG)
+    constexprs, options = tk.kernel_config(dtype, k=k, query_is_ctx=query_is_ctx, n_qry=n_qry, d=D, norm=norm,
+                                           agg=agg, precision=precision, **shape)
+    types = dict(ctx_ptr=elem, qry_ptr=elem, gram_ptr="*fp32", state_ptr="*i64", ctx_idx_ptr="*i32",
+                 qry_idx_ptr="*i32", ctx_len_ptr="*i64", qry_len_ptr="*i64", ctx_range_ptr="*i32",
+                 qry_range_ptr="*i32", lambda_softmax="fp64", lambda_lse="fp64")
+    values = dict(n_ctx=n_ctx, n_qry=n_qry, D=D, stride_cn=ctx_rows * D, stride_cr=D, stride_qn=qry_rows * D,
+                  stride_qr=D)
+    compiled, seconds = _compile(tk.jit_kernel(False), types, values, constexprs, options, arch)
+    info = dict(kernel=kernel, arch=f"sm_{arch}", dtype=dtype_name, direction=direction, norm=norm, agg=agg,
+                precision=precision if dtype_name == "float32" else "-", k=k,
+                ptx_bytes=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
+                shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                num_stages=compiled.metadata.num_stages, seconds=seconds)
+    info.update(_resources(compiled.asm["cubin"]))
+    return info
+
+
 def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: str = "clipped_l2norm",
                 agg: str = "lse", precision: str = "ieee") -> dict:
     """Compile one kernel variant to a cubin for sm_<arch>; returns what was compiled and its resource use."""
     if kernel in OP_KERNELS:
         return compile_op_one(kernel, arch, dtype_name, direction, precision)
+    if kernel in TOPK_KERNELS:
+        return compile_topk_one(kernel, arch, dtype_name, direction, norm, agg, precision)
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -236,8 +277,11 @@ def compile_one(kernel: str, arch: int, dtype_name: str, direction: str, norm: s
 
 
 def compile_check(archs=(80, 90), dtypes=("float32", "bfloat16"), directions=("t2i", "i2t"), all_options=False,
-                  log=print) -> list[dict]:
+                  log=print, topk=True) -> list[dict]:
     """Compile every requested variant; returns one dict per kernel. Raises on the first failure.
+
+    Per (arch, dtype, direction): the Gram and xattn_sim kernels (every norm x agg with ``all_options``) and, with
+    ``topk`` (not for float64), the top-k kernel for both ranked sides at k = ``TOPK_KS``.
 
     Must run in a process that imported triton without ``TRITON_INTERPRET=1``: triton builds its standard library
     (tl.sum, tl.max, tl.cdiv, ...) for the interpreter at import time, and that cannot be compiled afterwards.
@@ -253,13 +297,16 @@ def compile_check(archs=(80, 90), dtypes=("float32", "bfloat16"), directions=("t
                                                                                               "lse")]
     results = []
     for arch, dtype_name, direction in itertools.product(archs, dtypes, directions):
-        for kernel, (norm, agg) in ([("gram", options[0])] + [("xattn_sim", o) for o in options]
-                                    + [("xattn_sim_fix", o) for o in options]):
+        jobs = ([(compile_one, "gram", options[0], {})] + [(compile_one, "xattn_sim", o, {}) for o in options]
+                + [(compile_one, "xattn_sim_fix", o, {}) for o in options])
+        if topk and dtype_name != "float64":  # float64 top-k runs the streaming driver
+            jobs += [(compile_topk_one, kernel, options[0], dict(k=k)) for kernel in TOPK_KERNELS for k in TOPK_KS]
+        for fn, kernel, (norm, agg), extra in jobs:
             try:
-                info = compile_one(kernel, arch, dtype_name, direction, norm, agg)
+                info = fn(kernel, arch, dtype_name, direction, norm, agg, **extra)
             except Exception as exc:
                 raise RuntimeError(f"compiling {kernel} for sm_{arch} {dtype_name} {direction} {norm}/{agg} "
-                                   f"failed: {exc}") from exc
+                                   f"{extra} failed: {exc}") from exc
             log("  ".join(f"{k}={v}" for k, v in info.items()))
             results.append(info)
     return results
@@ -282,7 +329,11 @@ def all_variants(archs=(80, 90)) -> list[tuple]:
     ops = [(kernel, arch, dtype, direction, "-", "-", precision)
            for kernel in OP_KERNELS for arch in archs for dtype, precision in op_dtypes
            for direction in (("t2i",) if kernel == "node_match" else ("t2i", "i2t"))]
-    return xattn + ops
+    # The in-kernel top-k: both ranked sides, no float64 kernel (float64 runs the streaming driver), k = 16.
+    topk = [(kernel, arch, dtype, direction, norm, agg, precision)
+            for kernel in TOPK_KERNELS for arch in archs for dtype, precision in op_dtypes
+            for direction in ("t2i", "i2t") for norm in reference.NORMS for agg in reference.AGGS]
+    return xattn + ops + topk
 
 
 def sampled_variants(count: int, run: int, archs=(80, 90)) -> list[tuple]:
@@ -309,6 +360,7 @@ def main(argv=None) -> int:
                              "norm x agg), slice --run of a fixed shuffle, instead of the default set")
     parser.add_argument("--run", type=int, default=int(os.environ.get("GITHUB_RUN_NUMBER", "0")),
                         help="which slice --sample takes (default $GITHUB_RUN_NUMBER, else 0)")
+    parser.add_argument("--no-topk", action="store_true", help="skip the xattn_topk kernels of the default set")
     parser.add_argument("--ops", action="store_true",
                         help="compile local_sim (forward + fused backward) and node_match instead of xattn_sim")
     args = parser.parse_args(argv)
@@ -355,7 +407,8 @@ def main(argv=None) -> int:
     try:
         results = compile_check(archs=tuple(args.arch or (80, 90)), dtypes=tuple(args.dtype or ("float32",
                                                                                                   "bfloat16")),
-                                directions=tuple(args.direction or ("t2i", "i2t")), all_options=args.all_options)
+                                directions=tuple(args.direction or ("t2i", "i2t")), all_options=args.all_options,
+                                topk=not args.no_topk)
     except Exception as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

@@ -11,8 +11,8 @@ Sections, each recorded pass/fail with numbers:
     d = 1024; K = 100 for the Triton kernels), dtypes and options sampled; per-dtype tolerances in ``TOLERANCES``.
  2. gradients: the fused Triton backwards of xattn_sim and local_sim (t2i and i2t, dW/db included) against autograd
     through the float64 reference.
- 3. no host sync: the Triton xattn_sim and local_sim forward + fused backward, and the node_match forward, under
-    torch.cuda.set_sync_debug_mode("error").
+ 3. no host sync: the Triton xattn_sim and local_sim forward + fused backward, the node_match forward and the
+    in-kernel top-k (xattn_topk), under torch.cuda.set_sync_debug_mode("error").
  4. CUDA graph: a training step (forward + fused backward) of xattn_sim and of local_sim captured with
     torch.cuda.graph and replayed on new data.
  5. timings (not with --quick): SCAN t2i all pairs COCO 5K (5000 x 25000, K = 36, d = 1024, bf16) against the bare
@@ -22,6 +22,11 @@ Sections, each recorded pass/fail with numbers:
     local_sim (SGRAF: K = 36, d = 1024, s = 256, bf16) and node_match (GSMN: 16 blocks) all pairs of a batch of
     128 against the bare GEMM of the same FLOPs (torch.mm, same dtype, same run), and a local_sim training step
     (forward + fused backward) against autograd through the reference at batch 64, times and peak memory.
+ 6. top-k: the in-kernel Triton top-k (``xattn_topk(backend="triton", method="kernel")``, both ranked sides, both
+    directions, float32/bfloat16/float16, k = 1, 10, 16, three caption buckets) against the top-k of the float64
+    reference (values within the dtype's tolerance), the Triton matrix at the returned indices, and the tie order;
+    with the timings, COCO 1K (1000 x 5000, bf16, k = 10) against the streaming driver over the same backend
+    (``method="stream"``), times and peak memory.
 The record lists, for every (op, backend) whose checks all passed, the row to add to
 ``itm_kernels._common.dispatch.VERIFIED_GPU_KERNELS`` (that is what lets ``backend="auto"`` pick the kernel).
 Without a CUDA device (and without --dry-run) it exits with status 2 and says so.
@@ -94,6 +99,30 @@ def correctness_cases(quick: bool = False) -> list[dict]:
     return cases
 
 
+# The in-kernel top-k: captions in three length buckets (odd: up to 37 words), several buffer merges per query.
+TOPK_SIZES = {"odd": dict(n_img=5, n_cap=23, K=7, L_max=37, d=59, min_len=1),
+              "model": dict(n_img=24, n_cap=120, K=36, L_max=40, d=1024, min_len=1)}
+
+
+def topk_cases() -> list[dict]:
+    """In-kernel Triton top-k cases: both ranked sides x both directions x float32/bfloat16/float16 x two sizes,
+    k cycling through 1, 10, 16 (capped at the gallery size), norm/agg options sampled."""
+    norms = ["clipped_l2norm", "softmax", "l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm"]
+    aggs = ["lse", "mean", "max", "sum"]
+    cases, i = [], 0
+    for size, shape in TOPK_SIZES.items():
+        for queries in ("images", "captions"):
+            for direction in ("t2i", "i2t"):
+                for dtype in ("float32", "bfloat16", "float16"):
+                    gallery = shape["n_cap"] if queries == "images" else shape["n_img"]
+                    opts = dict(queries=queries, direction=direction, norm=norms[i % len(norms)],
+                                agg=aggs[(i // 2) % 4], k=min((1, 10, 16)[i % 3], gallery))
+                    cases.append(dict(op="xattn_topk", backend="triton", size=size, dtype=dtype, shape=shape,
+                                      opts=opts))
+                    i += 1
+    return cases
+
+
 def gradient_cases() -> list[dict]:
     return [dict(dtype=dtype, direction=direction, norm=norm, agg=agg)
             for dtype in ("float64", "float32") for direction in ("t2i", "i2t")
@@ -127,6 +156,9 @@ def verified_rows(record: dict) -> list[dict]:
         if backend == "triton":
             extra = [record.get(k, {}) for k in ("gradients", "no_sync", "cuda_graph")]
             ok = ok and all(e.get("ok") for e in extra)
+        if (op, backend) == ("xattn_sim", "triton") and "topk" in record:
+            # "auto" resolving xattn_sim to triton also runs xattn_topk's Triton kernel: it must have passed too.
+            ok = ok and bool(record["topk"]) and all(c.get("ok") for c in record["topk"])
         if ok:
             rows.append(dict(op=op, backend=backend, capability=record["capability"], torch=record["torch"],
                              triton=record["triton"], date=record["date"], device=record["device"]))
@@ -147,6 +179,12 @@ def markdown(record: dict) -> str:
                                               else "FAILED")
         lines.append(f"| {backend} `{op}` | {len(cases)} | {passed} | "
                      f"{'-' if worst is None else f'{worst:.2f}'} | {status} |")
+    if "topk" in record:
+        cases = record["topk"]
+        worst = max((c["err"] / TOLERANCES[c["dtype"]] for c in cases if c.get("err") is not None), default=None)
+        lines.append(f"| triton `xattn_topk` (in-kernel) | {len(cases)} | {sum(bool(c.get('ok')) for c in cases)} | "
+                     f"{'-' if worst is None else f'{worst:.2f}'} | "
+                     f"{'ok' if cases and all(c.get('ok') for c in cases) else 'FAILED'} |")
     lines += ["", "| check | result |", "|---|---|"]
     for key in ("gradients", "no_sync", "cuda_graph"):
         item = record.get(key, {})
@@ -243,6 +281,41 @@ def run_case(case: dict, device) -> dict:
     else:
         err = _max_rel_err(got, truth)
     return dict(case, err=err, ok=within(err, case["dtype"]), seconds=round(seconds, 3))
+
+
+def run_topk_case(case: dict, device) -> dict:
+    """One in-kernel top-k case: err = the worst relative difference of the returned values from (a) the top-k of
+    the float64 reference, (b) the reference at the returned indices and (c) the Triton matrix at the returned
+    indices; plus the order (values non-increasing, equal values by descending index)."""
+    import torch
+
+    import itm_kernels
+    from itm_kernels.xattn_sim import reference
+
+    dtype = getattr(torch, case["dtype"])
+    img, cap, cap_lens, img_lens = _inputs(case["shape"], dtype, device, seed=3)
+    clean = _clean(cap, cap_lens).double()
+    opts = {key: v for key, v in case["opts"].items() if key not in ("queries", "k")}
+    lambdas = (9.0, 6.0) if opts["direction"] == "t2i" else (4.0, 5.0)
+    opts.update(lambda_softmax=lambdas[0], lambda_lse=lambdas[1])
+    queries, k = case["opts"]["queries"], case["opts"]["k"]
+    t0 = time.perf_counter()
+    values, indices = itm_kernels.xattn_topk(img, cap, cap_lens, k, img_lens=img_lens, queries=queries,
+                                             backend="triton", method="kernel", **opts)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    full = itm_kernels.xattn_sim(img, cap, cap_lens, img_lens=img_lens, backend="triton", **opts)
+    truth = reference.xattn_sim(img.double(), clean, cap_lens, img_lens=img_lens, **opts)
+    if queries == "captions":
+        full, truth = full.t(), truth.t()
+    err = max(_max_rel_err(values, truth.topk(k, dim=1).values), _max_rel_err(values, truth.gather(1, indices)),
+              _max_rel_err(values, full.gather(1, indices)))
+    same = values[:, 1:] == values[:, :-1]
+    ordered = bool((values[:, 1:] <= values[:, :-1]).all()) and bool(((indices[:, 1:] < indices[:, :-1]) |
+                                                                       ~same).all())
+    return dict(case, err=err, ordered=ordered, ok=within(err, case["dtype"]) and ordered,
+                seconds=round(seconds, 3))
 
 
 def check_gradients(device) -> dict:
@@ -362,12 +435,25 @@ def _node_match_forward_fn(device, n=16):
     return lambda: node_match_op(img, cap, cap_lens, 10.0, 16, "triton", 0, "ieee"), (img, cap)
 
 
+def _topk_kernel_fn(device, n=16):
+    """The in-kernel Triton top-k on validated inputs (the public wrapper's argument checks read the lengths)."""
+    import torch
+
+    from itm_kernels.xattn_topk import triton as topk_triton
+
+    img, cap, cap_lens, img_lens = _inputs(dict(n_img=n, n_cap=2 * n, K=36, L_max=40, d=1024, min_len=1),
+                                           torch.bfloat16, device, seed=11)
+    return lambda: topk_triton.xattn_topk(img, cap, cap_lens, img_lens, 10, queries="images", direction="t2i",
+                                          norm="clipped_l2norm", lambda_softmax=9.0, agg="lse",
+                                          lambda_lse=6.0), (img, cap)
+
+
 def check_no_sync(device) -> dict:
     import torch
 
     checked = []
     for name, make in (("xattn_sim train step", _train_step_fn), ("local_sim train step", _local_sim_step_fn),
-                       ("node_match forward", _node_match_forward_fn)):
+                       ("node_match forward", _node_match_forward_fn), ("xattn_topk kernel", _topk_kernel_fn)):
         step, _ = make(device)
         step()                                       # warm-up: compile (and autotune) outside the checked call
         torch.cuda.synchronize()
@@ -567,6 +653,32 @@ def op_timings(device) -> dict:
     return out
 
 
+def topk_timings(device) -> dict:
+    """COCO 1K (1000 images x 5000 captions, K = 36, d = 1024, 8..20 words, bf16), k = 10, both ranked sides:
+    the in-kernel Triton top-k against the streaming driver over the same backend (xattn_sim tiles + torch.topk
+    merges), median seconds and peak MiB of each, and the ratio."""
+    import torch
+
+    import itm_kernels
+
+    g = torch.Generator().manual_seed(2)
+    n_img, n_cap, K, L, d = 1000, 5000, 36, 20, 1024
+    img = torch.nn.functional.normalize(torch.randn(n_img, K, d, generator=g), dim=2).to(device, torch.bfloat16)
+    lens = torch.randint(8, L + 1, (n_cap,), generator=g).to(device)
+    cap = torch.nn.functional.normalize(torch.randn(n_cap, L, d, generator=g), dim=2).to(device, torch.bfloat16)
+    out = {}
+    for queries in ("images", "captions"):
+        for method in ("kernel", "stream"):
+            seconds, mib = _peak_mib(lambda: itm_kernels.xattn_topk(img, cap, lens, 10, queries=queries,
+                                                                    backend="triton", method=method))
+            out[f"topk_coco1k_{queries}_k10_bf16_{method}_seconds"] = seconds
+            out[f"topk_coco1k_{queries}_k10_bf16_{method}_peak_mib"] = mib
+        key = f"topk_coco1k_{queries}_k10_bf16"
+        out[f"topk_coco1k_{queries}_kernel_speedup_vs_stream"] = (out[f"{key}_stream_seconds"]
+                                                                  / out[f"{key}_kernel_seconds"])
+    return out
+
+
 def _guarded(fn, *args) -> dict:
     try:
         return fn(*args)
@@ -582,11 +694,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = correctness_cases(args.quick)
     if args.dry_run:
-        print(f"plan: {len(cases)} correctness cases over {OPS_BACKENDS}; {len(gradient_cases())} xattn_sim + "
+        print(f"plan: {len(cases)} correctness cases over {OPS_BACKENDS}; {len(topk_cases())} in-kernel top-k "
+              f"cases (xattn_topk triton); {len(gradient_cases())} xattn_sim + "
               f"{len(local_sim_gradient_cases())} local_sim gradient cases; no-sync (xattn_sim, local_sim, "
-              f"node_match); CUDA graph (xattn_sim, local_sim); "
+              f"node_match, xattn_topk); CUDA graph (xattn_sim, local_sim); "
               f"{'no timings' if args.quick else 'timings: ' + ', '.join(TARGETS)}"
-              f"{'' if args.quick else '; local_sim/node_match vs bare GEMM of the same FLOPs, local_sim train step'}")
+              f"{'' if args.quick else '; local_sim/node_match vs bare GEMM of the same FLOPs, local_sim train step'}"
+              f"{'' if args.quick else '; xattn_topk kernel vs stream (COCO 1K, k = 10)'}")
         for c in cases:
             print(f"  {c['op']:10s} {c['backend']:6s} {c['size']:6s} {c['dtype']:15s} {c['opts']}")
         return 0
@@ -612,6 +726,13 @@ def main(argv=None) -> int:
         r = record["correctness"][-1]
         print(f"{'ok ' if r.get('ok') else 'BAD'} {case['op']} {case['backend']} {case['size']} {case['dtype']} "
               f"{case['opts']} err={r.get('err')} {r.get('error', '')}", flush=True)
+    record["topk"] = []
+    for case in topk_cases():
+        result = _guarded(run_topk_case, case, device)
+        record["topk"].append({**case, **result} if "op" not in result else result)
+        r = record["topk"][-1]
+        print(f"{'ok ' if r.get('ok') else 'BAD'} xattn_topk triton {case['size']} {case['dtype']} {case['opts']} "
+              f"err={r.get('err')} ordered={r.get('ordered')} {r.get('error', '')}", flush=True)
     for key, fn in (("gradients", check_gradients), ("no_sync", check_no_sync), ("cuda_graph", check_cuda_graph)):
         record[key] = _guarded(fn, device)
         print(key, "ok" if record[key].get("ok") else f"FAILED {record[key].get('error', '')}", flush=True)
@@ -619,8 +740,10 @@ def main(argv=None) -> int:
     if not args.quick:
         measured = _guarded(timings, device)
         ops = _guarded(op_timings, device)
-        record["timings"] = {k: v for part in (measured, ops) for k, v in part.items() if isinstance(v, float)}
-        errors = [part["error"] for part in (measured, ops) if "error" in part]
+        topk = _guarded(topk_timings, device)
+        record["timings"] = {k: v for part in (measured, ops, topk) for k, v in part.items()
+                             if isinstance(v, float)}
+        errors = [part["error"] for part in (measured, ops, topk) if "error" in part]
         if errors:
             record["timings_error"] = "; ".join(errors)
     record["targets"] = target_report(measured)
@@ -634,7 +757,7 @@ def main(argv=None) -> int:
     print("rows for VERIFIED_GPU_KERNELS (itm_kernels/_common/dispatch.py):")
     for row in record["verified"]:
         print(f"    {row!r},")
-    return 0 if all(c.get("ok") for c in record["correctness"]) else 1
+    return 0 if all(c.get("ok") for c in record["correctness"] + record["topk"]) else 1
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ def jit(fn, interpret: bool):
     return triton.runtime.JITFunction(fn)
 
 
+def device_function(fn):
+    """A ``@triton.jit`` device function (called from kernels, never launched), wrapped NOW in the mode triton's own
+    library was imported in (:func:`triton_imported_interpreted`). Kernels are wrapped on first use instead, but a
+    kernel finds its device functions among its module's globals, so they must exist at import; the mode triton
+    was imported in is the only one in which a launch passes :func:`check_mode`, so this is never the wrong one."""
+    return jit(fn, triton_imported_interpreted())
+
+
 # Accumulation and output dtype of the kernels: float64 for float64 inputs, float32 otherwise (the one dtype rule).
 acc_dtype = out_dtype
 

@@ -11,8 +11,10 @@ Both directions are the same computation with the roles swapped, so one kernel s
 (t2i: images, context rows = regions; i2t: captions, rows = words) and a QUERY set (t2i: captions, rows = words;
 i2t: images, rows = regions); the score tile is always context x query.
 
-Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``jit_kernel``), so importing this
-module fixes nothing; they call no other ``@triton.jit`` function of ours, which would be wrapped at import (see
+Kernels are wrapped on first use, in the mode ``TRITON_INTERPRET`` selects then (``jit_kernel``). The forward's
+per-tile score computation is the device function ``score_items``, which the in-kernel top-k
+(``itm_kernels.xattn_topk.triton``) calls too; device functions are wrapped at import in the mode triton was
+imported in (``device_function``), the only mode a launch in this process can pass ``check_mode`` in (see
 ``itm_kernels._common.triton_utils`` for the mode rules).
 """
 import functools
@@ -22,8 +24,9 @@ import triton
 import triton.language as tl
 
 from .._common.triton_utils import (EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BLOCK, NEG_BIG, _check_mode,  # noqa: F401
-                                    _gram_kernel, acc_dtype, block_rows, check_mode, dtype_constexprs, gram_config,
-                                    interpreted, jit, length_buckets, triton_imported_interpreted)
+                                    _gram_kernel, acc_dtype, block_rows, check_mode, device_function,
+                                    dtype_constexprs, gram_config, interpreted, jit, length_buckets,
+                                    triton_imported_interpreted)
 from .._common.constants import GRAM_CANCEL_RATIO
 from .._common.triton_utils import device_length_buckets  # noqa: F401  (shared with local_sim and node_match)
 from .._common.triton_utils import gram as _gram
@@ -51,73 +54,28 @@ _NORM_KINDS = {
 }
 
 
-def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
-                      qry_range_ptr, out_ptr, flag_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr,
-                      stride_oc, stride_oq, lambda_softmax: tl.float64, lambda_lse: tl.float64,
-                      NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
-                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_G: tl.constexpr, GRAM_RATIO: tl.constexpr, FIX: tl.constexpr):
-    """SCAN scores of one context item against QB query items: QB entries of ``out``.
+def _score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr, q_first, q_left, D,
+                 stride_cn, stride_cr, stride_qn, stride_qr, lambda_softmax, lambda_lse,
+                 NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, QB: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, GRAM_RATIO: tl.constexpr, FIX: tl.constexpr):
+    """(QB,) SCAN scores (ACC) of context item ``ctx_item`` against the query items qry_idx[q_first + j], j < QB,
+    and the Gram guard's flag (int32: 1 where some valid row's |a|^2 = alpha^T G alpha cancelled; 0 with FIX).
 
-    Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
-    item n = ctx_idx[c0 + p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[q0 + b QB + j],
-    j < QB, with L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
-    (c0, count) = ctx_range[0:2] and (q0, count) = qry_range[0:2] live on the device (a length bucket, found by a
-    device searchsorted): the grid covers the upper bounds n_ctx x n_qry and programs past the counts return at
-    once, so the host never reads a length. G_n is the (BLOCK_G, BLOCK_G) tile gram[n], BLOCK_G >= BLOCK_C.
-
-        s[k, (j, t)] = x_k . y_t                     (tl.dot over d-chunks, ACC accumulator)
-        z = LeakyReLU_0.1(s) if CLIP else s
-        n[k, j, :]  = NORM of z[k, j, t] over t < L_j: softmax | z / (|z|_2 + eps) | z / (|z|_1 + eps) | z
-        alpha[:, j, t] = softmax over k < C_n of lambda_softmax n[k, j, t]
-        num = sum_k alpha s,   |a|^2 = alpha^T G_n alpha (G_n from _gram_kernel, again one tl.dot)
-        R[j, t] = num / max(|y_t| |a|, eps)
-        out[n, m_j] = AGG over t < L_j of R[j, t]:
-                      (1/lambda_lse) log sum exp(lambda_lse R) (max-shifted) | mean | max | sum
-
-    Rows beyond the lengths are never read (masked loads) and every statistic is masked, so padding may hold
-    anything. ``out`` is addressed as out_ptr + n stride_oc + m stride_oq, which is how i2t writes out[image,
-    caption] although its context items are captions.
-
-    Gram guard, in two launches of this kernel over the same grid (``itm_kernels._common.gram_guard``):
-      * FIX false (the main pass) also takes b[j, t] = sum_k alpha |x_k| (|x_k| = sqrt(G_kk), one more (C x NQ)
-        product-sum, no extra tile) and stores flag[pid] = 1 when some valid row has |a|^2 < GRAM_RATIO b^2 (the
-        quadratic form cancelled: its float32 error ~ eps b^2 exceeds a share of |a|^2), else 0.
-      * FIX true (the fix-up pass) returns at once where flag[pid] == 0; a flagged program recomputes s and alpha
-        as above, then forms the attended vectors explicitly over d-chunks (a_chunk = alpha^T X_chunk, one tl.dot
-        at IEEE precision) and accumulates num = a . y and |a|^2 from them in ACC, then overwrites the QB
-        aggregated scores of its tile. Scores are aggregated per program, so the fix-up redoes the whole tile.
-    The flag tensor is one int8 per program (N_ctx x ceil(N_qry / QB) bytes per bucket launch); when nothing is
-    flagged the fix-up launch costs one byte load per program (a launch's overhead, ~nothing).
+    The per-tile computation of ``_xattn_sim_kernel`` (the math and the guard are in its docstring), shared with
+    the in-kernel top-k (``itm_kernels.xattn_topk.triton``) so that both produce the same bits. FIX: the exact
+    pass (attended vectors formed explicitly). Slots j >= ``q_left`` are empty: their items are not loaded and
+    their scores are garbage for the caller to mask.
     """
     NQ: tl.constexpr = QB * BLOCK_Q
-    pid = tl.program_id(0)
-    if FIX:
-        if tl.load(flag_ptr + pid) == 0:
-            return
-    n_qb = tl.cdiv(n_qry, QB)
-    per_group = GROUP * n_qb
-    first = (pid // per_group) * GROUP
-    group_rows = tl.minimum(n_ctx - first, GROUP)
-    slot = first + (pid % per_group) % group_rows
-    qb = (pid % per_group) // group_rows
-
-    ctx_start = tl.load(ctx_range_ptr)
-    ctx_count = tl.load(ctx_range_ptr + 1)
-    qry_start = tl.load(qry_range_ptr)
-    qry_count = tl.load(qry_range_ptr + 1)
-    if (slot >= ctx_count) | (qb * QB >= qry_count):
-        return
-    ctx_item = tl.load(ctx_idx_ptr + ctx_start + slot).to(tl.int64)
     ctx_len = tl.load(ctx_len_ptr + ctx_item)
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < ctx_len
     offs_n = tl.arange(0, NQ)
-    q_slot = qb * QB + offs_n // BLOCK_Q
+    q_slot = offs_n // BLOCK_Q
     q_row = offs_n % BLOCK_Q
-    q_in = q_slot < qry_count
-    q_item = tl.load(qry_idx_ptr + qry_start + q_slot, mask=q_in, other=0).to(tl.int64)
+    q_in = q_slot < q_left
+    q_item = tl.load(qry_idx_ptr + q_first + q_slot, mask=q_in, other=0).to(tl.int64)
     q_len = tl.load(qry_len_ptr + q_item, mask=q_in, other=0)
     q_valid = q_in & (q_row < q_len)
     c_ptrs = ctx_ptr + ctx_item * stride_cn + offs_c.to(tl.int64) * stride_cr
@@ -161,6 +119,7 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
     p = tl.where(cv3, tl.exp(logits - tl.max(logits, axis=0, keep_dims=True)), 0.0)
     alpha = p / tl.sum(p, axis=0, keep_dims=True)
     alpha2 = tl.reshape(alpha, (BLOCK_C, NQ))
+    flag = tl.full((), 0, tl.int32)
     if FIX:
         # Exact: the attended vectors a (NQ x BLOCK_D per chunk) formed explicitly, never their Gram form.
         num = tl.zeros((NQ,), dtype=ACC)
@@ -183,7 +142,7 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
                                     0.0))
         b = tl.sum(alpha2 * x_norm[:, None], axis=0)
         cancelled = q_valid & (a_sq < GRAM_RATIO * b * b)
-        tl.store(flag_ptr + pid, tl.max(cancelled.to(tl.int32), axis=0).to(tl.int8))
+        flag = tl.max(cancelled.to(tl.int32), axis=0)
     a_norm = tl.sqrt(tl.maximum(a_sq, 0.0))
     r = num / tl.maximum(tl.sqrt(q_sq) * a_norm, EPS)
 
@@ -203,6 +162,79 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
         val = tl.max(tl.where(qv2, r2, NEG_BIG), axis=1)
     else:
         val = tl.sum(tl.where(qv2, r2, 0.0), axis=1)
+    return val, flag
+
+
+# The one ``@triton.jit`` device function of this file, called by the forward kernel above and by the top-k kernel
+# (itm_kernels/xattn_topk/triton.py). It is wrapped at import in the mode triton itself was imported in
+# (``device_function``): a launch in the other mode fails ``check_mode`` before it could call it.
+score_items = device_function(_score_items)
+
+
+def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
+                      qry_range_ptr, out_ptr, flag_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn, stride_qr,
+                      stride_oc, stride_oq, lambda_softmax: tl.float64, lambda_lse: tl.float64,
+                      NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
+                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_G: tl.constexpr, GRAM_RATIO: tl.constexpr, FIX: tl.constexpr):
+    """SCAN scores of one context item against QB query items: QB entries of ``out``.
+
+    Program -> (context slot p, query block b) with consecutive programs sharing GROUP context items; context
+    item n = ctx_idx[c0 + p] with C_n = ctx_len[n] valid rows x_k; query items m_j = qry_idx[q0 + b QB + j],
+    j < QB, with L_j = qry_len[m_j] valid rows y_t. The QB query items are stacked into one (QB BLOCK_Q)-row tile.
+    (c0, count) = ctx_range[0:2] and (q0, count) = qry_range[0:2] live on the device (a length bucket, found by a
+    device searchsorted): the grid covers the upper bounds n_ctx x n_qry and programs past the counts return at
+    once, so the host never reads a length. G_n is the (BLOCK_G, BLOCK_G) tile gram[n], BLOCK_G >= BLOCK_C.
+
+        s[k, (j, t)] = x_k . y_t                     (tl.dot over d-chunks, ACC accumulator)
+        z = LeakyReLU_0.1(s) if CLIP else s
+        n[k, j, :]  = NORM of z[k, j, t] over t < L_j: softmax | z / (|z|_2 + eps) | z / (|z|_1 + eps) | z
+        alpha[:, j, t] = softmax over k < C_n of lambda_softmax n[k, j, t]
+        num = sum_k alpha s,   |a|^2 = alpha^T G_n alpha (G_n from _gram_kernel, again one tl.dot)
+        R[j, t] = num / max(|y_t| |a|, eps)
+        out[n, m_j] = AGG over t < L_j of R[j, t]:
+                      (1/lambda_lse) log sum exp(lambda_lse R) (max-shifted) | mean | max | sum
+
+    Rows beyond the lengths are never read (masked loads) and every statistic is masked, so padding may hold
+    anything. ``out`` is addressed as out_ptr + n stride_oc + m stride_oq, which is how i2t writes out[image,
+    caption] although its context items are captions.
+
+    Gram guard, in two launches of this kernel over the same grid (``itm_kernels._common.gram_guard``):
+      * FIX false (the main pass) also takes b[j, t] = sum_k alpha |x_k| (|x_k| = sqrt(G_kk), one more (C x NQ)
+        product-sum, no extra tile) and stores flag[pid] = 1 when some valid row has |a|^2 < GRAM_RATIO b^2 (the
+        quadratic form cancelled: its float32 error ~ eps b^2 exceeds a share of |a|^2), else 0.
+      * FIX true (the fix-up pass) returns at once where flag[pid] == 0; a flagged program recomputes s and alpha
+        as above, then forms the attended vectors explicitly over d-chunks (a_chunk = alpha^T X_chunk, one tl.dot
+        at IEEE precision) and accumulates num = a . y and |a|^2 from them in ACC, then overwrites the QB
+        aggregated scores of its tile. Scores are aggregated per program, so the fix-up redoes the whole tile.
+    The flag tensor is one int8 per program (N_ctx x ceil(N_qry / QB) bytes per bucket launch); when nothing is
+    flagged the fix-up launch costs one byte load per program (a launch's overhead, ~nothing).
+    """
+    pid = tl.program_id(0)
+    if FIX:
+        if tl.load(flag_ptr + pid) == 0:
+            return
+    n_qb = tl.cdiv(n_qry, QB)
+    per_group = GROUP * n_qb
+    first = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_ctx - first, GROUP)
+    slot = first + (pid % per_group) % group_rows
+    qb = (pid % per_group) // group_rows
+
+    ctx_start = tl.load(ctx_range_ptr)
+    ctx_count = tl.load(ctx_range_ptr + 1)
+    qry_start = tl.load(qry_range_ptr)
+    qry_count = tl.load(qry_range_ptr + 1)
+    if (slot >= ctx_count) | (qb * QB >= qry_count):
+        return
+    ctx_item = tl.load(ctx_idx_ptr + ctx_start + slot).to(tl.int64)
+    val, flag = score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
+                            qry_start + qb * QB, qry_count - qb * QB, D, stride_cn, stride_cr, stride_qn, stride_qr,
+                            lambda_softmax, lambda_lse, NORM, CLIP, AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C,
+                            BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO, FIX)
+    if not FIX:
+        tl.store(flag_ptr + pid, flag.to(tl.int8))
 
     offs_j = qb * QB + tl.arange(0, QB)
     j_in = offs_j < qry_count

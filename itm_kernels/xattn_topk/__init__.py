@@ -2,20 +2,32 @@
 
 Two methods:
 
-- ``"kernel"`` (the ``cpu`` backend, soft attention): the in-kernel top-k of ``cpu.py`` (csrc/xattn_topk/cpu.cpp).
-  Every worker thread offers the scores of the tile it has just computed to per-query heaps of its k best; no
-  score tile leaves the thread scratch. Memory O(threads x N_queries x k) beyond the kernel's own scratch.
-- ``"stream"`` (every other backend, ``attention="hard"``, or on request): a driver over ``xattn_sim``. Each
-  (query chunk x gallery chunk) tile is scored by ``xattn_sim`` on the chosen backend, materialised (at most
-  ``query_chunk x gallery_chunk`` scores) and merged into a running top-k (``merge.merge_tile``).
+- ``"kernel"``: an in-kernel top-k, no score tile leaves the kernel.
+  On the ``cpu`` backend (soft attention): ``cpu.py`` (csrc/xattn_topk/cpu.cpp). Every worker thread offers the
+  scores of the tile it has just computed to per-query heaps of its k best. Memory O(threads x N_queries x k)
+  beyond the kernel's own scratch.
+  On the ``triton`` backend (soft attention, k <= ``TRITON_MAX_K`` = 16, float32/bfloat16/float16 inputs):
+  ``triton.py``. Programs own a block of queries and loop over the gallery, keeping a running top-k per query
+  in registers (bitonic merges of packed score/index keys). Memory O(N_queries x next_pow2(k)) int64 beyond the
+  Triton xattn_sim forward's Gram tiles.
+- ``"stream"`` (every other case: other backends, ``attention="hard"``, float64 or k > 16 on ``triton``, or on
+  request): a driver over ``xattn_sim``. Each (query chunk x gallery chunk) tile is scored by ``xattn_sim`` on the
+  chosen backend, materialised (at most ``query_chunk x gallery_chunk`` scores) and merged into a running top-k
+  (``merge.merge_tile``).
+
+``backend="auto"`` picks the backend by ``itm_kernels._common.dispatch.choose_backend`` as ``xattn_sim`` does (on a
+GPU, a GPU kernel only once verified there), then the method as above.
 
 Exactness: a score depends only on its (image, caption) pair, and the ``cpu`` backend's float32 / bfloat16 /
 float16 scores are bitwise independent of batching and tiling (tested), so with it both methods give values equal
 to ``torch.topk`` of the full ``xattn_sim`` matrix exactly, and the same indices. Its float64 scores come from
 ATen ``mm``, whose rounding depends on the block shape: ``method="kernel"`` scores with the tiling of the one-call
 matrix (same ``max_tile_bytes``, no ``query_chunk``) and is then exact too; otherwise float64 agrees to rounding.
-Backends whose tiling changes the rounding (``torch``: its GEMM blocking depends on the batch) equal the top-k of
-the matrix assembled from the same tiles exactly, and of the one-call matrix to rounding.
+The ``triton`` kernel computes each score with the Triton ``xattn_sim`` forward's own device function and launch
+configuration: bitwise its matrix entry in the interpreter (tested); compiled, the same code under the forward's
+untuned constexprs, which the autotuned forward may change (last-bit differences; not yet run on a GPU). Backends whose tiling changes the rounding (``torch``: its
+GEMM blocking depends on the batch) equal the top-k of the matrix assembled from the same tiles exactly, and of the
+one-call matrix to rounding.
 """
 from __future__ import annotations
 
@@ -25,9 +37,10 @@ import torch as _torch
 from torch import Tensor
 
 from .._common.validation import check_choice, check_xattn_args
+from .limits import TRITON_MAX_K, triton_topk_supports
 from .merge import empty_topk, merge_tile
 
-__all__ = ["xattn_topk", "check_k", "check_chunk", "QUERIES", "METHODS"]
+__all__ = ["xattn_topk", "check_k", "check_chunk", "QUERIES", "METHODS", "TRITON_MAX_K", "triton_topk_supports"]
 
 QUERIES = ("images", "captions")
 METHODS = ("auto", "kernel", "stream")
@@ -70,21 +83,25 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
         queries: "images" (the k best captions of each image, i2t retrieval) or "captions" (the k best images
             of each caption, t2i retrieval).
         query_chunk: queries per call (default all). With ``method="kernel"`` it bounds the heaps to
-            ``threads x query_chunk x k`` entries; with ``"stream"`` it is one side of the materialised tile.
+            ``threads x query_chunk x k`` entries (cpu) or the key state to ``query_chunk x next_pow2(k)``
+            (triton); with ``"stream"`` it is one side of the materialised tile.
         gallery_chunk: ``"stream"`` only (the kernel tiles on its own): gallery items per tile, default about 1M
             scores per tile.
-        method: "kernel" (the in-kernel CPU top-k; needs the ``cpu`` backend, explicit or chosen by "auto", and
-            soft attention), "stream" (the tile-by-tile driver, any backend), or "auto" (the kernel where it
-            applies, else the stream). The results are identical on the ``cpu`` backend.
+        method: "kernel" (an in-kernel top-k: the ``cpu`` backend with soft attention, or the ``triton`` backend
+            with soft attention, k <= 16 and float32/bfloat16/float16 inputs; the backend explicit or chosen by
+            "auto"), "stream" (the tile-by-tile driver, any backend), or "auto" (the kernel where it applies, else
+            the stream). The results are identical on the ``cpu`` backend; on ``triton`` see the module docstring.
 
     Returns:
         ``(values, indices)``: (N_queries, k) scores (dtype of ``xattn_sim``'s output) in descending order and
         their (N_queries, k) int64 gallery indices. Ties: the higher index first (the order of
         ``itm_models.eval.metrics.recall``).
 
-    Memory: "kernel": O(threads x query_chunk x k) (16 bytes per float32 entry) beyond the inputs and the
-    kernel's per-call tables and per-thread tile scratch; "stream": O(query_chunk x (k + gallery_chunk)). Never
-    N_img x N_cap. Not differentiable (ranking); runs under ``no_grad``.
+    Memory: "kernel" on ``cpu``: O(threads x query_chunk x k) (16 bytes per float32 entry) beyond the inputs and
+    the kernel's per-call tables and per-thread tile scratch; on ``triton``: O(query_chunk x next_pow2(k)) int64
+    keys plus the Triton forward's Gram tiles; "stream": O(query_chunk x (k + gallery_chunk)). Never
+    N_img x N_cap. Not differentiable (ranking); runs under ``no_grad``. No host synchronisation on the
+    ``triton`` kernel path.
 
     Raises:
         TypeError / ValueError: as ``xattn_sim``, plus ``k`` not an int in 1..gallery, a bad ``queries``, chunk or
@@ -103,8 +120,11 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
     n_img, n_cap = images.shape[0], captions.shape[0]
     n_q, n_g = (n_img, n_cap) if queries == "images" else (n_cap, n_img)
     k = check_k(k, n_g)
-    if _use_kernel(method, backend, images, captions, extra):
+    kernel = _kernel_name(method, backend, images, captions, k, extra)
+    if kernel == "cpu":
         return _kernel_topk(checked, k, queries, query_chunk, max_tile_bytes)
+    if kernel == "triton":
+        return _triton_topk(checked, k, queries, query_chunk, extra.get("precision"))
     qc = query_chunk or n_q
     gc = gallery_chunk or max(1, min(n_g, _DEFAULT_TILE // max(1, qc)))
     cap_lens_t = _torch.as_tensor(cap_lens, device=images.device) if not isinstance(cap_lens, Tensor) else cap_lens
@@ -131,17 +151,44 @@ def xattn_topk(images: Tensor, captions: Tensor, cap_lens, k: int, *, queries: s
     return _torch.cat(out_v), _torch.cat(out_i)
 
 
-def _use_kernel(method: str, backend: str, images: Tensor, captions: Tensor, extra: dict) -> bool:
+def _kernel_name(method: str, backend: str, images: Tensor, captions: Tensor, k: int, extra: dict) -> str | None:
+    """Which in-kernel top-k runs ("cpu", "triton") or None (the streaming driver)."""
     from .._common.dispatch import choose_backend
     from . import cpu as cpu_topk
     soft = extra.get("attention", "soft") == "soft"
     name = choose_backend(backend, images.device, op="xattn_sim", inputs=(images, captions))
-    ok = name == "cpu" and soft and cpu_topk.available()
-    if method == "kernel" and not ok:
+    kernel = None
+    if name == "cpu" and soft and cpu_topk.available():
+        kernel = "cpu"
+    elif name == "triton" and soft and triton_topk_supports(images.dtype, k):
+        kernel = "triton"
+    if method == "kernel" and kernel is None:
         raise ValueError(f"method='kernel' needs the cpu backend (got {name!r}) with the compiled xattn_topk_fwd "
-                         f"(available: {cpu_topk.available()}) and attention='soft' "
+                         f"(available: {cpu_topk.available()}), or the triton backend with k <= {TRITON_MAX_K} "
+                         f"(got {k}) and float32/bfloat16/float16 inputs (got {images.dtype}); and attention='soft' "
                          f"(got {extra.get('attention', 'soft')!r})")
-    return ok and method != "stream"
+    return kernel if method != "stream" else None
+
+
+def _triton_topk(checked, k: int, queries: str, query_chunk, precision) -> tuple[Tensor, Tensor]:
+    from .._common.precision import resolve_precision
+    from . import triton as triton_topk
+    images, captions, cap_lens, img_lens, direction, norm, lambda_softmax, agg, lambda_lse, _ = checked
+    opts = dict(queries=queries, direction=direction, norm=norm, lambda_softmax=lambda_softmax, agg=agg,
+                lambda_lse=lambda_lse, precision=resolve_precision(precision))
+    n_q = images.shape[0] if queries == "images" else captions.shape[0]
+    if not query_chunk or query_chunk >= n_q:
+        return triton_topk.xattn_topk(images, captions, cap_lens, img_lens, k, **opts)
+    out_v, out_i = [], []
+    for q0 in range(0, n_q, query_chunk):
+        q1 = min(n_q, q0 + query_chunk)
+        if queries == "images":
+            v, i = triton_topk.xattn_topk(images[q0:q1], captions, cap_lens, img_lens[q0:q1], k, **opts)
+        else:
+            v, i = triton_topk.xattn_topk(images, captions[q0:q1], cap_lens[q0:q1], img_lens, k, **opts)
+        out_v.append(v)
+        out_i.append(i)
+    return _torch.cat(out_v), _torch.cat(out_i)
 
 
 def _kernel_topk(checked, k: int, queries: str, query_chunk, max_tile_bytes) -> tuple[Tensor, Tensor]:

@@ -66,6 +66,34 @@ def test_targets_verified_rows_and_table():
     assert "| cuda `xattn_sim` | 1 | 1 |" in table and "verified" in table and "FAILED" in table and "**no**" in table
 
 
+def test_topk_plan_and_gating():
+    """The top-k cases cover both ranked sides, directions, the three dtypes and k = 1/10/16; a failed top-k case
+    keeps xattn_sim's Triton row out of VERIFIED_GPU_KERNELS (auto would run that kernel)."""
+    cases = gpu_check.topk_cases()
+    assert {(c["opts"]["queries"], c["opts"]["direction"], c["dtype"]) for c in cases} == {
+        (q, s, d) for q in ("images", "captions") for s in ("t2i", "i2t") for d in ("float32", "bfloat16", "float16")}
+    assert {c["opts"]["k"] for c in cases} >= {1, 5, 10, 16}
+    ok = dict(op="xattn_sim", backend="triton", dtype="float32", err=1e-7, ok=True)
+    record = dict(date="2026-12-06", device="H100", capability=[9, 0], torch="2.x", triton="3.9.0",
+                  correctness=[ok], gradients=dict(ok=True), no_sync=dict(ok=True), cuda_graph=dict(ok=True),
+                  topk=[dict(cases[0], err=1e-7, ok=True)])
+    assert [r["op"] for r in gpu_check.verified_rows(record)] == ["xattn_sim"]
+    record["topk"].append(dict(cases[1], err=1.0, ok=False))
+    assert gpu_check.verified_rows(record) == []
+    assert "| triton `xattn_topk` (in-kernel) | 2 | 1 |" in gpu_check.markdown(record)
+
+
+@triton_mode().needs_kernels
+def test_one_topk_case_runs_through_the_interpreter():
+    """run_topk_case, as the GPU run calls it, on CPU tensors (a smaller shape: the interpreter is slow), captions
+    in two buckets, both program shapes (images ranked in t2i: one per program; in i2t: a block per program)."""
+    for case in [c for c in gpu_check.topk_cases() if c["size"] == "odd" and c["dtype"] == "bfloat16"][:2]:
+        small = dict(case, shape=dict(n_img=3, n_cap=6, K=5, L_max=20, d=19, min_len=1),
+                     opts=dict(case["opts"], k=min(case["opts"]["k"], 3)))
+        result = gpu_check.run_topk_case(small, torch.device("cpu"))
+        assert result["ok"] and result["ordered"], result
+
+
 @triton_mode().needs_kernels
 def test_one_case_runs_through_the_interpreter():
     """run_case, as the GPU run calls it, on CPU tensors: the odd-size xattn_sim triton float32 case."""

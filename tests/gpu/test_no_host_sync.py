@@ -1,7 +1,8 @@
 """No host syncs on the Triton paths (issue 16.4), checked on the CPU: the kernels run in the Triton interpreter on
 CPU tensors, and Tensor.item / __int__ / __float__ / __bool__ / tolist / numpy / cpu — every way the host reads a
 tensor — raise during the registered ops' forward and backward (``xattn_sim_op``, ``local_sim_op`` (t2i and i2t,
-its fused backward) and ``node_match_op`` (forward; its backward is the tiled torch one) on validated inputs: the
+its fused backward), ``node_match_op`` (forward; its backward is the tiled torch one) and the in-kernel top-k
+(``itm_kernels.xattn_topk.triton.xattn_topk``) on validated inputs: the
 caller-facing wrappers' argument checks are outside this path). On a GPU, tools/gpu_check.py repeats it
 with torch.cuda.set_sync_debug_mode("error") and a CUDA-graph capture of a training step."""
 import os
@@ -158,6 +159,29 @@ def test_node_match_forward_never_reads_the_host(monkeypatch):
     expected = node_match_op(img, cap, cap_lens, 9.0, 4, "torch", 0)
     torch.testing.assert_close(region, expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(word, expected[1], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("direction, queries", [("t2i", "images"), ("i2t", "images"), ("t2i", "captions")])
+def test_xattn_topk_kernel_never_reads_the_host(monkeypatch, direction, queries):
+    """The Triton in-kernel top-k on validated inputs (what ``itm_kernels.xattn_topk(backend="triton")`` calls
+    after its argument checks): key state, bucket launches and decoding stay on the device."""
+    from itm_kernels.xattn_topk import triton as topk_triton
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(3, 5, 19, generator=g).to(DEVICE)
+    cap = torch.randn(4, 20, 19, generator=g).to(DEVICE)       # lengths in two buckets
+    cap_lens = torch.tensor([20, 1, 3, 17]).to(DEVICE)
+    img_lens = torch.tensor([5, 1, 4]).to(DEVICE)
+    opts = dict(queries=queries, direction=direction, norm="clipped_l2norm", lambda_softmax=9.0, agg="lse",
+                lambda_lse=6.0)
+    with forbid_host_reads(monkeypatch):
+        values, indices = topk_triton.xattn_topk(img, cap, cap_lens, img_lens, 3, **opts)
+    full = xattn_sim_op(img, cap, cap_lens, img_lens, direction, "clipped_l2norm", 9.0, "lse", 6.0, "triton", 0,
+                        "ieee")
+    full = full if queries == "images" else full.t()
+    assert torch.equal(values, full.topk(3, dim=1).values)
+    assert torch.equal(full.gather(1, indices), values)
 
 
 @pytest.mark.skipif(KERNELS_HERE, reason="the kernel tests run in this process")

@@ -17,16 +17,9 @@ from hypothesis import given, strategies as st
 
 import itm_kernels
 from itm_kernels.xattn_topk import cpu as cpu_topk
-from tests.xattn_topk.topk_helpers import make, ref_topk
+from tests.xattn_topk.topk_helpers import make, poison_images, ref_topk
 
 pytestmark = pytest.mark.skipif(not cpu_topk.available(), reason="needs the compiled xattn_topk_fwd")
-
-
-def poison_images(im, img_lens, seed):
-    """Ragged region counts with NaN / Inf in the padding regions."""
-    for i in range(im.shape[0]):
-        im[i, int(img_lens[i]):] = float("nan") if (i + seed) % 2 else -float("inf")
-    return im
 
 
 @given(n_img=st.integers(1, 7), n_cap=st.integers(1, 13), K=st.integers(1, 5), L=st.integers(1, 6),

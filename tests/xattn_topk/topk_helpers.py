@@ -27,3 +27,10 @@ def make(n_img, n_cap, K, L, d, seed, dup):
     for c in range(n_cap):  # poison the padding
         cap[c, lens[c]:] = float("nan") if c % 2 else float("inf")
     return im, cap, lens
+
+
+def poison_images(im, img_lens, seed):
+    """Ragged region counts with NaN / -Inf in the padding regions."""
+    for i in range(im.shape[0]):
+        im[i, int(img_lens[i]):] = float("nan") if (i + seed) % 2 else -float("inf")
+    return im
