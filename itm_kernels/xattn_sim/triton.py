@@ -58,13 +58,14 @@ def _score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
                  stride_cn, stride_cr, stride_qn, stride_qr, lambda_softmax, lambda_lse,
                  NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, QB: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, GRAM_RATIO: tl.constexpr, FIX: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, GRAM_RATIO: tl.constexpr, FIX: tl.constexpr,
+                 FIX_D: tl.constexpr):
     """(QB,) SCAN scores (ACC) of context item ``ctx_item`` against the query items qry_idx[q_first + j], j < QB,
     and the Gram guard's flag (int32: 1 where some valid row's |a|^2 = alpha^T G alpha cancelled; 0 with FIX).
 
     The per-tile computation of ``_xattn_sim_kernel`` (the math and the guard are in its docstring), shared with
     the in-kernel top-k (``itm_kernels.xattn_topk.triton``) so that both produce the same bits. FIX: the exact
-    pass (attended vectors formed explicitly). Slots j >= ``q_left`` are empty: their items are not loaded and
+    pass (attended vectors formed explicitly, over d-chunks of FIX_D). Slots j >= ``q_left`` are empty: their items are not loaded and
     their scores are garbage for the caller to mask.
     """
     NQ: tl.constexpr = QB * BLOCK_Q
@@ -125,8 +126,8 @@ def _score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
         num = tl.zeros((NQ,), dtype=ACC)
         a_sq = tl.zeros((NQ,), dtype=ACC)
         alpha_t = tl.trans(alpha2)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, FIX_D):
+            offs_d = d0 + tl.arange(0, FIX_D)
             d_in = offs_d < D
             x = tl.load(c_ptrs[:, None] + offs_d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
             y = tl.load(q_ptrs[:, None] + offs_d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
@@ -232,7 +233,7 @@ def _xattn_sim_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr
     val, flag = score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
                             qry_start + qb * QB, qry_count - qb * QB, D, stride_cn, stride_cr, stride_qn, stride_qr,
                             lambda_softmax, lambda_lse, NORM, CLIP, AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C,
-                            BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO, FIX)
+                            BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO, FIX, BLOCK_D)
     if not FIX:
         tl.store(flag_ptr + pid, flag.to(tl.int8))
 

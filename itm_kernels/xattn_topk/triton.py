@@ -53,6 +53,8 @@ from ..xattn_sim.triton import score_items  # noqa: F401  (a device function the
 __all__ = ["MAX_K", "supports", "xattn_topk", "kernel_config", "jit_kernel", "decode_keys"]
 
 KEY_EMPTY = tl.constexpr(-(2 ** 63))
+# Feature columns per d-chunk of the Gram guard's exact pass (the fix-up specialisation only).
+TOPK_FIX_BLOCK_D = 16
 _NAN_KEY = tl.constexpr(0x7FFFFFFF)
 
 
@@ -78,12 +80,13 @@ merge_rows = device_function(_merge_rows)
 
 
 def _xattn_topk_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
-                       qry_len_ptr, qry_range_ptr, state_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn,
+                       qry_len_ptr, qry_range_ptr, state_ptr, flag_ptr, n_ctx, n_qry, D, stride_cn, stride_cr, stride_qn,
                        stride_qr, lambda_softmax: tl.float64, lambda_lse: tl.float64,
                        NORM: tl.constexpr, CLIP: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_Q: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-                       GRAM_RATIO: tl.constexpr, QUERY_IS_CTX: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
+                       GRAM_RATIO: tl.constexpr, FIX: tl.constexpr, FIX_D: tl.constexpr,
+                       QUERY_IS_CTX: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
                        C: tl.constexpr):
     """Merge one launch's scores into the running top-KP rows ``state`` (N_rank, KP) int64, sorted descending.
 
@@ -93,10 +96,16 @@ def _xattn_topk_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_pt
     (gallery index = that item), KP steps per buffer. (c0, count) = ctx_range, (q0, count) = qry_range on the
     device; programs past the counts return at once. Scores: ``score_items`` (xattn_sim's tile computation).
     R = ranked items per program (1 or QB), C = candidates per ranked item per step (QB or 1).
-    Gram guard: a step whose tile ``score_items`` flags (|a|^2 = alpha^T G alpha cancelled) is scored again by
-    its exact pass (FIX, explicit attended vectors) before it is merged, as the forward's fix-up launch does.
+    Gram guard, in two launches over one grid as the forward's: the main pass (FIX false) leaves out every step
+    whose tile ``score_items`` flags (|a|^2 = alpha^T G alpha cancelled) and stores flag[pid] = 1 if it left one
+    out; the fix-up pass (FIX true) returns at once unless flagged, walks the steps again and merges only the
+    flagged ones, scored by the exact pass (attended vectors formed explicitly over d-chunks of FIX_D). Keeping
+    the exact pass out of the main specialisation keeps its registers (tools/compile_check_triton.py).
     """
     pid = tl.program_id(0)
+    if FIX:
+        if tl.load(flag_ptr + pid) == 0:
+            return
     ctx_start = tl.load(ctx_range_ptr)
     ctx_count = tl.load(ctx_range_ptr + 1)
     qry_start = tl.load(qry_range_ptr)
@@ -120,6 +129,7 @@ def _xattn_topk_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_pt
     offs_s = tl.arange(0, STEPS)
     row_ptrs = state_ptr + rank_items[:, None] * KP + offs_k[None, :]
     state = tl.load(row_ptrs, mask=rank_in[:, None], other=KEY_EMPTY)
+    any_flag = tl.full((), 0, tl.int32)
 
     for s0 in range(0, n_steps, STEPS):
         buf = tl.full((R, STEPS, C), KEY_EMPTY, tl.int64)
@@ -132,16 +142,22 @@ def _xattn_topk_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_pt
                 val, flag = score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr, qry_len_ptr,
                                         qry_start + s * QB, qry_count - s * QB, D, stride_cn, stride_cr, stride_qn,
                                         stride_qr, lambda_softmax, lambda_lse, NORM, CLIP, AGG, ACC, UPCAST,
-                                        DOT_PRECISION, BLOCK_C, BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO, False)
-                if flag > 0:
-                    val, flag = score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
-                                            qry_len_ptr, qry_start + s * QB, qry_count - s * QB, D, stride_cn,
-                                            stride_cr, stride_qn, stride_qr, lambda_softmax, lambda_lse, NORM, CLIP,
-                                            AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C, BLOCK_Q, QB, BLOCK_D, BLOCK_G,
-                                            GRAM_RATIO, True)
+                                        DOT_PRECISION, BLOCK_C, BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO, False,
+                                        FIX_D)
+                if FIX:
+                    if flag > 0:
+                        val, _exact = score_items(ctx_ptr, ctx_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
+                                                  qry_len_ptr, qry_start + s * QB, qry_count - s * QB, D, stride_cn,
+                                                  stride_cr, stride_qn, stride_qr, lambda_softmax, lambda_lse, NORM,
+                                                  CLIP, AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C, BLOCK_Q, QB,
+                                                  BLOCK_D, BLOCK_G, GRAM_RATIO, True, FIX_D)
+                    take = flag > 0
+                else:
+                    take = flag == 0
+                any_flag = tl.maximum(any_flag, flag)
                 g_in = s * QB + offs_j < qry_count
                 g_items = tl.load(qry_idx_ptr + qry_start + s * QB + offs_j, mask=g_in, other=0).to(tl.int64)
-                keys = tl.where(g_in, pack_keys(val.to(tl.float32), g_items), KEY_EMPTY)
+                keys = tl.where(g_in & take, pack_keys(val.to(tl.float32), g_items), KEY_EMPTY)
                 buf = tl.where(offs_s[None, :, None] == s - s0, tl.reshape(keys, (1, 1, C)), buf)
             else:
                 g_item = tl.load(ctx_idx_ptr + ctx_start + s).to(tl.int64)
@@ -149,18 +165,25 @@ def _xattn_topk_kernel(ctx_ptr, ctx_idx_ptr, ctx_len_ptr, ctx_range_ptr, gram_pt
                                         qry_start + pid * QB, qry_count - pid * QB, D, stride_cn, stride_cr,
                                         stride_qn, stride_qr, lambda_softmax, lambda_lse, NORM, CLIP, AGG, ACC,
                                         UPCAST, DOT_PRECISION, BLOCK_C, BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO,
-                                        False)
-                if flag > 0:
-                    val, flag = score_items(ctx_ptr, g_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
-                                            qry_len_ptr, qry_start + pid * QB, qry_count - pid * QB, D, stride_cn,
-                                            stride_cr, stride_qn, stride_qr, lambda_softmax, lambda_lse, NORM, CLIP,
-                                            AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C, BLOCK_Q, QB, BLOCK_D, BLOCK_G,
-                                            GRAM_RATIO, True)
-                keys = pack_keys(val.to(tl.float32), tl.full((QB,), 0, tl.int64) + g_item)
+                                        False, FIX_D)
+                if FIX:
+                    if flag > 0:
+                        val, _exact = score_items(ctx_ptr, g_item, ctx_len_ptr, gram_ptr, qry_ptr, qry_idx_ptr,
+                                                  qry_len_ptr, qry_start + pid * QB, qry_count - pid * QB, D,
+                                                  stride_cn, stride_cr, stride_qn, stride_qr, lambda_softmax,
+                                                  lambda_lse, NORM, CLIP, AGG, ACC, UPCAST, DOT_PRECISION, BLOCK_C,
+                                                  BLOCK_Q, QB, BLOCK_D, BLOCK_G, GRAM_RATIO, True, FIX_D)
+                    take = flag > 0
+                else:
+                    take = flag == 0
+                any_flag = tl.maximum(any_flag, flag)
+                keys = tl.where(take, pack_keys(val.to(tl.float32), tl.full((QB,), 0, tl.int64) + g_item), KEY_EMPTY)
                 buf = tl.where(offs_s[None, :, None] == s - s0, tl.reshape(keys, (R, 1, 1)), buf)
         state = merge_rows(state, tl.reshape(buf, (R, KP)), R, KP)
 
     tl.store(row_ptrs, state, mask=rank_in[:, None])
+    if not FIX:
+        tl.store(flag_ptr + pid, any_flag.to(tl.int8))
 
 
 def jit_kernel(interpret: bool):
@@ -177,7 +200,7 @@ def kernel_config(dtype: torch.dtype, *, k: int, query_is_ctx: bool, block_c: in
                                                      norm=norm, agg=agg, interpret=interpret, precision=precision,
                                                      block_g=block_g)
     constexprs.pop("GROUP")
-    constexprs.pop("FIX")  # the guard's exact pass runs inline, per flagged step (see _xattn_topk_kernel)
+    constexprs["FIX_D"] = TOPK_FIX_BLOCK_D
     # One stage: the d-loop sits inside the step loop, and pipelining it costs ~60 registers (spills at k = 16).
     options = dict(options, num_stages=1)
     qb = constexprs["QB"]
@@ -201,10 +224,13 @@ def _launch(state, ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_le
                                         n_qry=n_qry, d=ctx.shape[2], norm=norm, agg=agg, interpret=interpret,
                                         precision=precision, block_g=gram.shape[1])
     grid = (n_ctx,) if query_is_ctx else (triton.cdiv(n_qry, constexprs["QB"]),)
-    jit_kernel(interpret)[grid](
-        ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, state, n_ctx, n_qry, ctx.shape[2],
-        ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), float(lambda_softmax), float(lambda_lse),
-        **constexprs, **options)
+    flags = torch.zeros(grid, dtype=torch.int8, device=ctx.device)  # the Gram guard's, one per program
+    args = (ctx, ctx_idx, ctx_lens, ctx_range, gram, qry, qry_idx, qry_lens, qry_range, state, flags, n_ctx, n_qry,
+            ctx.shape[2], ctx.stride(0), ctx.stride(1), qry.stride(0), qry.stride(1), float(lambda_softmax),
+            float(lambda_lse))
+    kernel = jit_kernel(interpret)
+    kernel[grid](*args, **constexprs, **options)
+    kernel[grid](*args, **dict(constexprs, FIX=True), **options)
 
 
 def xattn_topk(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tensor, img_lens: torch.Tensor,
