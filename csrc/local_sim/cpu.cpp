@@ -324,9 +324,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void diff_sq_avx
     const float* a = A + t * lda;
     bf16* x = X + t * ldx;
     int64_t j = 0;
+    // Intrinsics only: clang rejects calls that pass 64-byte vectors between this AVX-512 function and the
+    // untargeted helpers of simd_vec.h / bf16.h (a calling-convention mismatch), even where they are inlined.
     for (; j + 16 <= ne; j += 16) {
-      const Vec<float>::V v = vload(a + j) - vload_as(e + j);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), (__m256i)_mm512_cvtneps_pbh((__m512)(v * v)));
+      const __m256i eh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + j));
+      const __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eh), 16));  // exact widening
+      const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(a + j), ev);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, v)));
     }
     for (; j < ne; ++j) {
       const float v = a[j] - static_cast<float>(e[j]);
