@@ -13,6 +13,9 @@
 #if defined(ITM_SIMD_DISPATCH_X86)
 #include <cpuid.h>
 #endif
+#if !defined(_WIN32)
+#include <sys/utsname.h>
+#endif
 
 namespace itm {
 namespace cpu {
@@ -82,7 +85,13 @@ std::string build_words() {
 #elif defined(__x86_64__) || defined(_M_X64)
   return "baseline-only build (this compiler has no x86 target attributes): the epilogues run as portable code";
 #else
-  return "portable build (not x86-64): the epilogues run as the compiler's vectorised portable code";
+  std::string machine = "unknown";
+#if !defined(_WIN32)
+  struct utsname u;
+  if (uname(&u) == 0) machine = u.machine;  // what Python's platform.machine() says: aarch64, arm64, ppc64le
+#endif
+  return "portable build for a non-x86 host (" + machine +
+         "): the epilogues run as the compiler's auto-vectorised portable code, no runtime SIMD dispatch";
 #endif
 }
 

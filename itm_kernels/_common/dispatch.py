@@ -113,7 +113,7 @@ def build_info() -> dict:
     Always: ``cpu_backend`` ("cpu": the compiled kernels run CPU tensors; "torch": the chunked PyTorch fallback,
     only where the compiled extension ``itm_kernels._C`` cannot be imported) and ``cpu_backend_reason`` (with the
     import error). With the compiled extension: ``simd`` (the level the CPU epilogues run at: "avx512", "avx2" or
-    "baseline"; "baseline" with a reason naming the host on non-x86 builds, which run the portable code),
+    "baseline"; non-x86 builds run the portable code at "baseline", with a reason naming the host),
     ``simd_reason`` (why: CPU detection, the ``ITM_KERNELS_ISA`` override, or a build without dispatch),
     ``simd_cpu`` (the CPU's own level), ``simd_dispatch``, ``native_bf16`` (AVX512-BF16 in use: bfloat16 products
     run natively; otherwise they are widened to float32), ``bf16_gemm``, ``onednn_max_cpu_isa``, ``openmp``,
