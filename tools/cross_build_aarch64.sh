@@ -77,13 +77,17 @@ FLAGS=(-std=c++17 -O2 -g0 -fPIC -fopenmp -fno-math-errno -fno-trapping-math -Wal
        -I"$REPO/csrc" -I"$TORCH/include" -I"$TORCH/include/torch/csrc/api/include" "${PY_INC[@]}")
 SOURCES=(csrc/module.cpp csrc/common/isa.cpp $(ls csrc/*/cpu.cpp))
 mkdir -p "$OUT/obj"
+# Other flags (headers, compiler) than the objects were built with: rebuild them all.
+stamp="$CXX_A64 ${FLAGS[*]}"
+[ "$(cat "$OUT/obj/flags" 2>/dev/null)" = "$stamp" ] || rm -f "$OUT"/obj/*.o
+echo "$stamp" > "$OUT/obj/flags"
 echo "cross_build_aarch64: $("$CXX_A64" --version | head -1); torch $TORCH_VERSION aarch64 ($SITE); $py_inc_from"
 start=$SECONDS
 objs=()
 for src in "${SOURCES[@]}"; do
     obj=$OUT/obj/$(echo "$src" | tr / _).o
     objs+=("$obj")
-    # Idempotent: a unit is rebuilt only when no object exists or some csrc file is newer than it.
+    # Idempotent: a unit is rebuilt only when its object is missing or some csrc file is newer than it.
     if [ -f "$obj" ] && [ -z "$(find csrc -newer "$obj" -print -quit)" ]; then continue; fi
     echo "  compile $src"
     "$CXX_A64" "${FLAGS[@]}" -c "$src" -o "$obj.tmp" || { rm -f "$obj.tmp"; fail "$src does not compile for aarch64"; }
