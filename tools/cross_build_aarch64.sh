@@ -28,6 +28,10 @@
 #   - torch's pure-Python dependencies and the package's for aarch64 in $AARCH64_DIR/site: `pip install --target
 #     $AARCH64_DIR/site --only-binary=:all: --platform manylinux2014_aarch64 --python-version 3.X typing_extensions
 #     filelock sympy networkx jinja2 fsspec numpy tqdm`.
+# Tests under qemu: python -m pytest runs with that CPython too; for tests that start child processes
+# (sys.executable) without binfmt_misc, run it through a wrapper script that execs
+# `qemu-aarch64 -L $ROOT -0 "$0" $ROOT/usr/bin/python3.X "$@"` (so sys.executable is the wrapper) and appends
+# $AARCH64_DIR/site to PYTHONPATH; tests/cpu_isa took about 4 minutes that way (ARCHITECTURE.md has the counts).
 # Verified (Debian 12, x86-64 host): aarch64-linux-gnu-g++ 12.2.0, torch 2.9.1 aarch64, Debian's CPython 3.11.2
 # arm64 under qemu-aarch64 7.2: builds, links, smoke test passes. Not verified: macOS arm64 (Apple clang), or
 # timings of any kind (qemu says nothing about speed).
