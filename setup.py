@@ -12,12 +12,24 @@ forces either way. Compiler flags: -O3 -g0, OpenMP; no -march=native: each SIMD 
 AVX2 + FMA and baseline x86-64 (target attributes: gcc >= 8, clang >= 7) and the level is picked per process
 (ITM_KERNELS_ISA=avx512|avx2|baseline caps it at run time); other architectures build the portable code alone.
 ITM_KERNELS_SIMD=baseline builds the baseline version alone (testing). MAX_JOBS bounds the parallel compile jobs.
+
+Compilers: the C++ compiler is torch's choice, $CXX or c++ (gcc >= 8 or clang >= 7; CXX=clang++ for clang). OpenMP
+(the kernels' threads, through ATen's parallel_for) is probed with a tiny program before the build: -fopenmp
+(gcc: libgomp, torch's own runtime; clang on Linux: LLVM's libomp, Debian/Ubuntu package libomp-dev), on macOS
+Apple clang's -Xpreprocessor -fopenmp with the libomp that torch ships (or Homebrew's). A compiler without OpenMP
+stops the build with what to install, unless ITM_KERNELS_OPENMP=0 asks for a single-threaded build (build_info()
+then says openmp: False). Verified: gcc 11.3 and 12.2, clang 14 (x86-64); gcc 12 cross-compiling for aarch64
+(tools/cross_build_aarch64.sh). Not verified: macOS.
 """
 from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+import tempfile
 
 from setuptools import setup
 
@@ -46,12 +58,69 @@ def _want_cuda(torch, cuda_home) -> bool:
     return has_sources and torch.version.cuda is not None and cuda_home is not None and bool(nvcc)
 
 
+_OPENMP_PROBE = """#include <omp.h>
+int main() {
+  int n = 0;
+#pragma omp parallel reduction(+ : n)
+  n += omp_get_num_threads() > 0;
+  return n > 0 ? 0 : 1;
+}
+"""
+
+
+def _openmp_candidates(torch_dir: str) -> list[tuple[list[str], list[str]]]:
+    """(compile flags, link flags) to try for OpenMP, in order."""
+    found = [(["-fopenmp"], ["-fopenmp"])]
+    if sys.platform == "darwin":  # Apple clang: no -fopenmp driver flag; torch's wheel ships libomp.dylib
+        prefixes = [os.path.join(torch_dir, "lib")]
+        prefixes += [os.path.join(p, "opt", "libomp", "lib") for p in ("/opt/homebrew", "/usr/local")]
+        includes = [os.path.join(torch_dir, "include")]
+        includes += [os.path.join(p, "opt", "libomp", "include") for p in ("/opt/homebrew", "/usr/local")]
+        inc = [f"-I{d}" for d in includes if os.path.exists(os.path.join(d, "omp.h"))]
+        for lib in prefixes:
+            if os.path.exists(os.path.join(lib, "libomp.dylib")):
+                found.append((["-Xpreprocessor", "-fopenmp"] + inc, [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]))
+    return found
+
+
+def _openmp_flags(torch_dir: str) -> tuple[list[str], list[str]]:
+    """The OpenMP flags that compile and link a small OpenMP program with this build's compiler ($CXX or c++,
+    as torch.utils.cpp_extension picks it); ([], []) with ITM_KERNELS_OPENMP=0. Raises with what to install
+    when none works."""
+    flag = os.environ.get("ITM_KERNELS_OPENMP", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        print("itm_kernels: ITM_KERNELS_OPENMP=0: building WITHOUT OpenMP, every CPU kernel runs on one thread")
+        return [], []
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    tried = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp_probe.cpp")
+        with open(src, "w") as f:
+            f.write(_OPENMP_PROBE)
+        for cflags, lflags in _openmp_candidates(torch_dir):
+            cmd = cxx + cflags + [src, "-o", os.path.join(tmp, "omp_probe")] + lflags
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                tried.append(f"{shlex.join(cmd)}: {exc}")
+                continue
+            if proc.returncode == 0:
+                return cflags, lflags
+            tried.append(f"{shlex.join(cmd)}:\n{proc.stderr.strip()[-600:]}")
+    raise RuntimeError(
+        "itm_kernels: the C++ compiler cannot build OpenMP code, which the CPU kernels' threads need.\n"
+        "Fix: gcc (libgomp, as torch itself uses: CXX=g++), or for clang LLVM's OpenMP runtime (Debian/Ubuntu: "
+        "apt-get install libomp-dev; macOS: brew install libomp); or ITM_KERNELS_OPENMP=0 for a single-threaded "
+        "build.\nTried:\n" + "\n".join(tried))
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unknown-pragmas", "-Wno-psabi"]
-    link = ["-fopenmp"]
+    omp_cflags, omp_lflags = _openmp_flags(os.path.dirname(torch.__file__))
+    cxx = ["-O3", "-g0", *omp_cflags, "-fno-math-errno", "-fno-trapping-math", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    link = list(omp_lflags)
     sources = ["csrc/module.cpp", "csrc/common/isa.cpp"] + _rel(CPU_SOURCES)
     macros = []
     simd = os.environ.get("ITM_KERNELS_SIMD", "").strip().lower()

@@ -27,6 +27,15 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  // The OpenMP ABI this build calls: clang's code calls LLVM's libomp (__kmpc_*); torch's Linux wheels use gcc's
+  // libgomp, so a clang build runs its kernels on a second thread pool (OMP_NUM_THREADS caps both).
+#if defined(_OPENMP) && defined(__clang__)
+  info["openmp_runtime"] = "libomp";
+#elif defined(_OPENMP) && defined(__GNUC__)
+  info["openmp_runtime"] = "libgomp";
+#else
+  info["openmp_runtime"] = pybind11::none();
+#endif
   info["openmp_threads"] = at::get_num_threads();
   using namespace itm::cpu;
   info["simd"] = simd_level_name(simd_level());       // the level the epilogues run at now
@@ -76,8 +85,8 @@ int64_t brgemm_shapes(bool reset, bool count) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "itm_kernels compiled operators (registered under torch.ops.itm_kernels)";
   m.def("build_info", &build_info,
-        "Flags of this build: cuda, openmp, openmp_threads, simd (+ simd_reason, simd_cpu, simd_dispatch), "
-        "native_bf16, bf16_brgemm, bf16_gemm, onednn_max_cpu_isa, compiler");
+        "Flags of this build: cuda, openmp, openmp_runtime, openmp_threads, simd (+ simd_reason, simd_cpu, "
+        "simd_dispatch), native_bf16, bf16_brgemm, bf16_gemm, onednn_max_cpu_isa, compiler");
   m.def("_brgemm_shapes", &brgemm_shapes, pybind11::arg("reset") = false, pybind11::arg("count") = true,
         "Tests only: distinct brgemm shapes of xattn_sim and local_sim since the last reset (counting is off until "
         "_brgemm_shapes(reset=True) turns it on)");

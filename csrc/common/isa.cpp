@@ -13,6 +13,9 @@
 #if defined(ITM_SIMD_DISPATCH_X86)
 #include <cpuid.h>
 #endif
+#if !defined(_WIN32)
+#include <sys/utsname.h>
+#endif
 
 namespace itm {
 namespace cpu {
@@ -82,7 +85,13 @@ std::string build_words() {
 #elif defined(__x86_64__) || defined(_M_X64)
   return "baseline-only build (this compiler has no x86 target attributes): the epilogues run as portable code";
 #else
-  return "portable build (not x86-64): the epilogues run as the compiler's vectorised portable code";
+  std::string machine = "unknown";
+#if !defined(_WIN32)
+  struct utsname u;
+  if (uname(&u) == 0) machine = u.machine;  // what Python's platform.machine() says: aarch64, arm64, ppc64le
+#endif
+  return "portable build for a non-x86 host (" + machine +
+         "): the epilogues run as the compiler's auto-vectorised portable code, no runtime SIMD dispatch";
 #endif
 }
 
@@ -111,11 +120,16 @@ SimdLevel choose_simd_level() {
   const int want = parse_env(env);
   SimdLevel level = cpu;
   const std::string build = build_words();
-  if (!build.empty()) {
+  if (want == -2) g_env_invalid = true;
+  if (!build.empty()) {  // one level only: the variable cannot change it, but the reason says what it asked
     g_reason = build;
-    if (want >= 0 && want != 0) g_reason += std::string("; ITM_KERNELS_ISA=") + env + " cannot raise it";
+    if (want == -2)
+      g_reason += std::string("; ITM_KERNELS_ISA='") + env + "' ignored: expected avx512, avx2 or baseline";
+    else if (want > 0)
+      g_reason += std::string("; ITM_KERNELS_ISA=") + env + " cannot raise it";
+    else if (want == 0)
+      g_reason += std::string("; ITM_KERNELS_ISA=") + env + " (the only level of this build)";
   } else if (want == -2) {
-    g_env_invalid = true;
     g_reason = std::string("cpu detection (") + cpu_words(cpu) + "); ITM_KERNELS_ISA='" + env +
                "' ignored: expected avx512, avx2 or baseline";
   } else if (want >= 0) {
@@ -164,8 +178,9 @@ SimdLevel set_simd_level(SimdLevel level) {
   std::lock_guard<std::mutex> lock(g_mutex);
   const SimdLevel cpu = simd_cpu_level();
   const SimdLevel l = level > cpu ? cpu : level;
-  g_reason = std::string("set_simd_level(") + simd_level_name(level) + ") for testing" +
-             (level > cpu ? std::string(", capped at ") + simd_level_name(cpu) : std::string());
+  const std::string build = build_words();  // kept: a one-level build's reason stays true
+  g_reason = (build.empty() ? std::string() : build + "; ") + "set_simd_level(" + simd_level_name(level) +
+             ") for testing" + (level > cpu ? std::string(", capped at ") + simd_level_name(cpu) : std::string());
   detail::g_simd_level.store(static_cast<int>(l));
   return l;
 }
@@ -184,12 +199,15 @@ namespace {
 // avx512 -> AVX512_CORE_AMX (no cap on the AVX-512 families), avx2 -> AVX2, baseline -> AVX2 as well (brgemm has
 // no kernels below AVX2; ATen's brgemm would fall back to its reference GEMM). oneDNN reads the variable once, at
 // its first CPU-ISA query: a process that ran a oneDNN primitive before importing itm_kernels keeps its level.
+// x86 only: oneDNN's ISA names elsewhere are others (aarch64: SVE, ...), and no kernel of ours is capped there.
 struct CapOneDnn {
   CapOneDnn() {
+#if defined(__x86_64__) || defined(_M_X64)
     const int want = parse_env(std::getenv("ITM_KERNELS_ISA"));
     if (want < 0 || std::getenv("ONEDNN_MAX_CPU_ISA") || std::getenv("DNNL_MAX_CPU_ISA")) return;
     if (want == static_cast<int>(SimdLevel::kAvx512)) return;
     setenv("ONEDNN_MAX_CPU_ISA", "AVX2", 0);
+#endif
   }
 } g_cap_onednn;
 }  // namespace

@@ -325,9 +325,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void diff_sq_avx
     const float* a = A + t * lda;
     bf16* x = X + t * ldx;
     int64_t j = 0;
+    // Intrinsics only: clang rejects calls that pass 64-byte vectors between this AVX-512 function and the
+    // untargeted helpers of simd_vec.h / bf16.h (a calling-convention mismatch), even where they are inlined.
     for (; j + 16 <= ne; j += 16) {
-      const Vec<float>::V v = vload(a + j) - vload_as<64>(e + j);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), (__m256i)_mm512_cvtneps_pbh((__m512)(v * v)));
+      const __m256i eh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + j));
+      // Exact widening. The maskz forms (all lanes kept) because gcc 12 warns that the unmasked ones' undefined
+      // pass-through operand may be used uninitialised.
+      const __m512i wide = _mm512_maskz_cvtepu16_epi32(static_cast<__mmask16>(0xffff), eh);
+      const __m512 ev = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(static_cast<__mmask16>(0xffff), wide, 16));
+      const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(a + j), ev);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, v)));
     }
     for (; j < ne; ++j) {
       const float v = a[j] - static_cast<float>(e[j]);

@@ -15,8 +15,14 @@ def load_extension():
     global _C_IMPORT_ERROR
     try:
         from .. import _C  # noqa: F401
-    except ImportError as exc:  # an install without a compiler, or a source checkout before `pip install`
-        _C_IMPORT_ERROR = str(exc)
+    except ImportError as exc:  # a source checkout before the build, or a build that cannot load here
+        _C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+        import warnings
+
+        warnings.warn(f"itm_kernels: the compiled extension itm_kernels._C could not be imported "
+                      f"({_C_IMPORT_ERROR}); CPU tensors run the chunked 'torch' backend, several times slower. "
+                      f"Build it: pip install --no-build-isolation . (or python setup.py build_ext --inplace)",
+                      RuntimeWarning, stacklevel=3)
         return None
     _warn_simd(_C)
     return _C
@@ -24,12 +30,15 @@ def load_extension():
 
 def _warn_simd(ext) -> None:
     """Warn once where the CPU epilogues cannot reach this CPU's level: an x86-64 build without runtime SIMD
-    dispatch (``ITM_KERNELS_SIMD=baseline`` or a compiler without target attributes), or an ``ITM_KERNELS_ISA``
-    value that is not understood (ignored)."""
+    dispatch (``ITM_KERNELS_SIMD=baseline`` or a compiler without target attributes), a build without OpenMP
+    (one thread), or an ``ITM_KERNELS_ISA`` value that is not understood (ignored)."""
     import platform
     import warnings
 
     info = ext.build_info()
+    if info.get("openmp") is False:
+        warnings.warn("itm_kernels: the compiled extension was built without OpenMP (ITM_KERNELS_OPENMP=0): every CPU "
+                      "kernel runs on one thread", RuntimeWarning, stacklevel=3)
     if info.get("simd_env_invalid"):
         warnings.warn(f"itm_kernels: {info.get('simd_reason')}", RuntimeWarning, stacklevel=3)
     dispatch = str(info.get("simd_dispatch", ""))
@@ -101,17 +110,28 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 def build_info() -> dict:
     """What this install has: versions, compiled-extension flags, backends.
 
-    With the compiled extension: ``simd`` (the level the CPU epilogues run at: "avx512", "avx2" or "baseline"),
+    Always: ``cpu_backend`` ("cpu": the compiled kernels run CPU tensors; "torch": the chunked PyTorch fallback,
+    only where the compiled extension ``itm_kernels._C`` cannot be imported) and ``cpu_backend_reason`` (with the
+    import error). With the compiled extension: ``simd`` (the level the CPU epilogues run at: "avx512", "avx2" or
+    "baseline"; non-x86 builds run the portable code at "baseline", with a reason naming the host),
     ``simd_reason`` (why: CPU detection, the ``ITM_KERNELS_ISA`` override, or a build without dispatch),
     ``simd_cpu`` (the CPU's own level), ``simd_dispatch``, ``native_bf16`` (AVX512-BF16 in use: bfloat16 products
     run natively; otherwise they are widened to float32), ``bf16_gemm``, ``onednn_max_cpu_isa``, ``openmp``,
-    ``cuda``, ``compiler``.
+    ``openmp_runtime`` ("libgomp" or "libomp", the OpenMP ABI the build calls), ``cuda``, ``compiler``.
     """
     ext = load_extension()
+    if has_cpu_kernels():
+        cpu_reason = "compiled kernels (itm_kernels._C)"
+    elif ext is None:
+        cpu_reason = f"torch fallback: itm_kernels._C could not be imported ({_C_IMPORT_ERROR})"
+    else:
+        cpu_reason = "torch fallback: itm_kernels._C is loaded but registers no CPU kernels (an older build)"
     info = {
         "torch": torch.__version__,
         "extension": ext is not None,
         "extension_error": _C_IMPORT_ERROR,
+        "cpu_backend": "cpu" if has_cpu_kernels() else "torch",
+        "cpu_backend_reason": cpu_reason,
         "triton": None,
         "cuda_available": torch.cuda.is_available(),
         "backends": available_backends(),
