@@ -91,6 +91,7 @@ def main(argv=None):
     p.add_argument("--benches", default="xattn_d1024,xattn_d256,local_sim,sgraf,gsmn",
                    help=f"comma-separated, of {', '.join(BENCHES)}")
     p.add_argument("--levels", default="native,avx2", help="comma-separated: native, avx512, avx2, baseline")
+    p.add_argument("--xattn-sizes", default=None, help="N_imgxN_cap list for the xattn rows (default 200x1000,1000x5000)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
@@ -109,6 +110,9 @@ def main(argv=None):
         script, bench_args, keys = BENCHES[name]
         if args.quick:
             bench_args = QUICK[name]
+        if args.xattn_sizes and name.startswith("xattn"):
+            bench_args = list(bench_args)
+            bench_args[bench_args.index("--sizes") + 1] = args.xattn_sizes
         per_level = {}
         for lv in levels:
             headers, rows = last_table(run_level(script, bench_args, lv, common))
