@@ -159,6 +159,44 @@ def test_large_k_and_float64_take_the_stream():
                                direction="t2i", norm="clipped_l2norm", lambda_softmax=9.0, agg="lse", lambda_lse=6.0)
 
 
+def _cancelling_gallery(d=8, eps=1e-3):
+    """3 images x 4 captions (K = 2, L_max = 2, d = 8) where image 0 (t2i) and caption 1 (i2t) attend to contexts
+    that nearly vanish (a region / word and almost its negative), as the issue-14 reproducer: with uniform
+    attention the Gram form |a|^2 = alpha^T G alpha cancels in float32 (cosine 1.024 instead of 1.0 unguarded)."""
+    g = torch.Generator().manual_seed(3)
+    im = torch.nn.functional.normalize(torch.randn(3, 2, d, generator=g), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(4, 2, d, generator=g), dim=-1)
+    im[0] = 0.0
+    im[0, 0, 0], im[0, 1, 0], im[0, 1, 1] = 1.0, -1.0, eps
+    cap[0] = 0.0
+    cap[0, :, 1] = 1.0
+    cap[1] = 0.0
+    cap[1, 0, 0], cap[1, 1, 0], cap[1, 1, 1] = 1.0, -1.0, eps
+    im[1] = 0.0
+    im[1, :, 1] = 1.0
+    return im, cap, torch.tensor([2, 2, 2, 2])
+
+
+@needs_kernels
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("queries", ["images", "captions"])
+def test_gram_guard_in_the_topk_kernel(direction, queries):
+    """The top-k kernel's Gram guard (main launch leaves flagged steps out, fix-up launch merges their exact
+    scores): on near-cancelling contexts its values are the float64 reference's within TOL32, every k."""
+    im, cap, lens = _cancelling_gallery()
+    opts = dict(direction=direction, norm="no_norm", lambda_softmax=0.0, agg="mean")
+    truth = reference.xattn_sim(im.double(), cap.double(), lens, **opts)
+    truth = truth if queries == "images" else truth.t()
+    for k in range(1, truth.shape[1] + 1):
+        vals, idx = itm_kernels.xattn_topk(im.to(DEVICE), cap.to(DEVICE), lens.to(DEVICE), k, queries=queries,
+                                           backend="triton", method="kernel", **opts)
+        want = truth.topk(k, dim=1).values
+        err = (vals.cpu().double() - want).abs().max().item()
+        assert err <= TOL32 * (1 + want.abs().max().item()), f"k={k}: error {err} on cancelling contexts"
+        picked = truth.gather(1, idx.cpu())  # the indices name items whose true scores are the top-k's
+        assert (picked - want).abs().max().item() <= 2 * TOL32 * (1 + want.abs().max().item())
+
+
 @pytest.mark.parametrize("k", [0, -1, 6])
 def test_bad_k_on_triton(k):
     """k is checked before any kernel: 1..gallery size (5 captions here), on the triton backend too."""
