@@ -214,7 +214,7 @@ for arch in (80, 90):
             elem = "*" + cc.DTYPES[name]
             types = dict(img_ptr=elem, img_len_ptr="*i64", cap_ptr=elem, cap_idx_ptr="*i32", cap_len_ptr="*i64",
                          cap_range_ptr="*i32", gram_ptr="*fp32", w_ptr=elem, b_ptr="*fp32", out_ptr="*fp32",
-                         lambda_softmax="fp64")
+                         flag_ptr="*i8", lambda_softmax="fp64")
             values = dict(n_img=1000, n_cap=5000, L_out=L_OUT, D=D, S=S, stride_in=K * D, stride_ik=D,
                           stride_cn=L_OUT * D, stride_ct=D, stride_ws=D, stride_oi=5000 * L_OUT * S,
                           stride_oc=L_OUT * S)
