@@ -185,8 +185,9 @@ def test_kernel_tests_on_gpu_in_fresh_process():
 
 @pytest.mark.slow  # ~15-40 s each; .ci/run runs the slow tests and tools/compile_check_triton.py
 def test_compiles_for_sm80_and_sm90(tmp_path):
-    """Compile both kernels for sm_80 and sm_90, float32 and bfloat16, both directions, down to a cubin, in a fresh
-    process without TRITON_INTERPRET and with an empty cache (so it really compiles); no register spills."""
+    """Compile the Gram kernel, the forward and its Gram-guard fix-up pass for sm_80 and sm_90, float32 and
+    bfloat16, both directions, down to a cubin, in a fresh process without TRITON_INTERPRET and with an empty cache
+    (so it really compiles); no register spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -201,9 +202,10 @@ def test_compiles_for_sm80_and_sm90(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout}\n{proc.stderr}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 2 * 2 * 2
+    assert len(results) == 3 * 2 * 2 * 2  # the Gram kernel, the forward and the forward's Gram-guard fix-up pass
     assert {(r["kernel"], r["arch"], r["dtype"], r["direction"]) for r in results} == {
-        (k, a, d, s) for k in ("gram", "xattn_sim") for a in ("sm_80", "sm_90") for d in ("float32", "bfloat16")
+        (k, a, d, s) for k in ("gram", "xattn_sim", "xattn_sim_fix") for a in ("sm_80", "sm_90")
+        for d in ("float32", "bfloat16")
         for s in ("t2i", "i2t")}
     for info in results:
         assert info["ptx_bytes"] > 0 and info["cubin_bytes"] > 0, info
