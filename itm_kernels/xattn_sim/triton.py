@@ -28,6 +28,7 @@ from .._common.triton_utils import (EPS, FP32_DOT_PRECISION, LEAKY_SLOPE, MIN_BL
                                     dtype_constexprs, gram_config, interpreted, jit, length_buckets,
                                     triton_imported_interpreted)
 from .._common.constants import GRAM_CANCEL_RATIO
+from .._common.triton_utils import full_range
 from .._common.triton_utils import device_length_buckets  # noqa: F401  (shared with local_sim and node_match)
 from .._common.triton_utils import gram as _gram
 from .._common.triton_utils import length_buckets as _length_buckets
@@ -363,8 +364,7 @@ def xattn_sim(images: torch.Tensor, captions: torch.Tensor, cap_lens: torch.Tens
     opts = dict(norm=norm, agg=agg, lambda_softmax=lambda_softmax, lambda_lse=lambda_lse, interpret=interpret,
                 precision=precision)
     img_idx = torch.arange(n_img, dtype=torch.int32, device=images.device)
-    all_images = torch.stack([torch.zeros((), dtype=torch.int32, device=images.device),
-                     torch.full((), n_img, dtype=torch.int32, device=images.device)])
+    all_images = full_range(n_img, images.device)
     block_k = block_rows(images.shape[1])
     cap_order, cap_ranges, blocks = device_length_buckets(cap_lens, captions.shape[1])
     if direction == "t2i":
